@@ -1,0 +1,3 @@
+from gen_dist.cli import main
+
+main()

@@ -1,0 +1,150 @@
+"""`gen-dist` command line: train, launch, data, sample. Thin: parse, then call library functions."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+TRAIN_HELP = """Train CONFIG in the current process group (plain python, accelerate launch or torchrun).
+Overrides are dotted key=value pairs, e.g. train.steps=100 data.batch_size=32.
+An existing run directory is resumed from its latest checkpoint."""
+
+LAUNCH_HELP = """Validate CONFIG, then start `gen-dist train` on --nproc local processes through accelerate launch
+(gloo on CPU, NCCL on GPUs). For several machines run it once per machine with --num-machines,
+--machine-rank and --main-ip."""
+
+DATA_HELP = """Pack images into WebDataset .tar shards plus index.json:
+  idx DIR      every <split>-images-idx3-ubyte[.gz] with its labels file (t10k becomes 'test')
+  folder DIR   a folder of images; class sub-folders become labels
+  digits       scikit-learn's 8x8 digits (train/test)
+  fashion-mnist   Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist)"""
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _fail(msg: str) -> None:
+    print(f"gen-dist: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from gen_dist import dist
+    from gen_dist.config import load_config
+    from gen_dist.engine import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    trainer = Trainer(cfg)
+    state = trainer.train()
+    dist.print0(f"done: step {state.step}, run directory {cfg.out_dir}")
+    dist.shutdown(trainer.acc)
+    dist.hard_exit(0)
+
+
+def cmd_launch(args: argparse.Namespace) -> None:
+    from gen_dist.config import load_config
+    from gen_dist.engine import preflight
+    from gen_dist.launch import LaunchSpec, launch_command, run
+
+    cfg = load_config(args.config, args.overrides)
+    preflight(cfg)
+    spec = LaunchSpec(nproc=args.nproc, num_machines=args.num_machines, machine_rank=args.machine_rank,
+                      main_ip=args.main_ip, port=args.port, cpu=args.cpu or cfg.train.cpu,
+                      accelerate_config=args.accelerate_config or "", mixed_precision=cfg.train.mixed_precision)
+    train_args = [args.config, *args.overrides]
+    if args.dry_run:
+        cmd, env = launch_command(spec, train_args)
+        print(" ".join([*(f"{k}={v}" for k, v in env.items()), *cmd]))
+        return
+    sys.exit(run(spec, train_args))
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from gen_dist import data
+
+    out = Path(args.out)
+    if args.source == "fashion-mnist":
+        src = Path(args.path) if args.path else FASHION_MNIST
+        if not src.is_dir():
+            _fail(f"{src} not found: install Debian's dataset-fashion-mnist or pass the IDX directory")
+        done = data.pack_idx_dir(src, out, args.shard_size)
+    elif args.source == "idx":
+        done = data.pack_idx_dir(Path(args.path), out, args.shard_size)
+    elif args.source == "folder":
+        done = {args.split: data.pack_image_folder(Path(args.path), out, args.split, args.shard_size,
+                                                   args.channels)}
+    else:
+        done = data.pack_digits(out, args.shard_size)
+    for split, entry in done.items():
+        print(f"{split}: {entry['count']} samples in {len(entry['shards'])} shards -> {out}")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from gen_dist.sampling import sample_checkpoint
+
+    out = sample_checkpoint(Path(args.checkpoint), args.n, Path(args.out), seed=args.seed, use_ema=not args.raw)
+    print(f"wrote {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gen-dist", description="Distributed training of generative image models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a config in the current process group", description=TRAIN_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("config", help="YAML config (configs/*.yaml)")
+    t.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    t.set_defaults(func=cmd_train)
+
+    la = sub.add_parser("launch", help="start training on N local processes", description=LAUNCH_HELP,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    la.add_argument("config")
+    la.add_argument("overrides", nargs="*")
+    la.add_argument("--nproc", type=int, default=1, help="processes on this machine (default 1)")
+    la.add_argument("--num-machines", type=int, default=1)
+    la.add_argument("--machine-rank", type=int, default=0)
+    la.add_argument("--main-ip", default="127.0.0.1", help="address of machine rank 0")
+    la.add_argument("--port", type=int, default=29500)
+    la.add_argument("--cpu", action="store_true", help="use CPU processes (gloo) even with GPUs present")
+    la.add_argument("--accelerate-config", help="accelerate config file, e.g. launcher/accelerate/fsdp.yaml")
+    la.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    la.set_defaults(func=cmd_launch)
+
+    d = sub.add_parser("data", help="pack a dataset into WebDataset shards", description=DATA_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("source", choices=["idx", "folder", "digits", "fashion-mnist"])
+    d.add_argument("path", nargs="?", help="source directory (idx, folder; optional for fashion-mnist)")
+    d.add_argument("--out", required=True, help="output directory for shards and index.json")
+    d.add_argument("--shard-size", type=int, default=10000, help="samples per shard (default 10000)")
+    d.add_argument("--split", default="train", help="split name for 'folder' (default train)")
+    d.add_argument("--channels", type=int, default=3, choices=[1, 3], help="channels for 'folder' (default 3)")
+    d.set_defaults(func=cmd_data)
+
+    s = sub.add_parser("sample", help="generate images from a checkpoint",
+                       description="Generate --n images from a checkpoint directory (or a run directory: its "
+                                   "latest checkpoint). --out x.png writes a grid, --out x.npz a uint8 array "
+                                   "(N,H,W,C) under the key 'images'.")
+    s.add_argument("checkpoint")
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--out", default="samples.png")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    s.set_defaults(func=cmd_sample)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from gen_dist.config import ConfigError
+    from gen_dist.data import DataError
+
+    if getattr(args, "source", None) in ("idx", "folder") and not args.path:
+        _fail(f"'gen-dist data {args.source}' needs a source directory")
+    try:
+        args.func(args)
+    except (ConfigError, DataError) as e:
+        _fail(str(e))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""Typed run configuration: YAML file < dotted CLI overrides, unknown keys and wrong types are errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported before any training starts."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/fashion_mnist"
+    """Directory written by `gen-dist data` (holds index.json and the .tar shards)."""
+    split: str = "train"
+    """Which split of the index to train on."""
+    resolution: int = 28
+    """Square image size fed to the model; images are resized when they differ."""
+    channels: int = 1
+    """1 for grayscale, 3 for RGB."""
+    batch_size: int = 64
+    """Batch size per process and per micro-step (global batch = this x processes x grad_accum)."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank; 0 reads in the training process."""
+    shuffle_buffer: int = 1000
+    """Samples held in each worker's shuffle buffer (on top of a per-epoch shard shuffle)."""
+    hflip: bool = False
+    """Random horizontal flips."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    """Peak learning rate of every optimizer."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam betas."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    schedule: str = "constant"
+    """LR schedule after warmup: constant, linear or cosine (decaying to 0 at train.steps)."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm of each phase to this; 0 disables clipping (the norm is still reported)."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps to train (per phase that runs every step)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    mixed_precision: str = "no"
+    """no, bf16 or fp16 (fp16 needs a GPU)."""
+    ema_decay: float = 0.999
+    """EMA decay of the generator/denoiser; 0 disables EMA. Warmed up as min(decay, (1+n)/(10+n))."""
+    seed: int = 0
+    """Base seed; per-step randomness derives from (seed, rank, step)."""
+    log_every: int = 10
+    """Steps between metric records."""
+    sample_every: int = 0
+    """Steps between sample grids; 0 = only at the end."""
+    sample_n: int = 64
+    """Images in a sample grid."""
+    ckpt_every: int = 500
+    """Steps between checkpoints (a checkpoint is also written at the end)."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept."""
+    cpu: bool = False
+    """Train on CPU even when a GPU is present."""
+    progress: bool = True
+    """Show a progress bar on the main process."""
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = True
+    """Log to Weights & Biases (through Accelerate's tracker)."""
+    project: str = "gen_dist"
+    """W&B project."""
+    entity: str = ""
+    """W&B entity; empty = the default of the account."""
+    mode: str = "auto"
+    """auto (online with an API key, offline without), online, offline or disabled."""
+
+
+@dataclass
+class DiffusionConfig:
+    channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    """UNet channels per resolution level."""
+    attention: list[bool] = field(default_factory=lambda: [False, False, True])
+    """Self-attention at each level."""
+    layers_per_block: int = 1
+    """ResNet layers per UNet block."""
+    norm_groups: int = 8
+    """GroupNorm groups."""
+    num_classes: int = 10
+    """Class-conditional with this many classes; 0 = unconditional."""
+    train_timesteps: int = 1000
+    """DDPM training timesteps."""
+    beta_schedule: str = "squaredcos_cap_v2"
+    """DDPM beta schedule (diffusers name): linear, scaled_linear or squaredcos_cap_v2."""
+    sample_steps: int = 50
+    """DDIM steps when sampling."""
+
+
+@dataclass
+class GANConfig:
+    z_dim: int = 64
+    """Latent size."""
+    channels: list[int] = field(default_factory=lambda: [128, 64])
+    """Generator channels per level, coarse to fine (the discriminator mirrors them)."""
+    num_classes: int = 10
+    """Class-conditional with this many classes (projection discriminator); 0 = unconditional."""
+    loss: str = "nonsaturating"
+    """nonsaturating or hinge."""
+    r1_gamma: float = 0.0
+    """R1 penalty weight on real images; 0 disables it."""
+    r1_every: int = 16
+    """Run the R1 phase every this many steps (lazy regularisation)."""
+
+
+@dataclass
+class VAEConfig:
+    channels: list[int] = field(default_factory=lambda: [32, 64])
+    """Encoder channels per level (the decoder mirrors them)."""
+    latent_dim: int = 16
+    """Latent vector size."""
+    beta: float = 1.0
+    """Weight of the KL term."""
+
+
+@dataclass
+class RunConfig:
+    task: str = "diffusion"
+    """Model family: diffusion, gan or vae."""
+    name: str = "run"
+    """Run name (the W&B run name too)."""
+    run_dir: str = ""
+    """Output directory; empty = runs/<name>. An existing run directory is resumed."""
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    gan: GANConfig = field(default_factory=GANConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
+
+
+TASKS = ("diffusion", "gan", "vae")
+CHOICES = {
+    "task": TASKS,
+    "optim.schedule": ("constant", "linear", "cosine"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "wandb.mode": ("auto", "online", "offline", "disabled"),
+    "gan.loss": ("nonsaturating", "hinge"),
+    "diffusion.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
+}
+POSITIVE = ("data.resolution", "data.batch_size", "train.steps", "train.grad_accum", "train.log_every",
+            "train.sample_n", "train.ckpt_every", "train.keep_checkpoints", "diffusion.sample_steps",
+            "gan.r1_every", "gan.z_dim", "vae.latent_dim")
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """Return `value` as type `tp` or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"config key '{key}': union types are not supported")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _apply(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(names))})")
+        current = getattr(obj, k)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(v, dict):
+                raise ConfigError(f"config key '{key}' must be a mapping, got {v!r}")
+            _apply(current, v, key + ".")
+        else:
+            setattr(obj, k, _check_type(key, v, hints[k]))
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = value
+    for part in reversed(dotted.split(".")):
+        out = {part: out}
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`train.steps=10` -> {'train': {'steps': 10}}; the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key=value (e.g. train.steps=100)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
+    return _nest(key.strip(), value)
+
+
+def get_value(cfg: RunConfig, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks across fields that types alone cannot express."""
+    for key, allowed in CHOICES.items():
+        if get_value(cfg, key) not in allowed:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}, got {get_value(cfg, key)!r}")
+    for key in POSITIVE:
+        if get_value(cfg, key) <= 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {get_value(cfg, key)!r}")
+    if cfg.data.channels not in (1, 3):
+        raise ConfigError(f"config key 'data.channels' must be 1 or 3, got {cfg.data.channels}")
+    if cfg.data.num_workers < 0:
+        raise ConfigError("config key 'data.num_workers' must be >= 0")
+    if len(cfg.diffusion.channels) != len(cfg.diffusion.attention):
+        raise ConfigError("config keys 'diffusion.channels' and 'diffusion.attention' must have the same length")
+    down = 2 ** (len(cfg.diffusion.channels) - 1)
+    if cfg.task == "diffusion" and cfg.data.resolution % down:
+        raise ConfigError(f"data.resolution {cfg.data.resolution} must be divisible by {down} for "
+                          f"{len(cfg.diffusion.channels)} UNet levels")
+    for fam in ("gan", "vae"):
+        levels = len(getattr(cfg, fam).channels)
+        if cfg.task == fam and cfg.data.resolution % (2**levels):
+            raise ConfigError(f"data.resolution {cfg.data.resolution} must be divisible by {2**levels} "
+                              f"for {levels} {fam} levels")
+    if not 0 <= cfg.train.ema_decay < 1:
+        raise ConfigError("config key 'train.ema_decay' must be in [0, 1)")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError("config key 'optim.betas' must have two values")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Build a RunConfig from defaults, then the YAML file, then `overrides` (highest precedence)."""
+    cfg = RunConfig()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        _apply(cfg, data)
+    for o in overrides:
+        _apply(cfg, parse_override(o))
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

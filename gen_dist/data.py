@@ -1,0 +1,320 @@
+"""Datasets as sharded WebDataset tar files: packing, and a resumable, rank- and worker-split stream.
+
+Layout of a packed dataset directory::
+
+    index.json                  {"channels", "classes", "splits": {name: {"count", "shards": [{file, count}]}}}
+    train-000000.tar ...        WebDataset samples: <key>.png (or .jpg ...) and <key>.cls
+
+Each epoch the shard order is permuted (seed, epoch), the concatenated samples are cut into one contiguous
+range per (rank, worker) slot, and every slot yields the same number of full batches. Ranges may start inside
+a shard, so any number of shards works with any number of slots, and no rank ever waits on another for data.
+The stream position is (epoch, batches consumed in the epoch): everything else is derived from the seed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import itertools
+import json
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset import tariterators
+
+INDEX = "index.json"
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
+
+
+class DataError(ValueError):
+    """A dataset that cannot be read or packed as asked."""
+
+
+# ----------------------------------------------------------------------------------------------- packing
+
+
+def _png(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def write_shards(samples: Iterable[tuple[bytes, str, int]], out: Path, split: str, shard_size: int) -> dict:
+    """Write (image bytes, extension, label) samples into `split-NNNNNN.tar` shards; return the split entry."""
+    out.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, Any]] = []
+    writer, count, total = None, 0, 0
+    for i, (data, ext, label) in enumerate(samples):
+        if writer is None or count == shard_size:
+            if writer is not None:
+                writer.close()
+                shards[-1]["count"] = count
+            name = f"{split}-{len(shards):06d}.tar"
+            writer, count = wds.TarWriter(str(out / name), encoder=False), 0
+            shards.append({"file": name, "count": 0})
+        writer.write({"__key__": f"{split}{i:08d}", ext: data, "cls": str(label).encode()})
+        count += 1
+        total += 1
+    if writer is not None:
+        writer.close()
+        shards[-1]["count"] = count
+    if total == 0:
+        raise DataError(f"no samples to write for split '{split}'")
+    return {"count": total, "shards": shards}
+
+
+def update_index(out: Path, split: str, entry: dict, channels: int, classes: list[str]) -> None:
+    path = out / INDEX
+    index = json.loads(path.read_text()) if path.exists() else {"format": "gen_dist.shards.v1", "splits": {}}
+    index.update(channels=channels, classes=classes)
+    index["splits"][split] = entry
+    path.write_text(json.dumps(index, indent=1))
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) into a numpy array."""
+    if path.suffix == ".gz":
+        with gzip.open(path) as f:
+            raw = f.read()
+    else:
+        raw = path.read_bytes()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DataError(f"{path} is not an IDX file (bad magic number)")
+    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if raw[2] not in dtypes:
+        raise DataError(f"{path}: unknown IDX element type 0x{raw[2]:02x}")
+    ndim = raw[3]
+    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    arr = np.frombuffer(raw, dtype=dtypes[raw[2]], offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(shape)):
+        raise DataError(f"{path}: IDX header says {shape} but the file holds {arr.size} values")
+    return arr.reshape(shape)
+
+
+def _array_samples(images: np.ndarray, labels: np.ndarray) -> Iterator[tuple[bytes, str, int]]:
+    for img, label in zip(images, labels, strict=True):
+        yield _png(img), "png", int(label)
+
+
+def pack_arrays(images: np.ndarray, labels: np.ndarray, out: Path, split: str, shard_size: int,
+                classes: list[str]) -> dict:
+    """Pack uint8 images (N,H,W) or (N,H,W,C) with integer labels."""
+    if images.dtype != np.uint8:
+        raise DataError(f"images must be uint8, got {images.dtype}")
+    if len(images) != len(labels):
+        raise DataError(f"{len(images)} images but {len(labels)} labels")
+    channels = 1 if images.ndim == 3 else images.shape[3]
+    entry = write_shards(_array_samples(images, labels), out, split, shard_size)
+    update_index(out, split, entry, channels, classes)
+    return entry
+
+
+def pack_idx_dir(src: Path, out: Path, shard_size: int) -> dict[str, dict]:
+    """Pack every `<prefix>-images-idx3-ubyte[.gz]` with its `<prefix>-labels-idx1-ubyte[.gz]` in `src`.
+
+    The split is named after the prefix (`t10k` becomes `test`)."""
+    found = sorted(src.glob("*-images-idx3-ubyte*"))
+    if not found:
+        raise DataError(f"no '*-images-idx3-ubyte[.gz]' files in {src}")
+    done = {}
+    for img_path in found:
+        prefix, rest = img_path.name.split("-images-idx3-ubyte", 1)
+        lab_path = src / f"{prefix}-labels-idx1-ubyte{rest}"
+        if not lab_path.exists():
+            raise DataError(f"{img_path} has no labels file {lab_path.name}")
+        split = {"t10k": "test"}.get(prefix, prefix)
+        images, labels = read_idx(img_path), read_idx(lab_path)
+        classes = [str(c) for c in range(int(labels.max()) + 1)]
+        done[split] = pack_arrays(np.ascontiguousarray(images), labels, out, split, shard_size, classes)
+    return done
+
+
+def pack_image_folder(src: Path, out: Path, split: str, shard_size: int, channels: int) -> dict:
+    """Pack a folder of images; with class sub-folders (`src/<class>/*.png`) their names become labels."""
+    files = sorted(p for p in src.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTS and p.is_file())
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) under {src}")
+    nested = all(len(p.relative_to(src).parts) > 1 for p in files)
+    classes = sorted({p.relative_to(src).parts[0] for p in files}) if nested else []
+
+    def samples() -> Iterator[tuple[bytes, str, int]]:
+        for p in files:
+            label = classes.index(p.relative_to(src).parts[0]) if nested else -1
+            yield p.read_bytes(), p.suffix.lower().lstrip("."), label
+
+    entry = write_shards(samples(), out, split, shard_size)
+    update_index(out, split, entry, channels, classes)
+    return entry
+
+
+def pack_digits(out: Path, shard_size: int, test_fraction: float = 0.2) -> dict[str, dict]:
+    """Pack scikit-learn's 8x8 digits (1,797 images, shipped inside its wheel)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError("the 'digits' source needs scikit-learn: pip install scikit-learn") from None
+    d = load_digits()
+    images = np.clip(d.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
+    n_test = int(len(images) * test_fraction)
+    classes = [str(c) for c in range(10)]
+    return {
+        "train": pack_arrays(images[n_test:], d.target[n_test:], out, "train", shard_size, classes),
+        "test": pack_arrays(images[:n_test], d.target[:n_test], out, "test", shard_size, classes),
+    }
+
+
+def load_index(path: Path) -> dict:
+    f = Path(path) / INDEX
+    if not f.exists():
+        raise DataError(f"no {INDEX} in {path}: pack a dataset first with `gen-dist data ...`")
+    return json.loads(f.read_text())
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Samples [start, end) of one shard."""
+
+    file: str
+    start: int
+    end: int
+
+
+def plan_epoch(shards: list[tuple[str, int]], num_slots: int, seed: int, epoch: int) -> list[list[Piece]]:
+    """Cut the epoch's shard-shuffled sample sequence into `num_slots` contiguous, near-equal ranges."""
+    order = np.random.default_rng([seed, epoch, 0x5EED]).permutation(len(shards))
+    total = sum(c for _, c in shards)
+    bounds = [j * total // num_slots for j in range(num_slots + 1)]
+    plan: list[list[Piece]] = [[] for _ in range(num_slots)]
+    offset = 0
+    for i in order:
+        name, count = shards[i]
+        lo, hi = offset, offset + count
+        for j in range(num_slots):
+            a, b = max(lo, bounds[j]), min(hi, bounds[j + 1])
+            if a < b:
+                plan[j].append(Piece(name, a - lo, b - lo))
+        offset = hi
+    return plan
+
+
+def _group_key(fname: str) -> tuple[str, str]:
+    base, _, ext = fname.partition(".")
+    return base, ext
+
+
+def read_pieces(root: Path, pieces: list[Piece]) -> Iterator[dict[str, Any]]:
+    """Raw (undecoded) samples of each piece in order."""
+    for piece in pieces:
+        path = root / piece.file
+        with open(path, "rb") as f:
+            files = tariterators.tar_file_expander([{"url": str(path), "stream": f}])
+            samples = tariterators.group_by_keys(files, keys=_group_key)
+            yield from itertools.islice(samples, piece.start, piece.end)
+
+
+def shuffled(samples: Iterable[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
+    """Reservoir-style shuffle buffer driven by `rng` (deterministic for a given seed)."""
+    buf: list[Any] = []
+    for s in samples:
+        if len(buf) < size:
+            buf.append(s)
+            continue
+        j = int(rng.integers(size))
+        buf[j], s = s, buf[j]
+        yield s
+    order = rng.permutation(len(buf))
+    for j in order:
+        yield buf[j]
+
+
+def decode_image(sample: dict[str, Any], channels: int, resolution: int) -> np.ndarray:
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise DataError(f"sample {sample.get('__key__')} from {sample.get('__url__')} has no image")
+    img = Image.open(io.BytesIO(sample[ext])).convert("L" if channels == 1 else "RGB")
+    if img.size != (resolution, resolution):
+        img = img.resize((resolution, resolution), Image.BICUBIC)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+
+
+def _label(sample: dict[str, Any]) -> int:
+    raw = sample.get("cls")
+    return int(raw) if raw is not None else -1
+
+
+class ShardStream(IterableDataset):
+    """Batches of {'image': uint8 (B,C,H,W), 'label': int64 (B,), 'key': list[str]} for one rank."""
+
+    def __init__(self, root: str | Path, split: str, batch_size: int, rank: int, world_size: int,
+                 num_workers: int, seed: int, shuffle_buffer: int, resolution: int, channels: int,
+                 hflip: bool) -> None:
+        self.root = Path(root)
+        index = load_index(self.root)
+        if split not in index["splits"]:
+            raise DataError(f"split '{split}' not in {self.root / INDEX} (has: {', '.join(index['splits'])})")
+        entry = index["splits"][split]
+        self.shards = [(s["file"], int(s["count"])) for s in entry["shards"]]
+        self.total = int(entry["count"])
+        self.num_classes = len(index.get("classes", []))
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.workers = max(1, num_workers)
+        self.seed, self.buffer, self.hflip = seed, shuffle_buffer, hflip
+        self.resolution, self.channels = resolution, channels
+        slots = world_size * self.workers
+        self.batches_per_slot = (self.total // slots) // batch_size
+        if self.batches_per_slot == 0:
+            raise DataError(f"{self.total} samples in '{split}' cannot fill one batch of {batch_size} for each "
+                            f"of {world_size} ranks x {self.workers} workers: lower data.batch_size or "
+                            f"data.num_workers")
+        self.epoch, self.start_batch = 0, 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches each rank receives per epoch (the same on every rank)."""
+        return self.batches_per_slot * self.workers
+
+    def set_position(self, epoch: int, batch: int) -> None:
+        """Start the next iteration at batch `batch` of epoch `epoch` (as counted on this rank)."""
+        self.epoch, self.start_batch = epoch, batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        slot = self.rank * self.workers + worker
+        pieces = plan_epoch(self.shards, self.world_size * self.workers, self.seed, self.epoch)[slot]
+        rng = np.random.default_rng([self.seed, self.epoch, slot])
+        stream = shuffled(read_pieces(self.root, pieces), self.buffer, rng)
+        # DataLoader takes batches from workers round-robin, so worker w delivered every K-th batch so far.
+        skip = len(range(worker, self.start_batch, self.workers))
+        for b in range(self.batches_per_slot):
+            raw = list(itertools.islice(stream, self.batch_size))
+            if b >= skip:
+                yield self._decode(raw, slot, b)
+
+    def _decode(self, raw: list[dict[str, Any]], slot: int, b: int) -> dict[str, Any]:
+        images = np.stack([decode_image(s, self.channels, self.resolution) for s in raw])
+        if self.hflip:
+            flip = np.random.default_rng([self.seed, self.epoch, slot, b, 0xF11D]).random(len(raw)) < 0.5
+            images[flip] = images[flip, :, :, ::-1]
+        return {
+            "image": torch.from_numpy(images),
+            "label": torch.tensor([_label(s) for s in raw], dtype=torch.long),
+            "key": [s["__key__"] for s in raw],
+        }
+
+
+def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
+    return DataLoader(stream, batch_size=None, num_workers=num_workers,
+                      prefetch_factor=4 if num_workers > 0 else None)

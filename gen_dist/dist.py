@@ -1,0 +1,71 @@
+"""All rank logic lives here: who prints, how stats are reduced, and how the process group ends."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from accelerate import Accelerator
+from accelerate.state import PartialState
+
+
+def rank() -> int:
+    return PartialState().process_index if PartialState._shared_state else 0
+
+
+def world_size() -> int:
+    return PartialState().num_processes if PartialState._shared_state else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def print0(*args: Any) -> None:
+    if is_main():
+        print(*args, flush=True)
+
+
+def step_seed(seed: int, rank_: int, step: int) -> int:
+    """A seed for (seed, rank, step): a resumed run draws the same randomness as an uninterrupted one."""
+    return int(np.random.SeedSequence([seed, rank_, step]).generate_state(1)[0])
+
+
+def mean_across_ranks(acc: Accelerator, stats: dict[str, float]) -> dict[str, float]:
+    """Average scalar stats over ranks (one all-reduce for all keys, in sorted key order)."""
+    if not stats:
+        return {}
+    keys = sorted(stats)
+    t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=acc.device)
+    t = acc.reduce(t, reduction="mean") if acc.num_processes > 1 else t
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
+def gather_cat(acc: Accelerator, t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a same-shaped tensor from every rank, in rank order."""
+    return acc.gather(t.contiguous()) if acc.num_processes > 1 else t
+
+
+def shutdown(acc: Accelerator | None) -> None:
+    """End trackers and the process group in an orderly way, on every rank.
+
+    Letting the interpreter tear gloo down at exit occasionally aborts the process after training succeeded."""
+    if acc is not None:
+        acc.wait_for_everyone()
+        acc.end_training()
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+def hard_exit(code: int) -> None:
+    """Exit without running interpreter teardown (atexit handlers of libraries that hold threads)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,302 @@
+"""The one training loop: every family's phases, accumulation, mixed precision, EMA, checkpoints, logging."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+from diffusers.optimization import get_scheduler
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+from tqdm.auto import tqdm
+
+from gen_dist import checkpoint, dist
+from gen_dist.config import ConfigError, RunConfig, save_config, to_dict
+from gen_dist.data import ShardStream, load_index, make_loader
+from gen_dist.images import grid, to_uint8
+from gen_dist.tasks import TASKS, Phase, Task
+from gen_dist.track import Tracker, wandb_init_kwargs, wandb_mode
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Checks that need the dataset or the machine; run before any process is launched."""
+    index = load_index(Path(cfg.data.path))
+    if cfg.data.split not in index["splits"]:
+        raise ConfigError(f"data.split '{cfg.data.split}' is not in {cfg.data.path} "
+                          f"(has: {', '.join(index['splits'])})")
+    have = len(index.get("classes", []))
+    want = getattr(cfg, cfg.task).__dict__.get("num_classes", 0)
+    if want > have:
+        raise ConfigError(f"{cfg.task}.num_classes={want} but {cfg.data.path} has {have} classes; "
+                          f"set {cfg.task}.num_classes={have}")
+    if cfg.train.mixed_precision == "fp16" and (cfg.train.cpu or not torch.cuda.is_available()):
+        raise ConfigError("train.mixed_precision=fp16 needs a GPU (CPU autocast ignores it); use bf16 or no")
+
+
+def ema_avg_fn(decay: float):
+    """EMA update for AveragedModel, warmed up so early averages are not dominated by the initial weights."""
+
+    def update(ema: list[torch.Tensor], cur: list[torch.Tensor], n: torch.Tensor) -> None:
+        d = min(decay, (1 + int(n)) / (10 + int(n)))
+        torch._foreach_lerp_(ema, cur, 1 - d)
+
+    return update
+
+
+def make_accelerator(cfg: RunConfig) -> Accelerator:
+    cpu = cfg.train.cpu or not torch.cuda.is_available()
+    # Name the backend only for a real group: a single process must not be told to use one.
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    pg = InitProcessGroupKwargs(backend=("gloo" if cpu else "nccl") if multi else None,
+                                timeout=timedelta(minutes=30))
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=cfg.train.mixed_precision,
+        log_with="wandb" if wandb_mode(cfg) else None,
+        project_dir=str(cfg.out_dir),
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=[pg],
+    )
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    """Batches consumed in the current epoch on each rank (the data stream's position)."""
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig) -> None:
+        preflight(cfg)
+        self.cfg, self.run_dir = cfg, cfg.out_dir
+        self.acc = acc = make_accelerator(cfg)
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        acc.wait_for_everyone()
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.task: Task = TASKS[cfg.task](cfg)
+        self.stream = ShardStream(
+            cfg.data.path, cfg.data.split, cfg.data.batch_size, acc.process_index, acc.num_processes,
+            cfg.data.num_workers, cfg.train.seed, cfg.data.shuffle_buffer, cfg.data.resolution,
+            cfg.data.channels, cfg.data.hflip)
+        self.state = TrainState()
+        self.ema = self._make_ema()
+        self._prepare()
+        self.tracker = Tracker(acc, cfg, self.run_dir)
+
+    # ------------------------------------------------------------------------------------------ set-up
+
+    def _make_ema(self) -> AveragedModel | None:
+        if self.cfg.train.ema_decay <= 0:
+            return None
+        module = self.task.modules[self.task.ema_module]
+        ema = AveragedModel(module, multi_avg_fn=ema_avg_fn(self.cfg.train.ema_decay), use_buffers=True)
+        return ema.to(self.acc.device).eval().requires_grad_(False)
+
+    def _prepare(self) -> None:
+        o = self.cfg.optim
+        trained = list(dict.fromkeys(p.module for p in self.task.phases))
+        names = list(self.task.modules)
+        opts = [torch.optim.AdamW(self.task.modules[n].parameters(), lr=o.lr, betas=tuple(o.betas),
+                                  weight_decay=o.weight_decay) for n in trained]
+        scheds = [get_scheduler("constant_with_warmup" if o.schedule == "constant" else o.schedule, opt,
+                                num_warmup_steps=o.warmup_steps, num_training_steps=self.cfg.train.steps)
+                  for opt in opts]
+        prepared = self.acc.prepare(*[self.task.modules[n] for n in names], *opts, *scheds)
+        self.wrapped: dict[str, nn.Module] = dict(zip(names, prepared[: len(names)], strict=True))
+        self.opts = dict(zip(trained, prepared[len(names) : len(names) + len(opts)], strict=True))
+        self.scheds = dict(zip(trained, prepared[len(names) + len(opts) :], strict=True))
+        self.modules = {n: self.acc.unwrap_model(m) for n, m in self.wrapped.items()}
+        for m in self.modules.values():
+            # The engine applies autocast per phase (an fp32 regulariser must be able to opt out), so undo
+            # the forward patch that prepare() installs under native mixed precision.
+            m.__dict__.pop("forward", None)
+            m.__dict__.pop("_original_forward", None)
+
+    def _autocast(self, phase: Phase) -> Any:
+        return self.acc.autocast() if phase.autocast else nullcontext()
+
+    # ------------------------------------------------------------------------------------------ state
+
+    def resume(self) -> bool:
+        path = checkpoint.latest(self.run_dir)
+        if path is None:
+            return False
+        meta, ema = checkpoint.load(self.acc, path)
+        self.state = TrainState(step=meta["step"], epoch=meta["epoch"], batch=meta["batch"])
+        if self.ema is not None and ema is not None:
+            self.ema.load_state_dict(ema)
+        self.tracker.event("resume", checkpoint=str(path), step=self.state.step)
+        return True
+
+    def save(self) -> Path:
+        t0 = time.perf_counter()
+        s = self.state
+        ema = self.ema.state_dict() if self.ema is not None else None
+        meta = {"epoch": s.epoch, "batch": s.batch, "world_size": self.acc.num_processes,
+                "modules": list(self.modules)}
+        path = checkpoint.save(self.acc, self.run_dir, s.step, meta, ema, self.cfg.train.keep_checkpoints)
+        self.tracker.event("checkpoint", step=s.step, path=str(path), seconds=round(time.perf_counter() - t0, 3))
+        return path
+
+    # ------------------------------------------------------------------------------------------ data
+
+    def _batches(self):
+        """Endless stream of device batches; advances the epoch and keeps the position in self.state."""
+        while True:
+            self.stream.set_position(self.state.epoch, self.state.batch)
+            for batch in make_loader(self.stream, self.cfg.data.num_workers):
+                self.state.batch += 1
+                yield {
+                    "x": batch["image"].to(self.acc.device, non_blocking=True).float() / 127.5 - 1,
+                    "label": batch["label"].to(self.acc.device, non_blocking=True),
+                    "key": batch["key"],
+                }
+            self.state.epoch, self.state.batch = self.state.epoch + 1, 0
+
+    # ------------------------------------------------------------------------------------------ step
+
+    def run_phase(self, phase: Phase, micro: list[dict[str, Any]], step: int) -> dict[str, torch.Tensor]:
+        trained = self.wrapped[phase.module]
+        for name, m in self.modules.items():
+            m.requires_grad_(name == phase.module)
+        nets = {n: (trained if n == phase.module else m) for n, m in self.modules.items()}
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.acc.device))
+        for i, batch in enumerate(micro):
+            sync = self.acc.no_sync(trained) if i < len(micro) - 1 else nullcontext()
+            with sync:
+                with self._autocast(phase):
+                    loss, stats = phase.loss(nets, batch, step)
+                self.acc.backward(loss / len(micro))
+            for k, v in stats.items():
+                sums[f"{phase.name}/{k}"] += v.float() / len(micro)
+        clip = self.cfg.optim.grad_clip or math.inf
+        sums[f"{phase.name}/grad_norm"] = self.acc.clip_grad_norm_(trained.parameters(), clip).detach().float()
+        opt = self.opts[phase.module]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return sums
+
+    def train_step(self, micro: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        step = self.state.step
+        torch.manual_seed(dist.step_seed(self.cfg.train.seed, self.acc.process_index, step))
+        stats: dict[str, torch.Tensor] = {}
+        for phase in self.task.phases:
+            if step % phase.every == 0:
+                stats.update(self.run_phase(phase, micro, step))
+        for sched in self.scheds.values():
+            sched.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.modules[self.task.ema_module])
+        self.state.step += 1
+        return stats
+
+    # ------------------------------------------------------------------------------------------ outputs
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int | None = None) -> torch.Tensor:
+        """`n` images from the EMA (or raw) model, generated in parts on every rank and gathered."""
+        per_rank = math.ceil(n / self.acc.num_processes)
+        seed = self.cfg.train.seed if seed is None else seed
+        # A fixed seed per rank (not per step) makes successive grids comparable.
+        gen = torch.Generator().manual_seed(dist.step_seed(seed, self.acc.process_index, 2**32 - 1))
+        labels = self.task.sample_labels(per_rank * self.acc.num_processes, self.acc.device)
+        if labels is not None:
+            labels = labels[self.acc.process_index * per_rank : (self.acc.process_index + 1) * per_rank]
+        net = self.ema.module if self.ema is not None else self.modules[self.task.ema_module]
+        was_training = net.training
+        net.eval()
+        with self.acc.autocast():
+            images = self.task.sample(net, labels, per_rank, gen).float()
+        net.train(was_training)
+        return dist.gather_cat(self.acc, images)[:n]
+
+    def write_samples(self) -> Path:
+        images = to_uint8(self.sample(self.cfg.train.sample_n))
+        path = self.run_dir / "samples" / f"step_{self.state.step:08d}.png"
+        if self.acc.is_main_process:
+            picture = grid(images, nrow=10 if self.task.num_classes else 0)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            picture.save(path)
+            self.tracker.image(self.state.step, "samples", np.asarray(picture))
+        self.tracker.event("samples", step=self.state.step, path=str(path))
+        return path
+
+    # ------------------------------------------------------------------------------------------ loop
+
+    def _start_event(self, resumed: bool) -> None:
+        cfg, acc = self.cfg, self.acc
+        if wandb_mode(cfg) and acc.is_main_process:
+            acc.init_trackers(cfg.wandb.project, config=to_dict(cfg),
+                              init_kwargs={"wandb": wandb_init_kwargs(cfg, self.run_dir)})
+        params = {n: sum(p.numel() for p in m.parameters()) for n, m in self.modules.items()}
+        self.tracker.event(
+            "start", task=cfg.task, world_size=acc.num_processes, distributed_type=str(acc.distributed_type),
+            backend=str(acc.state.backend), device=str(acc.device), mixed_precision=cfg.train.mixed_precision,
+            step=self.state.step, resumed=resumed, params=params,
+            batches_per_epoch=self.stream.batches_per_epoch,
+            global_batch=cfg.data.batch_size * cfg.train.grad_accum * acc.num_processes)
+
+    def train(self) -> TrainState:
+        cfg = self.cfg
+        resumed = self.resume()
+        self._start_event(resumed)
+        batches = self._batches()
+        global_batch = cfg.data.batch_size * cfg.train.grad_accum * self.acc.num_processes
+        totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.acc.device))
+        counts: dict[str, int] = defaultdict(int)
+        wait = elapsed = 0.0
+        steps_in_window = 0
+        bar = tqdm(total=cfg.train.steps, initial=self.state.step, dynamic_ncols=True,
+                   disable=not (cfg.train.progress and self.acc.is_main_process))
+        last_saved = self.state.step if resumed else -1
+        while self.state.step < cfg.train.steps:
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(cfg.train.grad_accum)]
+            t1 = time.perf_counter()
+            for k, v in self.train_step(micro).items():
+                totals[k] += v
+                counts[k] += 1
+            wait, elapsed = wait + t1 - t0, elapsed + time.perf_counter() - t0
+            steps_in_window += 1
+            bar.update(1)
+            step = self.state.step
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                metrics = {k: (totals[k] / counts[k]).item() for k in sorted(totals)}
+                metrics.update({f"lr/{n}": s.get_last_lr()[0] for n, s in self.scheds.items()})
+                metrics["images_per_s"] = global_batch * steps_in_window / elapsed
+                metrics["data_wait_frac"] = wait / elapsed
+                metrics = dist.mean_across_ranks(self.acc, metrics)
+                metrics.update(epoch=self.state.epoch, images_seen=step * global_batch)
+                self.tracker.log(step, metrics)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k.endswith("/loss")})
+                totals.clear()
+                counts.clear()
+                wait = elapsed = 0.0
+                steps_in_window = 0
+            if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step < cfg.train.steps:
+                self.write_samples()
+            if step % cfg.train.ckpt_every == 0:
+                self.save()
+                last_saved = step
+        bar.close()
+        if last_saved != self.state.step:
+            self.save()
+        self.write_samples()
+        self.tracker.event("end", step=self.state.step)
+        self.tracker.close()
+        return self.state

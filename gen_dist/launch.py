@@ -1,0 +1,59 @@
+"""Command lines that start `gen-dist train` on N local processes (and M machines) with accelerate launch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LaunchSpec:
+    nproc: int = 1
+    """Processes per machine."""
+    num_machines: int = 1
+    machine_rank: int = 0
+    main_ip: str = "127.0.0.1"
+    port: int = 29500
+    cpu: bool = False
+    """Force CPU (gloo) even when GPUs are present."""
+    accelerate_config: str = ""
+    """An accelerate config file (e.g. launcher/accelerate/fsdp.yaml); machine flags still apply."""
+    mixed_precision: str = "no"
+
+
+def use_cpu(spec: LaunchSpec) -> bool:
+    return spec.cpu or not torch.cuda.is_available()
+
+
+def launch_command(spec: LaunchSpec, train_args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The accelerate launch command and the extra environment it needs.
+
+    On CPU, `--cpu` would silently start a single process and `--multi_gpu` alone would start independent
+    world-size-1 runs; `--multi_gpu` together with ACCELERATE_USE_CPU=1 gives one gloo group."""
+    total = spec.nproc * spec.num_machines
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if spec.accelerate_config:
+        cmd += ["--config_file", spec.accelerate_config]
+    env: dict[str, str] = {}
+    if total > 1 and not spec.accelerate_config:
+        cmd += ["--multi_gpu"]
+    if use_cpu(spec):
+        env["ACCELERATE_USE_CPU"] = "1"
+        threads = max(1, (os.cpu_count() or 1) // spec.nproc)
+        cmd += ["--num_cpu_threads_per_process", str(threads)]
+    cmd += ["--num_processes", str(total), "--num_machines", str(spec.num_machines),
+            "--machine_rank", str(spec.machine_rank), "--mixed_precision", spec.mixed_precision,
+            "--dynamo_backend", "no"]
+    if total > 1:
+        cmd += ["--main_process_ip", spec.main_ip, "--main_process_port", str(spec.port)]
+    cmd += ["-m", "gen_dist", "train", *train_args]
+    return cmd, env
+
+
+def run(spec: LaunchSpec, train_args: list[str]) -> int:
+    cmd, env = launch_command(spec, train_args)
+    return subprocess.call(cmd, env={**os.environ, **env})

@@ -1,0 +1,122 @@
+"""DCGAN-style conditional GAN: D and G phases, non-saturating or hinge loss, lazy R1."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gen_dist.config import RunConfig
+from gen_dist.tasks.base import Batch, Nets, Phase, Task
+
+
+def _act() -> nn.Module:
+    return nn.LeakyReLU(0.2)
+
+
+class Generator(nn.Module):
+    def __init__(self, z_dim: int, channels: list[int], out_channels: int, resolution: int,
+                 num_classes: int) -> None:
+        super().__init__()
+        self.z_dim, self.start = z_dim, resolution // 2 ** len(channels)
+        self.embed = nn.Embedding(num_classes, z_dim) if num_classes else None
+        in_dim = z_dim * (2 if num_classes else 1)
+        self.fc = nn.Linear(in_dim, channels[0] * self.start**2)
+        layers: list[nn.Module] = []
+        prev = channels[0]
+        for c in channels:
+            layers += [nn.Upsample(scale_factor=2), nn.Conv2d(prev, c, 3, padding=1), nn.GroupNorm(8, c), _act()]
+            prev = c
+        layers += [nn.Conv2d(prev, out_channels, 3, padding=1), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is not None:
+            z = torch.cat([z, self.embed(labels)], dim=1)
+        h = self.fc(z).view(z.shape[0], -1, self.start, self.start)
+        return self.net(h)
+
+
+class Discriminator(nn.Module):
+    """Strided convolutions; a projection term carries the class condition."""
+
+    def __init__(self, channels: list[int], in_channels: int, resolution: int, num_classes: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, channels[-1], 3, padding=1), _act()]
+        prev = channels[-1]
+        for c in reversed(channels):
+            layers += [nn.Conv2d(prev, c, 4, stride=2, padding=1), _act()]
+            prev = c
+        self.net = nn.Sequential(*layers)
+        end = resolution // 2 ** len(channels)
+        self.out = nn.Linear(prev * end * end, 1)
+        self.embed = nn.Embedding(num_classes, prev) if num_classes else None
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.net(x)
+        logit = self.out(h.flatten(1)).squeeze(1)
+        if self.embed is not None:
+            logit = logit + (self.embed(labels) * h.sum(dim=(2, 3))).sum(dim=1)
+        return logit
+
+
+class GANTask(Task):
+    ema_module = "G"
+
+    def __init__(self, cfg: RunConfig) -> None:
+        g = cfg.gan
+        self.num_classes, self.z_dim, self.loss_type = g.num_classes, g.z_dim, g.loss
+        self.r1_gamma, self.r1_every = g.r1_gamma, g.r1_every
+        res, ch = cfg.data.resolution, cfg.data.channels
+        self.modules = {
+            "D": Discriminator(g.channels, ch, res, g.num_classes),
+            "G": Generator(g.z_dim, g.channels, ch, res, g.num_classes),
+        }
+        self.phases = [Phase("D", "D", self.d_loss), Phase("G", "G", self.g_loss)]
+        if g.r1_gamma > 0:
+            self.phases.insert(1, Phase("D_r1", "D", self.r1_loss, every=g.r1_every, autocast=False))
+
+    def _fake_inputs(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        z = torch.randn(n, self.z_dim, device=device)
+        labels = torch.randint(0, self.num_classes, (n,), device=device) if self.num_classes else None
+        return z, labels
+
+    def _labels(self, batch: Batch) -> torch.Tensor | None:
+        return batch["label"] if self.num_classes else None
+
+    def d_loss(self, nets: Nets, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = batch["x"]
+        z, fake_labels = self._fake_inputs(x.shape[0], x.device)
+        with torch.no_grad():
+            fake = nets["G"](z, fake_labels)
+        real_logit = nets["D"](x, self._labels(batch)).float()
+        fake_logit = nets["D"](fake, fake_labels).float()
+        if self.loss_type == "hinge":
+            loss = F.relu(1 - real_logit).mean() + F.relu(1 + fake_logit).mean()
+        else:
+            loss = F.softplus(-real_logit).mean() + F.softplus(fake_logit).mean()
+        return loss, {"loss": loss.detach(), "real_logit": real_logit.detach().mean(),
+                      "fake_logit": fake_logit.detach().mean()}
+
+    def g_loss(self, nets: Nets, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        z, labels = self._fake_inputs(batch["x"].shape[0], batch["x"].device)
+        logit = nets["D"](nets["G"](z, labels), labels).float()
+        loss = -logit.mean() if self.loss_type == "hinge" else F.softplus(-logit).mean()
+        return loss, {"loss": loss.detach()}
+
+    def r1_loss(self, nets: Nets, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = batch["x"].detach().requires_grad_(True)
+        logit = nets["D"](x, self._labels(batch))
+        (grad,) = torch.autograd.grad(logit.sum(), x, create_graph=True)
+        penalty = grad.square().sum(dim=(1, 2, 3)).mean()
+        # Scaled by the interval so the lazy penalty has the same expected strength as an every-step one.
+        # `logit * 0` gives every D parameter a gradient, which DDP's reducer requires of each backward.
+        loss = penalty * (self.r1_gamma / 2) * self.r1_every + logit.sum() * 0
+        return loss, {"penalty": penalty.detach()}
+
+    @torch.no_grad()
+    def sample(self, net: nn.Module, labels: torch.Tensor | None, n: int,
+               generator: torch.Generator) -> torch.Tensor:
+        device = next(net.parameters()).device
+        z = torch.randn((n, self.z_dim), generator=generator).to(device)
+        return net(z, labels).float().clamp(-1, 1)
