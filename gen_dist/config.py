@@ -185,6 +185,12 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         raise ConfigError(f"config key '{key}': union types are not supported")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads `1e-3` (no dot) as a string; accept what Python reads as a number.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {value!r}")
     if not isinstance(value, tp):

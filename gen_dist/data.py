@@ -291,12 +291,14 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
+        # DataLoader takes batches from workers round-robin starting at worker 0; on a restart at batch
+        # `start_batch` the batch due next belongs to slot start_batch % K, so the physical workers rotate.
+        worker = ((info.id if info is not None else 0) + self.start_batch) % self.workers
         slot = self.rank * self.workers + worker
         pieces = plan_epoch(self.shards, self.world_size * self.workers, self.seed, self.epoch)[slot]
         rng = np.random.default_rng([self.seed, self.epoch, slot])
         stream = shuffled(read_pieces(self.root, pieces), self.buffer, rng)
-        # DataLoader takes batches from workers round-robin, so worker w delivered every K-th batch so far.
+        # Worker w delivered every K-th batch so far.
         skip = len(range(worker, self.start_batch, self.workers))
         for b in range(self.batches_per_slot):
             raw = list(itertools.islice(stream, self.batch_size))

@@ -30,9 +30,10 @@ def print0(*args: Any) -> None:
         print(*args, flush=True)
 
 
-def step_seed(seed: int, rank_: int, step: int) -> int:
-    """A seed for (seed, rank, step): a resumed run draws the same randomness as an uninterrupted one."""
-    return int(np.random.SeedSequence([seed, rank_, step]).generate_state(1)[0])
+def derive_seed(*parts: int) -> int:
+    """A seed derived from integers such as (seed, step, micro-batch): a resumed run, or one that splits the
+    global batch differently over ranks and accumulation, draws the same randomness as the original."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
 def mean_across_ranks(acc: Accelerator, stats: dict[str, float]) -> dict[str, float]:

@@ -120,12 +120,9 @@ class Trainer:
         self.wrapped: dict[str, nn.Module] = dict(zip(names, prepared[: len(names)], strict=True))
         self.opts = dict(zip(trained, prepared[len(names) : len(names) + len(opts)], strict=True))
         self.scheds = dict(zip(trained, prepared[len(names) + len(opts) :], strict=True))
-        self.modules = {n: self.acc.unwrap_model(m) for n, m in self.wrapped.items()}
-        for m in self.modules.values():
-            # The engine applies autocast per phase (an fp32 regulariser must be able to opt out), so undo
-            # the forward patch that prepare() installs under native mixed precision.
-            m.__dict__.pop("forward", None)
-            m.__dict__.pop("_original_forward", None)
+        # keep_fp32_wrapper=False removes the autocast that prepare() patches into forward: the engine applies
+        # autocast per phase instead, so that an fp32 regulariser can opt out.
+        self.modules = {n: self.acc.unwrap_model(m, keep_fp32_wrapper=False) for n, m in self.wrapped.items()}
 
     def _autocast(self, phase: Phase) -> Any:
         return self.acc.autocast() if phase.autocast else nullcontext()
@@ -170,13 +167,18 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ step
 
-    def run_phase(self, phase: Phase, micro: list[dict[str, Any]], step: int) -> dict[str, torch.Tensor]:
+    def run_phase(self, index: int, micro: list[dict[str, Any]], step: int) -> dict[str, torch.Tensor]:
+        phase = self.task.phases[index]
         trained = self.wrapped[phase.module]
         for name, m in self.modules.items():
             m.requires_grad_(name == phase.module)
         nets = {n: (trained if n == phase.module else m) for n, m in self.modules.items()}
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.acc.device))
         for i, batch in enumerate(micro):
+            # Seeded by the micro-batch's place in the global batch, not by rank: 1 process accumulating
+            # k micro-batches draws the same noise as k processes with one each.
+            global_micro = self.acc.process_index * len(micro) + i
+            torch.manual_seed(dist.derive_seed(self.cfg.train.seed, step, index, global_micro))
             sync = self.acc.no_sync(trained) if i < len(micro) - 1 else nullcontext()
             with sync:
                 with self._autocast(phase):
@@ -193,11 +195,10 @@ class Trainer:
 
     def train_step(self, micro: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         step = self.state.step
-        torch.manual_seed(dist.step_seed(self.cfg.train.seed, self.acc.process_index, step))
         stats: dict[str, torch.Tensor] = {}
-        for phase in self.task.phases:
+        for index, phase in enumerate(self.task.phases):
             if step % phase.every == 0:
-                stats.update(self.run_phase(phase, micro, step))
+                stats.update(self.run_phase(index, micro, step))
         for sched in self.scheds.values():
             sched.step()
         if self.ema is not None:
@@ -213,7 +214,7 @@ class Trainer:
         per_rank = math.ceil(n / self.acc.num_processes)
         seed = self.cfg.train.seed if seed is None else seed
         # A fixed seed per rank (not per step) makes successive grids comparable.
-        gen = torch.Generator().manual_seed(dist.step_seed(seed, self.acc.process_index, 2**32 - 1))
+        gen = torch.Generator().manual_seed(dist.derive_seed(seed, self.acc.process_index))
         labels = self.task.sample_labels(per_rank * self.acc.num_processes, self.acc.device)
         if labels is not None:
             labels = labels[self.acc.process_index * per_rank : (self.acc.process_index + 1) * per_rank]

@@ -1,0 +1,36 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Each does all of its own set-up.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Pinned in the same pip command as the project so that no other torch build is resolved.
+TORCH ?= torch==2.13.0
+FASHION := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup data demo test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)" -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+$(FASHION):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+data/fashion_mnist/index.json: | $(VENV)/.installed $(FASHION)
+	$(VENV)/bin/gen-dist data fashion-mnist --out data/fashion_mnist
+
+data: data/fashion_mnist/index.json
+
+demo: setup data
+	$(VENV)/bin/gen-dist launch configs/diffusion_fashion_mnist.yaml --nproc 2 --cpu
+
+test: setup
+	$(VENV)/bin/ruff check gen_dist tests
+	$(VENV)/bin/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) data runs

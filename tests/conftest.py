@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny packed datasets and a way to run the real CLI in fresh processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+@pytest.fixture(autouse=True)
+def _offline_wandb(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """In-process Trainers each get their own Accelerator settings (the state is a process-wide singleton)."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """scikit-learn's digits packed into 5 train shards."""
+    from gen_dist.data import pack_digits
+
+    out = tmp_path_factory.mktemp("digits")
+    pack_digits(out, shard_size=300)
+    return out
+
+
+def run_cli(*args: str, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `gen-dist ARGS` in a fresh interpreter, as a user would."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "gen_dist", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"gen-dist {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def smoke_args(task: str, run_dir: Path, data: Path, *extra: str) -> list[str]:
+    return [str(CONFIGS / f"smoke_{task}.yaml"), f"run_dir={run_dir}", f"data.path={data}", *extra]
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def events(run_dir: Path, name: str) -> list[dict]:
+    return [r for r in records(run_dir) if r.get("event") == name]
+
+
+def step_records(run_dir: Path) -> list[dict]:
+    return [r for r in records(run_dir) if "step" in r and "event" not in r]

@@ -1,0 +1,79 @@
+from pathlib import Path
+
+import pytest
+from conftest import CONFIGS, run_cli
+
+from gen_dist.config import ConfigError, load_config
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_configs_load(name: str) -> None:
+    cfg = load_config(CONFIGS / name)
+    assert cfg.task in ("diffusion", "gan", "vae")
+
+
+def test_overrides_take_precedence_and_are_typed() -> None:
+    cfg = load_config(CONFIGS / "smoke_gan.yaml", ["train.steps=17", "optim.lr=1e-3", "gan.channels=[8, 8]",
+                                                   "data.hflip=true", "optim.weight_decay=0"])
+    assert cfg.train.steps == 17
+    assert cfg.optim.lr == pytest.approx(1e-3)
+    assert cfg.gan.channels == [8, 8]
+    assert cfg.data.hflip is True
+    assert isinstance(cfg.optim.weight_decay, float)
+
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ("train.stepz=3", "train.stepz"),
+    ("train.steps=ten", "train.steps"),
+    ("train.steps=1.5", "train.steps"),
+    ("data.hflip=3", "data.hflip"),
+    ("gan.channels=[8, x]", "gan.channels[1]"),
+    ("task=flow", "task"),
+    ("train.mixed_precision=fp8", "train.mixed_precision"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("train=3", "train"),
+    ("nonsense", "key=value"),
+])
+def test_bad_values_name_the_key(override: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        load_config(CONFIGS / "smoke_gan.yaml", [override])
+
+
+def test_unknown_key_in_yaml(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: vae\nvae:\n  latent: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'vae.latent'"):
+        load_config(bad)
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("no/such/config.yaml")
+
+
+def test_cross_field_checks() -> None:
+    with pytest.raises(ConfigError, match="divisible"):
+        load_config(CONFIGS / "smoke_vae.yaml", ["data.resolution=10"])
+    with pytest.raises(ConfigError, match="same length"):
+        load_config(CONFIGS / "smoke_diffusion.yaml", ["diffusion.attention=[true]"])
+
+
+@pytest.mark.parametrize("command", ["train", "launch"])
+def test_cli_fails_before_training(command: str, tmp_path: Path, digits: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = [command, str(CONFIGS / "smoke_vae.yaml"), f"run_dir={run_dir}", f"data.path={digits}"]
+    proc = run_cli(*args, "vae.latent_dimm=3", check=False)
+    assert proc.returncode == 2
+    assert "unknown config key 'vae.latent_dimm'" in proc.stderr
+    assert not run_dir.exists()
+    proc = run_cli(*args, "data.path=/no/such/data", check=False)
+    assert proc.returncode == 2 and "no index.json in /no/such/data" in proc.stderr
+    proc = run_cli(*args, "train.mixed_precision=fp16", check=False)
+    assert proc.returncode == 2 and "fp16 needs a GPU" in proc.stderr
+    assert not run_dir.exists()
+
+
+def test_cli_rejects_class_count_the_data_lacks(tmp_path: Path, digits: Path) -> None:
+    proc = run_cli("train", str(CONFIGS / "smoke_gan.yaml"), f"run_dir={tmp_path / 'r'}", f"data.path={digits}",
+                   "gan.num_classes=12", check=False)
+    assert proc.returncode == 2 and "gan.num_classes=12" in proc.stderr
