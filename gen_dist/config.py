@@ -108,8 +108,10 @@ class DiffusionConfig:
     """DDPM training timesteps."""
     beta_schedule: str = "squaredcos_cap_v2"
     """DDPM beta schedule (diffusers name): linear, scaled_linear or squaredcos_cap_v2."""
-    sample_steps: int = 50
+    sample_steps: int = 100
     """DDIM steps when sampling."""
+    ddim_eta: float = 1.0
+    """DDIM noise: 1 = ancestral (DDPM-like, best for short-trained models), 0 = deterministic DDIM."""
 
 
 @dataclass

@@ -70,6 +70,31 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     )
 
 
+class MetricWindow:
+    """Stats accumulated between two log records; stays on device until logged (no per-step sync)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.totals: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = defaultdict(int)
+        self.wait = self.elapsed = 0.0
+        self.steps = 0
+
+    def add(self, stats: dict[str, torch.Tensor], wait: float, elapsed: float) -> None:
+        for k, v in stats.items():
+            self.totals[k] = self.totals[k] + v if k in self.totals else v.clone()
+            self.counts[k] += 1
+        self.wait, self.elapsed, self.steps = self.wait + wait, self.elapsed + elapsed, self.steps + 1
+
+    def summary(self, global_batch: int) -> dict[str, float]:
+        out = {k: (self.totals[k] / self.counts[k]).item() for k in sorted(self.totals)}
+        out["images_per_s"] = global_batch * self.steps / self.elapsed
+        out["data_wait_frac"] = self.wait / self.elapsed
+        return out
+
+
 @dataclass
 class TrainState:
     step: int = 0
@@ -252,50 +277,42 @@ class Trainer:
             batches_per_epoch=self.stream.batches_per_epoch,
             global_batch=cfg.data.batch_size * cfg.train.grad_accum * acc.num_processes)
 
+    def _log(self, window: MetricWindow, bar: tqdm) -> None:
+        global_batch = self.cfg.data.batch_size * self.cfg.train.grad_accum * self.acc.num_processes
+        metrics = window.summary(global_batch)
+        metrics.update({f"lr/{n}": s.get_last_lr()[0] for n, s in self.scheds.items()})
+        metrics = dist.mean_across_ranks(self.acc, metrics)
+        metrics.update(epoch=self.state.epoch, images_seen=self.state.step * global_batch)
+        self.tracker.log(self.state.step, metrics)
+        bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k.endswith("/loss")})
+        window.reset()
+
     def train(self) -> TrainState:
-        cfg = self.cfg
+        cfg, t = self.cfg, self.cfg.train
         resumed = self.resume()
         self._start_event(resumed)
         batches = self._batches()
-        global_batch = cfg.data.batch_size * cfg.train.grad_accum * self.acc.num_processes
-        totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.acc.device))
-        counts: dict[str, int] = defaultdict(int)
-        wait = elapsed = 0.0
-        steps_in_window = 0
-        bar = tqdm(total=cfg.train.steps, initial=self.state.step, dynamic_ncols=True,
-                   disable=not (cfg.train.progress and self.acc.is_main_process))
-        last_saved = self.state.step if resumed else -1
-        while self.state.step < cfg.train.steps:
+        window = MetricWindow()
+        bar = tqdm(total=t.steps, initial=self.state.step, dynamic_ncols=True,
+                   disable=not (t.progress and self.acc.is_main_process))
+        saved_at = self.state.step if resumed else -1
+        while self.state.step < t.steps:
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(cfg.train.grad_accum)]
             t1 = time.perf_counter()
-            for k, v in self.train_step(micro).items():
-                totals[k] += v
-                counts[k] += 1
-            wait, elapsed = wait + t1 - t0, elapsed + time.perf_counter() - t0
-            steps_in_window += 1
+            stats = self.train_step(micro)
+            window.add(stats, wait=t1 - t0, elapsed=time.perf_counter() - t0)
             bar.update(1)
             step = self.state.step
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                metrics = {k: (totals[k] / counts[k]).item() for k in sorted(totals)}
-                metrics.update({f"lr/{n}": s.get_last_lr()[0] for n, s in self.scheds.items()})
-                metrics["images_per_s"] = global_batch * steps_in_window / elapsed
-                metrics["data_wait_frac"] = wait / elapsed
-                metrics = dist.mean_across_ranks(self.acc, metrics)
-                metrics.update(epoch=self.state.epoch, images_seen=step * global_batch)
-                self.tracker.log(step, metrics)
-                bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k.endswith("/loss")})
-                totals.clear()
-                counts.clear()
-                wait = elapsed = 0.0
-                steps_in_window = 0
-            if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step < cfg.train.steps:
+            if step % t.log_every == 0 or step == t.steps:
+                self._log(window, bar)
+            if t.sample_every and step % t.sample_every == 0 and step < t.steps:
                 self.write_samples()
-            if step % cfg.train.ckpt_every == 0:
+            if step % t.ckpt_every == 0:
                 self.save()
-                last_saved = step
+                saved_at = step
         bar.close()
-        if last_saved != self.state.step:
+        if saved_at != self.state.step:
             self.save()
         self.write_samples()
         self.tracker.event("end", step=self.state.step)

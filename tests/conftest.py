@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,12 @@ def run_cli(*args: str, timeout: int = 300, check: bool = True) -> subprocess.Co
     if check and proc.returncode != 0:
         raise AssertionError(f"gen-dist {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 def smoke_args(task: str, run_dir: Path, data: Path, *extra: str) -> list[str]:

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, events, run_cli, smoke_args, step_records
+from conftest import CONFIGS, events, free_port, run_cli, smoke_args, step_records
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -55,7 +55,7 @@ def test_single_process_run_writes_outputs(task: str, tmp_path: Path, digits: Pa
 @pytest.mark.parametrize("task", TASKS)
 def test_two_process_run(task: str, tmp_path: Path, digits: Path) -> None:
     run_dir = tmp_path / task
-    run_cli("launch", *smoke_args(task, run_dir, digits), "--nproc", "2", "--port", "29611")
+    run_cli("launch", *smoke_args(task, run_dir, digits), "--nproc", "2", "--port", free_port())
     (start,) = events(run_dir, "start")
     assert start["world_size"] == 2 and start["backend"] == "gloo"
     assert start["global_batch"] == 32
@@ -77,7 +77,7 @@ def test_ddp_matches_one_process_on_the_same_global_batch(task: str, tmp_path: P
     one, two = tmp_path / "one", tmp_path / "two"
     run_cli("train", *smoke_args(task, one, digits), *common, "train.grad_accum=2", "data.num_workers=2")
     run_cli("launch", *smoke_args(task, two, digits), *common, "data.num_workers=0", "--nproc", "2",
-            "--port", "29612")
+            "--port", free_port())
     a, b = _final_weights(one), _final_weights(two)
     assert a.keys() == b.keys()
     # Summation order differs between an all-reduce and local accumulation; Adam's early steps divide by a tiny
@@ -145,3 +145,17 @@ def test_bf16_steps_are_finite(task: str, tmp_path: Path, digits: Path) -> None:
     for _ in range(2):
         stats = trainer.train_step([next(batches)])
         assert all(math.isfinite(v.item()) for v in stats.values()), stats
+
+
+def test_torchrun_launch(tmp_path: Path, digits: Path) -> None:
+    """`gen-dist train` joins whatever group launched it; torchrun gives 2 gloo ranks on CPU."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "vae"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port(),
+           "-m", "gen_dist", "train", *smoke_args("vae", run_dir, digits), "train.steps=2", "train.cpu=true"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (start,) = events(run_dir, "start")
+    assert start["world_size"] == 2 and start["backend"] == "gloo"

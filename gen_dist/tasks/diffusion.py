@@ -28,7 +28,7 @@ class DiffusionTask(Task):
     def __init__(self, cfg: RunConfig) -> None:
         d = cfg.diffusion
         self.num_classes = d.num_classes
-        self.sample_steps = d.sample_steps
+        self.sample_steps, self.eta = d.sample_steps, d.ddim_eta
         self.modules = {"denoiser": build_unet(cfg)}
         self.scheduler = DDPMScheduler(num_train_timesteps=d.train_timesteps, beta_schedule=d.beta_schedule,
                                        prediction_type="epsilon")
@@ -54,5 +54,5 @@ class DiffusionTask(Task):
         x = torch.randn((n, net.config.in_channels, size, size), generator=generator).to(device)
         for t in ddim.timesteps:
             eps = net(x, t.to(device), class_labels=labels).sample
-            x = ddim.step(eps, t, x).prev_sample
+            x = ddim.step(eps, t, x, eta=self.eta, generator=generator).prev_sample
         return x.clamp(-1, 1)

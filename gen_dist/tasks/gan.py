@@ -37,8 +37,16 @@ class Generator(nn.Module):
         return self.net(h)
 
 
+def minibatch_std(h: torch.Tensor, group: int = 4) -> torch.Tensor:
+    """Append the feature std over groups of samples as a channel, so D can see a lack of variety (collapse)."""
+    n, c, hh, ww = h.shape
+    g = group if n % group == 0 else 1
+    std = h.float().view(g, -1, c, hh, ww).var(dim=0, unbiased=False).add(1e-8).sqrt().mean(dim=(1, 2, 3))
+    return torch.cat([h, std.to(h.dtype).view(1, -1, 1, 1, 1).expand(g, -1, 1, hh, ww).reshape(n, 1, hh, ww)], 1)
+
+
 class Discriminator(nn.Module):
-    """Strided convolutions; a projection term carries the class condition."""
+    """Strided convolutions, a minibatch-std channel, and a projection term for the class condition."""
 
     def __init__(self, channels: list[int], in_channels: int, resolution: int, num_classes: int) -> None:
         super().__init__()
@@ -49,12 +57,12 @@ class Discriminator(nn.Module):
             prev = c
         self.net = nn.Sequential(*layers)
         end = resolution // 2 ** len(channels)
-        self.out = nn.Linear(prev * end * end, 1)
+        self.out = nn.Linear((prev + 1) * end * end, 1)
         self.embed = nn.Embedding(num_classes, prev) if num_classes else None
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         h = self.net(x)
-        logit = self.out(h.flatten(1)).squeeze(1)
+        logit = self.out(minibatch_std(h).flatten(1)).squeeze(1)
         if self.embed is not None:
             logit = logit + (self.embed(labels) * h.sum(dim=(2, 3))).sum(dim=1)
         return logit
