@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     la.add_argument("config")
     la.add_argument("overrides", nargs="*")
-    la.add_argument("--nproc", type=int, default=1, help="processes on this machine (default 1)")
+    la.add_argument("--nproc", type=int, default=0,
+                    help="processes on this machine (default: from --accelerate-config, else 1)")
     la.add_argument("--num-machines", type=int, default=1)
     la.add_argument("--machine-rank", type=int, default=0)
     la.add_argument("--main-ip", default="127.0.0.1", help="address of machine rank 0")

@@ -119,7 +119,9 @@ class GANConfig:
     z_dim: int = 64
     """Latent size."""
     channels: list[int] = field(default_factory=lambda: [128, 64])
-    """Generator channels per level, coarse to fine (the discriminator mirrors them)."""
+    """Generator channels per level, coarse to fine (each level doubles the resolution)."""
+    d_channels: list[int] = field(default_factory=lambda: [64, 128])
+    """Discriminator channels per level, fine to coarse (each level halves the resolution)."""
     num_classes: int = 10
     """Class-conditional with this many classes (projection discriminator); 0 = unconditional."""
     loss: str = "nonsaturating"
@@ -260,11 +262,11 @@ def validate(cfg: RunConfig) -> None:
     if cfg.task == "diffusion" and cfg.data.resolution % down:
         raise ConfigError(f"data.resolution {cfg.data.resolution} must be divisible by {down} for "
                           f"{len(cfg.diffusion.channels)} UNet levels")
-    for fam in ("gan", "vae"):
-        levels = len(getattr(cfg, fam).channels)
-        if cfg.task == fam and cfg.data.resolution % (2**levels):
-            raise ConfigError(f"data.resolution {cfg.data.resolution} must be divisible by {2**levels} "
-                              f"for {levels} {fam} levels")
+    for key in ("gan.channels", "gan.d_channels", "vae.channels"):
+        levels = len(get_value(cfg, key))
+        if cfg.task == key.split(".")[0] and (levels == 0 or cfg.data.resolution % (2**levels)):
+            raise ConfigError(f"data.resolution {cfg.data.resolution} must be divisible by 2^len({key}) "
+                              f"= {2**levels}, and {key} must not be empty")
     if not 0 <= cfg.train.ema_decay < 1:
         raise ConfigError("config key 'train.ema_decay' must be in [0, 1)")
     if len(cfg.optim.betas) != 2:

@@ -12,8 +12,8 @@ import torch
 
 @dataclass
 class LaunchSpec:
-    nproc: int = 1
-    """Processes per machine."""
+    nproc: int = 0
+    """Processes per machine; 0 = as the accelerate config says (1 without one)."""
     num_machines: int = 1
     machine_rank: int = 0
     main_ip: str = "127.0.0.1"
@@ -34,17 +34,19 @@ def launch_command(spec: LaunchSpec, train_args: list[str]) -> tuple[list[str], 
 
     On CPU, `--cpu` would silently start a single process and `--multi_gpu` alone would start independent
     world-size-1 runs; `--multi_gpu` together with ACCELERATE_USE_CPU=1 gives one gloo group."""
-    total = spec.nproc * spec.num_machines
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    env = {"ACCELERATE_USE_CPU": "1"} if use_cpu(spec) else {}
     if spec.accelerate_config:
         cmd += ["--config_file", spec.accelerate_config]
-    env: dict[str, str] = {}
+        if spec.nproc == 0:
+            # The config file decides the process count and topology.
+            return [*cmd, "-m", "gen_dist", "train", *train_args], env
+    nproc = spec.nproc or 1
+    total = nproc * spec.num_machines
     if total > 1 and not spec.accelerate_config:
         cmd += ["--multi_gpu"]
     if use_cpu(spec):
-        env["ACCELERATE_USE_CPU"] = "1"
-        threads = max(1, (os.cpu_count() or 1) // spec.nproc)
-        cmd += ["--num_cpu_threads_per_process", str(threads)]
+        cmd += ["--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // nproc))]
     cmd += ["--num_processes", str(total), "--num_machines", str(spec.num_machines),
             "--machine_rank", str(spec.machine_rank), "--mixed_precision", spec.mixed_precision,
             "--dynamo_backend", "no"]

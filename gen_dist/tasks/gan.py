@@ -50,19 +50,21 @@ class Discriminator(nn.Module):
 
     def __init__(self, channels: list[int], in_channels: int, resolution: int, num_classes: int) -> None:
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, channels[-1], 3, padding=1), _act()]
-        prev = channels[-1]
-        for c in reversed(channels):
+        layers: list[nn.Module] = []
+        prev = in_channels
+        for c in channels:
             layers += [nn.Conv2d(prev, c, 4, stride=2, padding=1), _act()]
             prev = c
         self.net = nn.Sequential(*layers)
         end = resolution // 2 ** len(channels)
-        self.out = nn.Linear((prev + 1) * end * end, 1)
+        # A full-size convolution is the dense head; unlike Linear(…, 1) its weight gradient has the strides
+        # DDP's gradient buckets expect.
+        self.out = nn.Conv2d(prev + 1, 1, kernel_size=end)
         self.embed = nn.Embedding(num_classes, prev) if num_classes else None
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         h = self.net(x)
-        logit = self.out(minibatch_std(h).flatten(1)).squeeze(1)
+        logit = self.out(minibatch_std(h)).flatten()
         if self.embed is not None:
             logit = logit + (self.embed(labels) * h.sum(dim=(2, 3))).sum(dim=1)
         return logit
@@ -77,7 +79,7 @@ class GANTask(Task):
         self.r1_gamma, self.r1_every = g.r1_gamma, g.r1_every
         res, ch = cfg.data.resolution, cfg.data.channels
         self.modules = {
-            "D": Discriminator(g.channels, ch, res, g.num_classes),
+            "D": Discriminator(g.d_channels, ch, res, g.num_classes),
             "G": Generator(g.z_dim, g.channels, ch, res, g.num_classes),
         }
         self.phases = [Phase("D", "D", self.d_loss), Phase("G", "G", self.g_loss)]
