@@ -13,6 +13,8 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
+from gen_dist import dist
+
 META = "meta.json"
 EMA = "ema.safetensors"
 
@@ -53,12 +55,12 @@ def save(acc: Accelerator, run_dir: Path, step: int, meta: dict[str, Any],
     """Every rank writes its part of the state; the main rank publishes the directory by renaming it."""
     root = ckpt_root(run_dir)
     final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
-    if acc.is_main_process:
+    if dist.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
-    if acc.is_main_process:
+    if dist.is_main():
         if ema is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(tmp / EMA))
         (tmp / META).write_text(json.dumps({"step": step, **meta}, indent=1))

@@ -13,16 +13,9 @@ from accelerate import Accelerator
 from accelerate.state import PartialState
 
 
-def rank() -> int:
-    return PartialState().process_index if PartialState._shared_state else 0
-
-
-def world_size() -> int:
-    return PartialState().num_processes if PartialState._shared_state else 1
-
-
 def is_main() -> bool:
-    return rank() == 0
+    """True on global rank 0 (and before any process group exists)."""
+    return PartialState().process_index == 0 if PartialState._shared_state else True
 
 
 def print0(*args: Any) -> None:

@@ -108,7 +108,7 @@ class Trainer:
         preflight(cfg)
         self.cfg, self.run_dir = cfg, cfg.out_dir
         self.acc = acc = make_accelerator(cfg)
-        if acc.is_main_process:
+        if dist.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         acc.wait_for_everyone()
@@ -254,7 +254,7 @@ class Trainer:
     def write_samples(self) -> Path:
         images = to_uint8(self.sample(self.cfg.train.sample_n))
         path = self.run_dir / "samples" / f"step_{self.state.step:08d}.png"
-        if self.acc.is_main_process:
+        if dist.is_main():
             picture = grid(images, nrow=10 if self.task.num_classes else 0)
             path.parent.mkdir(parents=True, exist_ok=True)
             picture.save(path)
@@ -266,7 +266,7 @@ class Trainer:
 
     def _start_event(self, resumed: bool) -> None:
         cfg, acc = self.cfg, self.acc
-        if wandb_mode(cfg) and acc.is_main_process:
+        if wandb_mode(cfg) and dist.is_main():
             acc.init_trackers(cfg.wandb.project, config=to_dict(cfg),
                               init_kwargs={"wandb": wandb_init_kwargs(cfg, self.run_dir)})
         params = {n: sum(p.numel() for p in m.parameters()) for n, m in self.modules.items()}
@@ -288,17 +288,17 @@ class Trainer:
         window.reset()
 
     def train(self) -> TrainState:
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         resumed = self.resume()
         self._start_event(resumed)
         batches = self._batches()
         window = MetricWindow()
         bar = tqdm(total=t.steps, initial=self.state.step, dynamic_ncols=True,
-                   disable=not (t.progress and self.acc.is_main_process))
+                   disable=not (t.progress and dist.is_main()))
         saved_at = self.state.step if resumed else -1
         while self.state.step < t.steps:
             t0 = time.perf_counter()
-            micro = [next(batches) for _ in range(cfg.train.grad_accum)]
+            micro = [next(batches) for _ in range(t.grad_accum)]
             t1 = time.perf_counter()
             stats = self.train_step(micro)
             window.add(stats, wait=t1 - t0, elapsed=time.perf_counter() - t0)
