@@ -293,6 +293,24 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     return cfg
 
 
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_same_model(saved: RunConfig, cfg: RunConfig) -> None:
+    """A run directory can only be resumed with the model it was trained with."""
+    sections = ("task", "data.resolution", "data.channels", f"{cfg.task}.")
+    old, new = _flatten(to_dict(saved)), _flatten(to_dict(cfg))
+    changed = [k for k in new if k.startswith(sections) and old.get(k) != new[k]]
+    if changed:
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
+        raise ConfigError(f"run directory {cfg.out_dir} holds checkpoints of another model ({diff}); "
+                          f"use a new run_dir")
+
+
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 

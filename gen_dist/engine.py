@@ -22,7 +22,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from gen_dist import checkpoint, dist
-from gen_dist.config import ConfigError, RunConfig, save_config, to_dict
+from gen_dist.config import ConfigError, RunConfig, check_same_model, load_config, save_config, to_dict
 from gen_dist.data import ShardStream, load_index, make_loader
 from gen_dist.images import grid, to_uint8
 from gen_dist.tasks import TASKS, Phase, Task
@@ -40,6 +40,9 @@ def preflight(cfg: RunConfig) -> None:
     if want > have:
         raise ConfigError(f"{cfg.task}.num_classes={want} but {cfg.data.path} has {have} classes; "
                           f"set {cfg.task}.num_classes={have}")
+    saved = cfg.out_dir / "config.yaml"
+    if saved.exists() and checkpoint.list_checkpoints(cfg.out_dir):
+        check_same_model(load_config(saved), cfg)
     if cfg.train.mixed_precision == "fp16" and (cfg.train.cpu or not torch.cuda.is_available()):
         raise ConfigError("train.mixed_precision=fp16 needs a GPU (CPU autocast ignores it); use bf16 or no")
 

@@ -112,6 +112,15 @@ def test_resume_continues_with_the_same_state(tmp_path: Path, digits: Path) -> N
                 assert torch.equal(v, b["state"][i][k]), f"{name}:{i}:{k}"
 
 
+def test_resume_with_another_model_is_refused(tmp_path: Path, digits: Path) -> None:
+    run_dir = tmp_path / "vae"
+    run_cli("train", *smoke_args("vae", run_dir, digits), "train.steps=2")
+    proc = run_cli("train", *smoke_args("vae", run_dir, digits), "vae.latent_dim=5", check=False)
+    assert proc.returncode == 2
+    assert "holds checkpoints of another model (vae.latent_dim: 4 -> 5)" in proc.stderr
+    run_cli("train", *smoke_args("vae", run_dir, digits), "train.steps=3", "optim.lr=1e-4")
+
+
 def test_sample_command(tmp_path: Path, digits: Path) -> None:
     run_dir = tmp_path / "vae"
     run_cli("train", *smoke_args("vae", run_dir, digits), "train.steps=2")
