@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--num-machines", type=int, default=1)
     la.add_argument("--machine-rank", type=int, default=0)
     la.add_argument("--main-ip", default="127.0.0.1", help="address of machine rank 0")
-    la.add_argument("--port", type=int, default=29500)
+    la.add_argument("--port", type=int, default=0, help="rendezvous port (default 29500)")
     la.add_argument("--cpu", action="store_true", help="use CPU processes (gloo) even with GPUs present")
     la.add_argument("--accelerate-config", help="accelerate config file, e.g. launcher/accelerate/fsdp.yaml")
     la.add_argument("--dry-run", action="store_true", help="print the command instead of running it")

@@ -17,7 +17,8 @@ class LaunchSpec:
     num_machines: int = 1
     machine_rank: int = 0
     main_ip: str = "127.0.0.1"
-    port: int = 29500
+    port: int = 0
+    """Rendezvous port of machine rank 0; 0 = 29500 (or the accelerate config's)."""
     cpu: bool = False
     """Force CPU (gloo) even when GPUs are present."""
     accelerate_config: str = ""
@@ -40,7 +41,8 @@ def launch_command(spec: LaunchSpec, train_args: list[str]) -> tuple[list[str], 
         cmd += ["--config_file", spec.accelerate_config]
         if spec.nproc == 0:
             # The config file decides the process count and topology.
-            return [*cmd, "-m", "gen_dist", "train", *train_args], env
+            port = ["--main_process_port", str(spec.port)] if spec.port else []
+            return [*cmd, *port, "-m", "gen_dist", "train", *train_args], env
     nproc = spec.nproc or 1
     total = nproc * spec.num_machines
     if total > 1 and not spec.accelerate_config:
@@ -51,7 +53,7 @@ def launch_command(spec: LaunchSpec, train_args: list[str]) -> tuple[list[str], 
             "--machine_rank", str(spec.machine_rank), "--mixed_precision", spec.mixed_precision,
             "--dynamo_backend", "no"]
     if total > 1:
-        cmd += ["--main_process_ip", spec.main_ip, "--main_process_port", str(spec.port)]
+        cmd += ["--main_process_ip", spec.main_ip, "--main_process_port", str(spec.port or 29500)]
     cmd += ["-m", "gen_dist", "train", *train_args]
     return cmd, env
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, events, free_port, run_cli, smoke_args, step_records
+from conftest import CONFIGS, ROOT, events, free_port, run_cli, smoke_args, step_records
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -62,6 +62,14 @@ def test_two_process_run(task: str, tmp_path: Path, digits: Path) -> None:
     losses = [v for r in step_records(run_dir) for k, v in r.items() if k.endswith("loss")]
     assert losses and all(math.isfinite(v) for v in losses)
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
+
+
+def test_shipped_cpu_accelerate_config_gives_two_ranks(tmp_path: Path, digits: Path) -> None:
+    run_dir = tmp_path / "vae"
+    run_cli("launch", *smoke_args("vae", run_dir, digits), "train.steps=2", "--cpu",
+            "--accelerate-config", str(ROOT / "launcher" / "accelerate" / "cpu.yaml"), "--port", free_port())
+    (start,) = events(run_dir, "start")
+    assert start["world_size"] == 2 and start["backend"] == "gloo"
 
 
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
