@@ -152,6 +152,11 @@ class Trainer:
         # autocast per phase instead, so that an fp32 regulariser can opt out.
         self.modules = {n: self.acc.unwrap_model(m, keep_fp32_wrapper=False) for n, m in self.wrapped.items()}
 
+    @property
+    def global_batch(self) -> int:
+        """Images per optimizer step over all ranks and micro-batches."""
+        return self.cfg.data.batch_size * self.cfg.train.grad_accum * self.acc.num_processes
+
     def _autocast(self, phase: Phase) -> Any:
         return self.acc.autocast() if phase.autocast else nullcontext()
 
@@ -278,14 +283,13 @@ class Trainer:
             backend=str(acc.state.backend), device=str(acc.device), mixed_precision=cfg.train.mixed_precision,
             step=self.state.step, resumed=resumed, params=params,
             batches_per_epoch=self.stream.batches_per_epoch,
-            global_batch=cfg.data.batch_size * cfg.train.grad_accum * acc.num_processes)
+            global_batch=self.global_batch)
 
     def _log(self, window: MetricWindow, bar: tqdm) -> None:
-        global_batch = self.cfg.data.batch_size * self.cfg.train.grad_accum * self.acc.num_processes
-        metrics = window.summary(global_batch)
+        metrics = window.summary(self.global_batch)
         metrics.update({f"lr/{n}": s.get_last_lr()[0] for n, s in self.scheds.items()})
         metrics = dist.mean_across_ranks(self.acc, metrics)
-        metrics.update(epoch=self.state.epoch, images_seen=self.state.step * global_batch)
+        metrics.update(epoch=self.state.epoch, images_seen=self.state.step * self.global_batch)
         self.tracker.log(self.state.step, metrics)
         bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k.endswith("/loss")})
         window.reset()

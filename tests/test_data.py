@@ -1,4 +1,5 @@
 import gzip
+import io
 import struct
 from collections import Counter
 from pathlib import Path
@@ -18,6 +19,10 @@ def write_idx(path: Path, arr: np.ndarray, gz: bool) -> None:
             f.write(raw)
     else:
         path.write_bytes(raw)
+
+
+def png_array(raw: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(raw)))
 
 
 def all_samples(root: Path, split: str) -> list[dict]:
@@ -46,7 +51,7 @@ def test_idx_round_trip(tmp_path: Path, gz: bool) -> None:
     assert len(got) == 53 and len({s["__key__"] for s in got}) == 53
     by_bytes = Counter()
     for s in got:
-        arr = np.asarray(Image.open(__import__("io").BytesIO(s["png"])))
+        arr = png_array(s["png"])
         match = [i for i in range(53) if np.array_equal(images[i], arr) and labels[i] == int(s["cls"])]
         assert match, f"sample {s['__key__']} is not a source image with its label"
         by_bytes[match[0]] += 1
@@ -76,7 +81,7 @@ def test_image_folder_with_classes(tmp_path: Path) -> None:
     assert entry["count"] == 8
     classes = load_index(tmp_path / "out")["classes"]
     assert classes == ["cat", "dog"]
-    got = {np.asarray(Image.open(__import__("io").BytesIO(s["png"]))).tobytes(): classes[int(s["cls"])]
+    got = {png_array(s["png"]).tobytes(): classes[int(s["cls"])]
            for s in all_samples(tmp_path / "out", "train")}
     assert got == expected
 
