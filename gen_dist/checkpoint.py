@@ -17,6 +17,8 @@ from gen_dist import dist
 
 META = "meta.json"
 EMA = "ema.safetensors"
+WEIGHTS = "weights.safetensors"
+"""Consolidated raw weights of the sampled module, written when the strategy shards the saved state."""
 
 
 def ckpt_root(run_dir: Path) -> Path:
@@ -51,8 +53,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save(acc: Accelerator, run_dir: Path, step: int, meta: dict[str, Any],
-         ema: dict[str, torch.Tensor] | None, keep: int) -> Path:
-    """Every rank writes its part of the state; the main rank publishes the directory by renaming it."""
+         files: dict[str, dict[str, torch.Tensor]], keep: int) -> Path:
+    """Every rank writes its part of the state; the main rank adds `files` (name -> consolidated tensors) and
+    publishes the directory by renaming it."""
     root = ckpt_root(run_dir)
     final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
     if dist.is_main():
@@ -61,8 +64,8 @@ def save(acc: Accelerator, run_dir: Path, step: int, meta: dict[str, Any],
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
     if dist.is_main():
-        if ema is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(tmp / EMA))
+        for name, tensors in files.items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / name))
         (tmp / META).write_text(json.dumps({"step": step, **meta}, indent=1))
         _fsync_dir(tmp)
         if final.exists():

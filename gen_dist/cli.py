@@ -1,4 +1,4 @@
-"""`gen-dist` command line: train, launch, data, sample. Thin: parse, then call library functions."""
+"""`gen-dist` command line: train, launch, data, sample, export. Thin: parse, then call library functions."""
 
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ def cmd_launch(args: argparse.Namespace) -> None:
     preflight(cfg)
     spec = LaunchSpec(nproc=args.nproc, num_machines=args.num_machines, machine_rank=args.machine_rank,
                       main_ip=args.main_ip, port=args.port, cpu=args.cpu or cfg.train.cpu,
-                      accelerate_config=args.accelerate_config or "", mixed_precision=cfg.train.mixed_precision)
+                      accelerate_config=args.accelerate_config or "", mixed_precision=cfg.train.mixed_precision,
+                      strategy=cfg.parallel.strategy)
     train_args = [args.config, *args.overrides]
     if args.dry_run:
         cmd, env = launch_command(spec, train_args)
@@ -84,6 +85,12 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     out = sample_checkpoint(Path(args.checkpoint), args.n, Path(args.out), seed=args.seed, use_ema=not args.raw)
     print(f"wrote {out}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from gen_dist.sampling import export
+
+    print(f"wrote {export(Path(args.checkpoint), Path(args.out))}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="generate images from a checkpoint",
                        description="Generate --n images from a checkpoint directory (or a run directory: its "
-                                   "latest checkpoint). --out x.png writes a grid, --out x.npz a uint8 array "
+                                   "latest checkpoint, or a file written by `gen-dist export`)."
+                                   " --out x.png writes a grid, "
+                                   "--out x.npz a uint8 array "
                                    "(N,H,W,C) under the key 'images'.")
     s.add_argument("checkpoint")
     s.add_argument("--n", type=int, default=64)
@@ -131,6 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("export", help="write one consolidated safetensors file of a checkpoint",
+                       description="Write the generator/denoiser of a checkpoint (or a run directory's latest) "
+                                   "as one safetensors file: raw weights under model.*, EMA under ema.*, the run "
+                                   "config in its metadata. Works for DDP, ZeRO and FSDP checkpoints alike; "
+                                   "`gen-dist sample FILE` reads it.")
+    e.add_argument("checkpoint")
+    e.add_argument("--out", required=True, help="output .safetensors file")
+    e.set_defaults(func=cmd_export)
     return p
 
 

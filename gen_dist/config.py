@@ -81,6 +81,22 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    strategy: str = "ddp"
+    """How trained modules are spread over ranks: ddp (replicated), deepspeed (ZeRO, one engine per trained
+    module) or fsdp (PyTorch FSDP2 through Accelerate)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters."""
+    offload_optimizer: bool = False
+    """DeepSpeed: keep optimizer state on the CPU and step it there (DeepSpeedCPUAdam)."""
+    offload_params: bool = False
+    """DeepSpeed ZeRO-3: keep parameter partitions on the CPU between uses."""
+    deepspeed_config: str = ""
+    """Optional DeepSpeed JSON (e.g. launcher/deepspeed/zero3.json) whose zero_optimization and communication
+    settings are used; batch size, accumulation, clipping and precision always come from this config."""
+
+
+@dataclass
 class WandbConfig:
     enabled: bool = True
     """Log to Weights & Biases (through Accelerate's tracker)."""
@@ -153,6 +169,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     gan: GANConfig = field(default_factory=GANConfig)
@@ -169,6 +186,8 @@ CHOICES = {
     "optim.schedule": ("constant", "linear", "cosine"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "wandb.mode": ("auto", "online", "offline", "disabled"),
+    "parallel.strategy": ("ddp", "deepspeed", "fsdp"),
+    "parallel.zero_stage": (1, 2, 3),
     "gan.loss": ("nonsaturating", "hinge"),
     "diffusion.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
 }
@@ -247,8 +266,9 @@ def get_value(cfg: RunConfig, dotted: str) -> Any:
 def validate(cfg: RunConfig) -> None:
     """Checks across fields that types alone cannot express."""
     for key, allowed in CHOICES.items():
-        if get_value(cfg, key) not in allowed:
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}, got {get_value(cfg, key)!r}")
+        value = get_value(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, allowed))}, got {value!r}")
     for key in POSITIVE:
         if get_value(cfg, key) <= 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {get_value(cfg, key)!r}")
@@ -271,22 +291,49 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("config key 'train.ema_decay' must be in [0, 1)")
     if len(cfg.optim.betas) != 2:
         raise ConfigError("config key 'optim.betas' must have two values")
+    _validate_parallel(cfg)
+
+
+def _validate_parallel(cfg: RunConfig) -> None:
+    p = cfg.parallel
+    if p.strategy != "deepspeed":
+        for key in ("offload_optimizer", "offload_params", "deepspeed_config"):
+            if getattr(p, key):
+                raise ConfigError(f"parallel.{key} needs parallel.strategy=deepspeed (got {p.strategy})")
+        return
+    if p.zero_stage == 3 and cfg.task == "gan" and cfg.gan.r1_gamma > 0:
+        raise ConfigError("gan.r1_gamma > 0 needs a double backward through D, which ZeRO-3 cannot run (it frees "
+                          "D's gathered weights after the first backward); use parallel.zero_stage 1 or 2, "
+                          "parallel.strategy=fsdp, or gan.r1_gamma=0")
+    if p.offload_params and p.zero_stage != 3:
+        raise ConfigError("parallel.offload_params needs parallel.zero_stage=3 (ZeRO 1/2 do not partition parameters)")
+    if cfg.train.mixed_precision == "fp16":
+        raise ConfigError("train.mixed_precision=fp16 is not supported with parallel.strategy=deepspeed: gen_dist "
+                          "runs DeepSpeed with fp32 master parameters under autocast, where ZeRO has no loss "
+                          "scaling; use bf16, or fp16 with parallel.strategy=ddp or fsdp")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Build a RunConfig from defaults, then the YAML file, then `overrides` (highest precedence)."""
-    cfg = RunConfig()
+    text, source = "", "defaults"
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
-        _apply(cfg, data)
+        text, source = p.read_text(), f"config file {p}"
+    return config_from_yaml(text, source, overrides)
+
+
+def config_from_yaml(text: str, source: str, overrides: list[str] = ()) -> RunConfig:
+    """Build a RunConfig from YAML text (a file's, or one stored in an exported checkpoint)."""
+    cfg = RunConfig()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must hold a mapping at the top level")
+    _apply(cfg, data)
     for o in overrides:
         _apply(cfg, parse_override(o))
     validate(cfg)

@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import math
-import os
 import time
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
 from diffusers.optimization import get_scheduler
-from torch import nn
-from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from gen_dist import checkpoint, dist
+from gen_dist import checkpoint, dist, parallel
 from gen_dist.config import ConfigError, RunConfig, check_same_model, load_config, save_config, to_dict
 from gen_dist.data import ShardStream, load_index, make_loader
 from gen_dist.images import grid, to_uint8
@@ -45,32 +40,8 @@ def preflight(cfg: RunConfig) -> None:
         check_same_model(load_config(saved), cfg)
     if cfg.train.mixed_precision == "fp16" and (cfg.train.cpu or not torch.cuda.is_available()):
         raise ConfigError("train.mixed_precision=fp16 needs a GPU (CPU autocast ignores it); use bf16 or no")
-
-
-def ema_avg_fn(decay: float):
-    """EMA update for AveragedModel, warmed up so early averages are not dominated by the initial weights."""
-
-    def update(ema: list[torch.Tensor], cur: list[torch.Tensor], n: torch.Tensor) -> None:
-        d = min(decay, (1 + int(n)) / (10 + int(n)))
-        torch._foreach_lerp_(ema, cur, 1 - d)
-
-    return update
-
-
-def make_accelerator(cfg: RunConfig) -> Accelerator:
-    cpu = cfg.train.cpu or not torch.cuda.is_available()
-    # Name the backend only for a real group: a single process must not be told to use one.
-    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    pg = InitProcessGroupKwargs(backend=("gloo" if cpu else "nccl") if multi else None,
-                                timeout=timedelta(minutes=30))
-    return Accelerator(
-        cpu=cpu,
-        mixed_precision=cfg.train.mixed_precision,
-        log_with="wandb" if wandb_mode(cfg) else None,
-        project_dir=str(cfg.out_dir),
-        step_scheduler_with_optimizer=False,
-        kwargs_handlers=[pg],
-    )
+    if cfg.parallel.strategy == "deepspeed":
+        parallel.check_deepspeed(cfg)
 
 
 class MetricWindow:
@@ -108,49 +79,43 @@ class TrainState:
 
 class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
+        parallel.adopt_launcher_strategy(cfg)
         preflight(cfg)
         self.cfg, self.run_dir = cfg, cfg.out_dir
-        self.acc = acc = make_accelerator(cfg)
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.task: Task = TASKS[cfg.task](cfg)
+        self.trained = list(dict.fromkeys(p.module for p in self.task.phases))
+        self.acc = acc = parallel.make_accelerator(cfg, self.trained, "wandb" if wandb_mode(cfg) else None)
         if dist.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         acc.wait_for_everyone()
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.task: Task = TASKS[cfg.task](cfg)
         self.stream = ShardStream(
             cfg.data.path, cfg.data.split, cfg.data.batch_size, acc.process_index, acc.num_processes,
             cfg.data.num_workers, cfg.train.seed, cfg.data.shuffle_buffer, cfg.data.resolution,
             cfg.data.channels, cfg.data.hflip)
         self.state = TrainState()
-        self.ema = self._make_ema()
+        # A whole copy of the sampled module: under sharding the trained one holds only this rank's part.
+        self.sample_net = copy.deepcopy(self.task.modules[self.task.ema_module]).to(acc.device).eval()
+        self.sample_net.requires_grad_(False)
         self._prepare()
+        self.layout = parallel.layout_for(cfg, acc)
+        ema_of = self.modules[self.task.ema_module]
+        self.ema = parallel.EMA(ema_of, cfg.train.ema_decay, self.layout) if cfg.train.ema_decay > 0 else None
         self.tracker = Tracker(acc, cfg, self.run_dir)
 
     # ------------------------------------------------------------------------------------------ set-up
 
-    def _make_ema(self) -> AveragedModel | None:
-        if self.cfg.train.ema_decay <= 0:
-            return None
-        module = self.task.modules[self.task.ema_module]
-        ema = AveragedModel(module, multi_avg_fn=ema_avg_fn(self.cfg.train.ema_decay), use_buffers=True)
-        return ema.to(self.acc.device).eval().requires_grad_(False)
-
     def _prepare(self) -> None:
         o = self.cfg.optim
-        trained = list(dict.fromkeys(p.module for p in self.task.phases))
-        names = list(self.task.modules)
-        opts = [torch.optim.AdamW(self.task.modules[n].parameters(), lr=o.lr, betas=tuple(o.betas),
-                                  weight_decay=o.weight_decay) for n in trained]
-        scheds = [get_scheduler("constant_with_warmup" if o.schedule == "constant" else o.schedule, opt,
-                                num_warmup_steps=o.warmup_steps, num_training_steps=self.cfg.train.steps)
-                  for opt in opts]
-        prepared = self.acc.prepare(*[self.task.modules[n] for n in names], *opts, *scheds)
-        self.wrapped: dict[str, nn.Module] = dict(zip(names, prepared[: len(names)], strict=True))
-        self.opts = dict(zip(trained, prepared[len(names) : len(names) + len(opts)], strict=True))
-        self.scheds = dict(zip(trained, prepared[len(names) + len(opts) :], strict=True))
-        # keep_fp32_wrapper=False removes the autocast that prepare() patches into forward: the engine applies
-        # autocast per phase instead, so that an fp32 regulariser can opt out.
-        self.modules = {n: self.acc.unwrap_model(m, keep_fp32_wrapper=False) for n, m in self.wrapped.items()}
+        opts = {n: torch.optim.AdamW(self.task.modules[n].parameters(), lr=o.lr, betas=tuple(o.betas),
+                                     weight_decay=o.weight_decay) for n in self.trained}
+        scheds = {n: get_scheduler("constant_with_warmup" if o.schedule == "constant" else o.schedule, opt,
+                                   num_warmup_steps=o.warmup_steps, num_training_steps=self.cfg.train.steps)
+                  for n, opt in opts.items()}
+        self.wrapped = parallel.prepare(self.acc, self.cfg, self.task.modules, opts, scheds)
+        self.scheds = {n: w.sched for n, w in self.wrapped.items()}
+        self.modules = {n: w.module for n, w in self.wrapped.items()}
 
     @property
     def global_batch(self) -> int:
@@ -158,7 +123,7 @@ class Trainer:
         return self.cfg.data.batch_size * self.cfg.train.grad_accum * self.acc.num_processes
 
     def _autocast(self, phase: Phase) -> Any:
-        return self.acc.autocast() if phase.autocast else nullcontext()
+        return parallel.autocast(self.acc, self.cfg) if phase.autocast else nullcontext()
 
     # ------------------------------------------------------------------------------------------ state
 
@@ -169,17 +134,22 @@ class Trainer:
         meta, ema = checkpoint.load(self.acc, path)
         self.state = TrainState(step=meta["step"], epoch=meta["epoch"], batch=meta["batch"])
         if self.ema is not None and ema is not None:
-            self.ema.load_state_dict(ema)
+            self.ema.load_state_dict(ema, meta["ema_updates"])
         self.tracker.event("resume", checkpoint=str(path), step=self.state.step)
         return True
 
     def save(self) -> Path:
         t0 = time.perf_counter()
         s = self.state
-        ema = self.ema.state_dict() if self.ema is not None else None
+        files = {}  # consolidated on every rank (collectives), written by the main rank
+        if self.ema is not None:
+            files[checkpoint.EMA] = self.ema.state_dict()
+        if self.cfg.parallel.strategy != "ddp":
+            files[checkpoint.WEIGHTS] = parallel.full_state_dict(self.modules[self.task.ema_module], self.layout)
         meta = {"epoch": s.epoch, "batch": s.batch, "world_size": self.acc.num_processes,
-                "modules": list(self.modules)}
-        path = checkpoint.save(self.acc, self.run_dir, s.step, meta, ema, self.cfg.train.keep_checkpoints)
+                "modules": list(self.modules), "strategy": self.cfg.parallel.strategy,
+                "ema_updates": self.ema.updates if self.ema is not None else 0}
+        path = checkpoint.save(self.acc, self.run_dir, s.step, meta, files, self.cfg.train.keep_checkpoints)
         self.tracker.event("checkpoint", step=s.step, path=str(path), seconds=round(time.perf_counter() - t0, 3))
         return path
 
@@ -205,25 +175,20 @@ class Trainer:
         trained = self.wrapped[phase.module]
         for name, m in self.modules.items():
             m.requires_grad_(name == phase.module)
-        nets = {n: (trained if n == phase.module else m) for n, m in self.modules.items()}
+        nets = {n: (trained.model if n == phase.module else m) for n, m in self.modules.items()}
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.acc.device))
         for i, batch in enumerate(micro):
             # Seeded by the micro-batch's place in the global batch, not by rank: 1 process accumulating
             # k micro-batches draws the same noise as k processes with one each.
             global_micro = self.acc.process_index * len(micro) + i
             torch.manual_seed(dist.derive_seed(self.cfg.train.seed, step, index, global_micro))
-            sync = self.acc.no_sync(trained) if i < len(micro) - 1 else nullcontext()
-            with sync:
+            with trained.sync(last=i == len(micro) - 1):
                 with self._autocast(phase):
                     loss, stats = phase.loss(nets, batch, step)
-                self.acc.backward(loss / len(micro))
+                trained.backward(loss, len(micro))
             for k, v in stats.items():
                 sums[f"{phase.name}/{k}"] += v.float() / len(micro)
-        clip = self.cfg.optim.grad_clip or math.inf
-        sums[f"{phase.name}/grad_norm"] = self.acc.clip_grad_norm_(trained.parameters(), clip).detach().float()
-        opt = self.opts[phase.module]
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        sums[f"{phase.name}/grad_norm"] = trained.step(self.cfg.optim.grad_clip).to(self.acc.device)
         return sums
 
     def train_step(self, micro: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -235,7 +200,7 @@ class Trainer:
         for sched in self.scheds.values():
             sched.step()
         if self.ema is not None:
-            self.ema.update_parameters(self.modules[self.task.ema_module])
+            self.ema.update()
         self.state.step += 1
         return stats
 
@@ -251,12 +216,11 @@ class Trainer:
         labels = self.task.sample_labels(per_rank * self.acc.num_processes, self.acc.device)
         if labels is not None:
             labels = labels[self.acc.process_index * per_rank : (self.acc.process_index + 1) * per_rank]
-        net = self.ema.module if self.ema is not None else self.modules[self.task.ema_module]
-        was_training = net.training
-        net.eval()
-        with self.acc.autocast():
-            images = self.task.sample(net, labels, per_rank, gen).float()
-        net.train(was_training)
+        weights = (self.ema.state_dict() if self.ema is not None
+                   else parallel.full_state_dict(self.modules[self.task.ema_module], self.layout))
+        self.sample_net.load_state_dict(weights)
+        with parallel.autocast(self.acc, self.cfg):
+            images = self.task.sample(self.sample_net, labels, per_rank, gen).float()
         return dist.gather_cat(self.acc, images)[:n]
 
     def write_samples(self) -> Path:
@@ -277,7 +241,7 @@ class Trainer:
         if wandb_mode(cfg) and dist.is_main():
             acc.init_trackers(cfg.wandb.project, config=to_dict(cfg),
                               init_kwargs={"wandb": wandb_init_kwargs(cfg, self.run_dir)})
-        params = {n: sum(p.numel() for p in m.parameters()) for n, m in self.modules.items()}
+        params = {n: sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters()) for n, m in self.modules.items()}
         self.tracker.event(
             "start", task=cfg.task, world_size=acc.num_processes, distributed_type=str(acc.distributed_type),
             backend=str(acc.state.backend), device=str(acc.device), mixed_precision=cfg.train.mixed_precision,

@@ -24,6 +24,8 @@ class LaunchSpec:
     accelerate_config: str = ""
     """An accelerate config file (e.g. launcher/accelerate/fsdp.yaml); machine flags still apply."""
     mixed_precision: str = "no"
+    strategy: str = "ddp"
+    """parallel.strategy of the run: DeepSpeed must not see ACCELERATE_USE_CPU (it turns DeepSpeed off)."""
 
 
 def use_cpu(spec: LaunchSpec) -> bool:
@@ -34,9 +36,10 @@ def launch_command(spec: LaunchSpec, train_args: list[str]) -> tuple[list[str], 
     """The accelerate launch command and the extra environment it needs.
 
     On CPU, `--cpu` would silently start a single process and `--multi_gpu` alone would start independent
-    world-size-1 runs; `--multi_gpu` together with ACCELERATE_USE_CPU=1 gives one gloo group."""
+    world-size-1 runs; `--multi_gpu` together with ACCELERATE_USE_CPU=1 gives one gloo group. DeepSpeed runs
+    name the gloo backend themselves and must not get ACCELERATE_USE_CPU."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    env = {"ACCELERATE_USE_CPU": "1"} if use_cpu(spec) else {}
+    env = {"ACCELERATE_USE_CPU": "1"} if use_cpu(spec) and spec.strategy != "deepspeed" else {}
     if spec.accelerate_config:
         cmd += ["--config_file", spec.accelerate_config]
         if spec.nproc == 0:
@@ -50,7 +53,8 @@ def launch_command(spec: LaunchSpec, train_args: list[str]) -> tuple[list[str], 
     if use_cpu(spec):
         cmd += ["--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // nproc))]
     cmd += ["--num_processes", str(total), "--num_machines", str(spec.num_machines),
-            "--machine_rank", str(spec.machine_rank), "--mixed_precision", spec.mixed_precision,
+            "--machine_rank", str(spec.machine_rank),
+            "--mixed_precision", "no" if spec.strategy == "deepspeed" else spec.mixed_precision,
             "--dynamo_backend", "no"]
     if total > 1:
         cmd += ["--main_process_ip", spec.main_ip, "--main_process_port", str(spec.port or 29500)]

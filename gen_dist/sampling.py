@@ -1,4 +1,4 @@
-"""Standalone sampling from a checkpoint directory, without a process group."""
+"""Sampling and export from checkpoints, without a process group: everything here reads consolidated files."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from gen_dist import checkpoint
-from gen_dist.config import ConfigError, load_config
+from gen_dist.config import ConfigError, RunConfig, config_from_yaml
 from gen_dist.images import save_images, to_uint8
 from gen_dist.tasks import TASKS
 
@@ -25,21 +26,55 @@ def resolve(path: Path) -> Path:
 
 
 def module_weights(ckpt: Path, name: str, use_ema: bool) -> dict[str, torch.Tensor]:
-    meta = json.loads((ckpt / checkpoint.META).read_text())
+    """Consolidated weights of module `name` (its EMA when asked and kept) from a checkpoint directory."""
     if use_ema and (ckpt / checkpoint.EMA).exists():
-        ema = load_file(str(ckpt / checkpoint.EMA))
-        return {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
-    i = meta["modules"].index(name)
+        return load_file(str(ckpt / checkpoint.EMA))
+    if (ckpt / checkpoint.WEIGHTS).exists():  # written when the saved state itself is sharded
+        return load_file(str(ckpt / checkpoint.WEIGHTS))
+    i = json.loads((ckpt / checkpoint.META).read_text())["modules"].index(name)
     return load_file(str(ckpt / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")))
+
+
+def export(path: Path, out: Path) -> Path:
+    """One safetensors file with the sampled module's raw (`model.*`) and EMA (`ema.*`) weights and the run
+    config in its metadata; `gen-dist sample` reads it without the run directory."""
+    ckpt = resolve(path)
+    text = (ckpt.parent.parent / "config.yaml").read_text()
+    cfg = config_from_yaml(text, f"{ckpt.parent.parent / 'config.yaml'}")
+    name = TASKS[cfg.task].ema_module
+    tensors = {f"model.{k}": v for k, v in module_weights(ckpt, name, use_ema=False).items()}
+    if (ckpt / checkpoint.EMA).exists():
+        tensors.update({f"ema.{k}": v for k, v in load_file(str(ckpt / checkpoint.EMA)).items()})
+    step = json.loads((ckpt / checkpoint.META).read_text())["step"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out),
+              metadata={"config": text, "step": str(step), "module": name})
+    return out
+
+
+def _load_export(path: Path, use_ema: bool) -> tuple[RunConfig, dict[str, torch.Tensor]]:
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if "config" not in meta:
+        raise ConfigError(f"{path} is not a gen-dist export (no config in its metadata)")
+    tensors = load_file(str(path))
+    prefix = "ema." if use_ema and any(k.startswith("ema.") for k in tensors) else "model."
+    weights = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+    return config_from_yaml(meta["config"], f"metadata of {path}"), weights
 
 
 @torch.no_grad()
 def sample_checkpoint(path: Path, n: int, out: Path, seed: int = 0, use_ema: bool = True) -> Path:
-    ckpt = resolve(path)
-    cfg = load_config(ckpt.parent.parent / "config.yaml")
+    """`n` images from a checkpoint directory, a run directory or an exported .safetensors file."""
+    if path.is_file():
+        cfg, weights = _load_export(path, use_ema)
+    else:
+        ckpt = resolve(path)
+        cfg = config_from_yaml((ckpt.parent.parent / "config.yaml").read_text(), str(ckpt.parent.parent))
+        weights = module_weights(ckpt, TASKS[cfg.task].ema_module, use_ema)
     task = TASKS[cfg.task](cfg)
     net = task.modules[task.ema_module]
-    net.load_state_dict(module_weights(ckpt, task.ema_module, use_ema))
+    net.load_state_dict(weights)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net.to(device).eval()
     images = task.sample(net, task.sample_labels(n, device), n, torch.Generator().manual_seed(seed))

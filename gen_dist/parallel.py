@@ -1,0 +1,317 @@
+"""How trained modules are spread over ranks and stepped: DDP, DeepSpeed ZeRO 1/2/3 or FSDP2.
+
+The engine holds one `Wrapped` per trained module and an `EMA`; neither the loop nor the tasks know which
+strategy runs. DeepSpeed gets one engine per trained module (a GAN has two), each from its own plugin of the
+same Accelerator. Under every strategy the parameters stay fp32 and mixed precision is autocast, so the
+numerics of a ZeRO or FSDP run match the DDP run."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from contextlib import AbstractContextManager, nullcontext
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+from torch import nn
+
+from gen_dist.config import ConfigError, RunConfig, validate
+
+# DeepSpeed settings that gen_dist owns; a DeepSpeed JSON may not set them.
+OWNED = ("optimizer", "scheduler")
+
+
+def adopt_launcher_strategy(cfg: RunConfig) -> None:
+    """`accelerate launch --use_deepspeed ...` / `--use_fsdp` (or an accelerate config saying so) selects the
+    strategy as well as the config file does."""
+    env = os.environ
+    p = cfg.parallel
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        p.strategy = "fsdp"
+    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return
+    p.strategy = "deepspeed"
+    config_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if config_file != "none":
+        p.deepspeed_config = config_file
+        p.zero_stage = json.loads(Path(config_file).read_text()).get("zero_optimization", {}).get(
+            "stage", p.zero_stage)
+    elif "ACCELERATE_DEEPSPEED_ZERO_STAGE" in env:
+        p.zero_stage = int(env["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
+    p.offload_optimizer |= env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") == "cpu"
+    p.offload_params |= env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none") == "cpu"
+    validate(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- DeepSpeed
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"parallel.deepspeed_config {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"parallel.deepspeed_config {path} must hold a JSON object")
+    return data
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config of one engine: tuning from parallel.deepspeed_config, the rest from `cfg`."""
+    p = cfg.parallel
+    base = _read_json(p.deepspeed_config) if p.deepspeed_config else {}
+    for key in OWNED:
+        if key in base:
+            raise ConfigError(f"{p.deepspeed_config} sets '{key}': gen_dist builds AdamW and the LR schedule "
+                              f"from the optim section; remove it from the DeepSpeed config")
+    for key in ("fp16", "bf16"):
+        if str(base.get(key, {}).get("enabled", False)).lower() == "true":
+            raise ConfigError(f"{p.deepspeed_config} enables {key}: precision comes from train.mixed_precision "
+                              f"(autocast over fp32 parameters); set it to \"auto\" or false")
+    zero = {k: v for k, v in base.get("zero_optimization", {}).items() if v != "auto"}
+    if zero.get("stage", p.zero_stage) != p.zero_stage:
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} but {p.deepspeed_config} says stage "
+                          f"{zero['stage']}; make them agree")
+    zero["stage"] = p.zero_stage
+    if p.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if p.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    micro = cfg.data.batch_size
+    return {
+        **{k: v for k, v in base.items() if v != "auto" and k not in ("zero_optimization", "fp16", "bf16")},
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": micro * cfg.train.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "fp16": {"enabled": False},
+        "bf16": {"enabled": False},
+        "steps_per_print": base.get("steps_per_print", 10**9),
+        "wall_clock_breakdown": False,
+    }
+
+
+def check_deepspeed(cfg: RunConfig) -> None:
+    """Validate the DeepSpeed side of `cfg` offline, before any process is launched."""
+    try:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    except ImportError as e:
+        raise ConfigError(f"parallel.strategy=deepspeed needs the deepspeed package ({e})") from None
+    ds = deepspeed_config(cfg, world_size=1)
+    try:
+        DeepSpeedZeroConfig(**ds["zero_optimization"])
+    except Exception as e:  # pydantic's ValidationError names the bad key
+        raise ConfigError(f"invalid DeepSpeed zero_optimization settings: {e}") from None
+
+
+def _ensure_process_group_env() -> None:
+    """DeepSpeed needs a process group even for one process started without a launcher."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+
+
+# ---------------------------------------------------------------------------------------------- accelerator
+
+
+def make_accelerator(cfg: RunConfig, trained: list[str], log_with: str | None) -> Accelerator:
+    """One Accelerator for the run. `trained` names the modules that get an optimizer (one DeepSpeed engine
+    each)."""
+    strategy = cfg.parallel.strategy
+    cpu = cfg.train.cpu or not torch.cuda.is_available()
+    if strategy == "deepspeed":
+        _ensure_process_group_env()
+    # Name the backend only for a real group (or DeepSpeed, which always makes one).
+    grouped = int(os.environ.get("WORLD_SIZE", "1")) > 1 or strategy == "deepspeed"
+    pg = InitProcessGroupKwargs(backend=("gloo" if cpu else "nccl") if grouped else None,
+                                timeout=timedelta(minutes=30))
+    kwargs: dict[str, Any] = {}
+    precision = cfg.train.mixed_precision
+    if strategy == "deepspeed":
+        from accelerate.utils import DeepSpeedPlugin
+
+        world = int(os.environ["WORLD_SIZE"])
+        kwargs["deepspeed_plugins"] = {n: DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world)) for n in trained}
+        precision = "no"  # autocast is applied per phase by `autocast` below
+    else:
+        kwargs["cpu"] = cpu
+    return Accelerator(mixed_precision=precision, log_with=log_with, project_dir=str(cfg.out_dir),
+                       step_scheduler_with_optimizer=False, kwargs_handlers=[pg], **kwargs)
+
+
+def autocast(acc: Accelerator, cfg: RunConfig) -> AbstractContextManager:
+    if cfg.train.mixed_precision == "no":
+        return nullcontext()
+    if cfg.parallel.strategy == "deepspeed":
+        return torch.autocast(acc.device.type, dtype=torch.bfloat16)
+    return acc.autocast()
+
+
+# ---------------------------------------------------------------------------------------------- stepping
+
+
+class Wrapped:
+    """A trained module as the strategy wraps it (DDP or FSDP through Accelerate)."""
+
+    def __init__(self, acc: Accelerator, model: nn.Module, opt: Any, sched: Any) -> None:
+        self.acc, self.model, self.opt, self.sched = acc, model, opt, sched
+        # keep_fp32_wrapper=False drops the autocast that prepare() patches into forward: autocast is applied
+        # per phase instead, so that an fp32 regulariser can opt out.
+        self.module: nn.Module = acc.unwrap_model(model, keep_fp32_wrapper=False)
+
+    def sync(self, last: bool) -> AbstractContextManager:
+        """Gradient all-reduce only on the last micro-batch of an accumulation."""
+        return nullcontext() if last else self.acc.no_sync(self.model)
+
+    def backward(self, loss: torch.Tensor, n_micro: int) -> None:
+        self.acc.backward(loss / n_micro)
+
+    def step(self, clip: float) -> torch.Tensor:
+        """Clip, step, zero; returns the gradient norm before clipping."""
+        norm = self.acc.clip_grad_norm_(self.model.parameters(), clip or float("inf"))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return norm.detach().float()
+
+
+class DeepSpeedWrapped(Wrapped):
+    """A DeepSpeed engine: it reduces, clips and steps by itself at the accumulation boundary."""
+
+    def sync(self, last: bool) -> AbstractContextManager:
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor, n_micro: int) -> None:
+        self.model.backward(loss)  # scaled by 1/gradient_accumulation_steps inside
+        self.model.step()  # a no-op until the last micro-batch
+
+    def step(self, clip: float) -> torch.Tensor:
+        norm = self.model.get_global_grad_norm()
+        return torch.as_tensor(0.0 if norm is None else norm, dtype=torch.float32).detach()
+
+
+def prepare(acc: Accelerator, cfg: RunConfig, modules: dict[str, nn.Module], opts: dict[str, Any],
+            scheds: dict[str, Any]) -> dict[str, Wrapped]:
+    """Wrap every trained module with its optimizer and schedule."""
+    if cfg.parallel.strategy == "deepspeed":
+        out = {}
+        for name in opts:
+            acc.state.select_deepspeed_plugin(name)
+            model, opt, sched = acc.prepare(modules[name], opts[name], scheds[name])
+            out[name] = DeepSpeedWrapped(acc, model, opt, sched)
+        return out
+    names = list(opts)
+    n = len(names)
+    prepared = acc.prepare(*[modules[k] for k in names], *opts.values(), *scheds.values())
+    return {k: Wrapped(acc, prepared[i], prepared[n + i], prepared[2 * n + i]) for i, k in enumerate(names)}
+
+
+# ---------------------------------------------------------------------------------------------- layouts
+
+
+class Replicated:
+    """Every rank holds whole parameters (DDP, ZeRO 1/2)."""
+
+    def local(self, p: torch.Tensor) -> torch.Tensor:
+        return p
+
+    def gather(self, params: list[torch.Tensor], parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [t.detach().clone() for t in parts]
+
+    def scatter(self, params: list[torch.Tensor], full: list[torch.Tensor]) -> list[torch.Tensor]:
+        return full
+
+
+class Zero3:
+    """ZeRO-3: each rank holds a flat, end-padded 1/world slice of every parameter (`p.ds_tensor`)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.rank, self.world = torch_dist.get_rank(), torch_dist.get_world_size()
+
+    def local(self, p: torch.Tensor) -> torch.Tensor:
+        return p.ds_tensor
+
+    def gather(self, params: list[torch.Tensor], parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        sizes = [t.numel() for t in parts]
+        flat = torch.cat([t.detach().reshape(-1).float() for t in parts]).to(self.device)
+        out = [torch.empty_like(flat) for _ in range(self.world)]
+        torch_dist.all_gather(out, flat)  # one collective for the whole module
+        pieces = [o.split(sizes) for o in out]
+        return [torch.cat([r[i] for r in pieces])[: p.ds_numel].view(p.ds_shape).cpu()
+                for i, p in enumerate(params)]
+
+    def scatter(self, params: list[torch.Tensor], full: list[torch.Tensor]) -> list[torch.Tensor]:
+        parts = []
+        for p, f in zip(params, full, strict=True):
+            n = p.ds_tensor.numel()
+            part = torch.zeros(n, dtype=torch.float32)
+            piece = f.reshape(-1)[self.rank * n : (self.rank + 1) * n]
+            part[: piece.numel()] = piece
+            parts.append(part)
+        return parts
+
+
+def layout_for(cfg: RunConfig, acc: Accelerator) -> Replicated | Zero3:
+    if cfg.parallel.strategy == "deepspeed" and cfg.parallel.zero_stage == 3:
+        return Zero3(acc.device)
+    return Replicated()
+
+
+def full_state_dict(module: nn.Module, layout: Replicated | Zero3) -> dict[str, torch.Tensor]:
+    """Whole fp32 weights and buffers of `module` on every rank (a collective under sharding)."""
+    names, params = zip(*module.named_parameters(), strict=True)
+    full = layout.gather(list(params), [layout.local(p) for p in params])
+    out = {n: t.detach().float().cpu() for n, t in zip(names, full, strict=True)}
+    out.update({n: b.detach().cpu().clone() for n, b in module.named_buffers()})
+    return out
+
+
+class EMA:
+    """Exponential moving average of a module's parameters, held in fp32 in the layout the strategy stores them
+    in (this rank's partition under ZeRO-3), so it costs no more memory per rank than the weights."""
+
+    def __init__(self, module: nn.Module, decay: float, layout: Replicated | Zero3) -> None:
+        self.module, self.decay, self.layout = module, decay, layout
+        self.names = [n for n, _ in module.named_parameters()]
+        self.params = [p for _, p in module.named_parameters()]
+        self.shadow = [layout.local(p).detach().float().clone() for p in self.params]
+        self.buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        # Warm-up: early averages are not dominated by the initial weights.
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.shadow, [self.layout.local(p).float() for p in self.params], 1 - d)
+        for n, b in self.module.named_buffers():
+            self.buffers[n].copy_(b)
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Consolidated EMA weights, keyed like the module's own state dict (a collective under sharding)."""
+        full = self.layout.gather(self.params, self.shadow)
+        out = {n: t.cpu() for n, t in zip(self.names, full, strict=True)}
+        out.update({n: b.cpu().clone() for n, b in self.buffers.items()})
+        return out
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor], updates: int) -> None:
+        missing = [n for n in [*self.names, *self.buffers] if n not in state]
+        if missing:
+            raise ValueError(f"EMA state lacks {missing[:5]}")
+        parts = self.layout.scatter(self.params, [state[n] for n in self.names])
+        for s, part in zip(self.shadow, parts, strict=True):
+            s.copy_(part.to(s.device))
+        for n, b in self.buffers.items():
+            b.copy_(state[n].to(b.device))
+        self.updates = updates
