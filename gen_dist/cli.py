@@ -47,7 +47,7 @@ def cmd_launch(args: argparse.Namespace) -> None:
     from gen_dist.launch import LaunchSpec, launch_command, run
 
     cfg = load_config(args.config, args.overrides)
-    preflight(cfg)
+    preflight(cfg, world_size=max(1, args.nproc) * args.num_machines)
     spec = LaunchSpec(nproc=args.nproc, num_machines=args.num_machines, machine_rank=args.machine_rank,
                       main_ip=args.main_ip, port=args.port, cpu=args.cpu or cfg.train.cpu,
                       accelerate_config=args.accelerate_config or "", mixed_precision=cfg.train.mixed_precision,

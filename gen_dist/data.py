@@ -190,17 +190,40 @@ class Piece:
     end: int
 
 
-def plan_epoch(shards: list[tuple[str, int]], num_slots: int, seed: int, epoch: int) -> list[list[Piece]]:
-    """Cut the epoch's shard-shuffled sample sequence into `num_slots` contiguous, near-equal ranges."""
+def batch_sizes(total: int, world: int, workers: int, batch: int) -> list[list[list[int]]]:
+    """sizes[rank][worker] = the batch sizes that worker delivers in an epoch, using every sample once.
+
+    Every rank takes the same number of steps and, step by step, the same batch size up to one sample (so no
+    rank waits in a collective and gradients are weighted alike): full batches, then one partial batch per
+    worker; a remainder smaller than the worker count is folded into last batches one sample each."""
+    n, extra = divmod(total, world)
+    if n < workers:
+        raise DataError(f"{total} samples cannot give each of {world} ranks x {workers} workers a sample")
+    full, rest = divmod(n, workers * batch)
+    sizes = [[batch] * full for _ in range(workers)]
+    if rest >= workers:
+        for w in range(workers):
+            sizes[w].append(rest // workers + (w < rest % workers))
+    else:
+        for w in range(rest):
+            sizes[w][-1] += 1
+    out = [[list(s) for s in sizes] for _ in range(world)]
+    for r in range(extra):
+        out[r][-1][-1] += 1
+    return out
+
+
+def plan_epoch(shards: list[tuple[str, int]], counts: list[int], seed: int, epoch: int) -> list[list[Piece]]:
+    """Cut the epoch's shard-shuffled sample sequence into consecutive ranges of `counts` samples (one range
+    per (rank, worker) slot); the counts add up to the dataset, so each sample lands in exactly one slot."""
     order = np.random.default_rng([seed, epoch, 0x5EED]).permutation(len(shards))
-    total = sum(c for _, c in shards)
-    bounds = [j * total // num_slots for j in range(num_slots + 1)]
-    plan: list[list[Piece]] = [[] for _ in range(num_slots)]
+    bounds = np.concatenate([[0], np.cumsum(counts)]).tolist()
+    plan: list[list[Piece]] = [[] for _ in counts]
     offset = 0
     for i in order:
         name, count = shards[i]
         lo, hi = offset, offset + count
-        for j in range(num_slots):
+        for j in range(len(counts)):
             a, b = max(lo, bounds[j]), min(hi, bounds[j + 1])
             if a < b:
                 plan[j].append(Piece(name, a - lo, b - lo))
@@ -254,6 +277,23 @@ def _label(sample: dict[str, Any]) -> int:
     return int(raw) if raw is not None else -1
 
 
+def check_split(root: Path, split: str, world_size: int, workers: int, batch_size: int) -> None:
+    """The split can feed `world_size` ranks x `workers` readers: a DataError naming the fix otherwise."""
+    index = load_index(root)
+    if split not in index["splits"]:
+        raise DataError(f"split '{split}' not in {root / INDEX} (has: {', '.join(index['splits'])})")
+    entry = index["splits"][split]
+    shards, total = len(entry["shards"]), int(entry["count"])
+    if shards < world_size * workers:
+        # Readers would start inside shards that others read too, each re-reading the skipped part.
+        raise DataError(f"'{split}' of {root} has {shards} shards for {world_size} ranks x {workers} workers "
+                        f"= {world_size * workers} readers; repack with more shards (gen-dist data ... "
+                        f"--shard-size N) or lower data.num_workers")
+    if total // world_size < batch_size:
+        raise DataError(f"{total} samples in '{split}' cannot fill one batch of {batch_size} on each of "
+                        f"{world_size} ranks: lower data.batch_size")
+
+
 class ShardStream(IterableDataset):
     """Batches of {'image': uint8 (B,C,H,W), 'label': int64 (B,), 'key': list[str]} for one rank."""
 
@@ -261,29 +301,25 @@ class ShardStream(IterableDataset):
                  num_workers: int, seed: int, shuffle_buffer: int, resolution: int, channels: int,
                  hflip: bool) -> None:
         self.root = Path(root)
+        self.workers = max(1, num_workers)
+        check_split(self.root, split, world_size, self.workers, batch_size)
         index = load_index(self.root)
-        if split not in index["splits"]:
-            raise DataError(f"split '{split}' not in {self.root / INDEX} (has: {', '.join(index['splits'])})")
         entry = index["splits"][split]
         self.shards = [(s["file"], int(s["count"])) for s in entry["shards"]]
         self.total = int(entry["count"])
         self.num_classes = len(index.get("classes", []))
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.workers = max(1, num_workers)
         self.seed, self.buffer, self.hflip = seed, shuffle_buffer, hflip
         self.resolution, self.channels = resolution, channels
-        slots = world_size * self.workers
-        self.batches_per_slot = (self.total // slots) // batch_size
-        if self.batches_per_slot == 0:
-            raise DataError(f"{self.total} samples in '{split}' cannot fill one batch of {batch_size} for each "
-                            f"of {world_size} ranks x {self.workers} workers: lower data.batch_size or "
-                            f"data.num_workers")
+        plan = batch_sizes(self.total, world_size, self.workers, batch_size)
+        self.sizes = plan[rank]
+        self.slot_counts = [sum(w) for r in plan for w in r]
         self.epoch, self.start_batch = 0, 0
 
     @property
     def batches_per_epoch(self) -> int:
         """Batches each rank receives per epoch (the same on every rank)."""
-        return self.batches_per_slot * self.workers
+        return sum(len(w) for w in self.sizes)
 
     def set_position(self, epoch: int, batch: int) -> None:
         """Start the next iteration at batch `batch` of epoch `epoch` (as counted on this rank)."""
@@ -295,13 +331,13 @@ class ShardStream(IterableDataset):
         # `start_batch` the batch due next belongs to slot start_batch % K, so the physical workers rotate.
         worker = ((info.id if info is not None else 0) + self.start_batch) % self.workers
         slot = self.rank * self.workers + worker
-        pieces = plan_epoch(self.shards, self.world_size * self.workers, self.seed, self.epoch)[slot]
+        pieces = plan_epoch(self.shards, self.slot_counts, self.seed, self.epoch)[slot]
         rng = np.random.default_rng([self.seed, self.epoch, slot])
         stream = shuffled(read_pieces(self.root, pieces), self.buffer, rng)
         # Worker w delivered every K-th batch so far.
         skip = len(range(worker, self.start_batch, self.workers))
-        for b in range(self.batches_per_slot):
-            raw = list(itertools.islice(stream, self.batch_size))
+        for b, size in enumerate(self.sizes[worker]):
+            raw = list(itertools.islice(stream, size))
             if b >= skip:
                 yield self._decode(raw, slot, b)
 

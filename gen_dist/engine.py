@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -18,18 +19,16 @@ from tqdm.auto import tqdm
 
 from gen_dist import checkpoint, dist, parallel
 from gen_dist.config import ConfigError, RunConfig, check_same_model, load_config, save_config, to_dict
-from gen_dist.data import ShardStream, load_index, make_loader
+from gen_dist.data import ShardStream, check_split, load_index, make_loader
 from gen_dist.images import grid, to_uint8
 from gen_dist.tasks import TASKS, Phase, Task
 from gen_dist.track import Tracker, wandb_init_kwargs, wandb_mode
 
 
-def preflight(cfg: RunConfig) -> None:
+def preflight(cfg: RunConfig, world_size: int) -> None:
     """Checks that need the dataset or the machine; run before any process is launched."""
+    check_split(Path(cfg.data.path), cfg.data.split, world_size, max(1, cfg.data.num_workers), cfg.data.batch_size)
     index = load_index(Path(cfg.data.path))
-    if cfg.data.split not in index["splits"]:
-        raise ConfigError(f"data.split '{cfg.data.split}' is not in {cfg.data.path} "
-                          f"(has: {', '.join(index['splits'])})")
     have = len(index.get("classes", []))
     want = getattr(cfg, cfg.task).__dict__.get("num_classes", 0)
     if want > have:
@@ -80,7 +79,7 @@ class TrainState:
 class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
         parallel.adopt_launcher_strategy(cfg)
-        preflight(cfg)
+        preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         self.cfg, self.run_dir = cfg, cfg.out_dir
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.task: Task = TASKS[cfg.task](cfg)
@@ -177,6 +176,14 @@ class Trainer:
             m.requires_grad_(name == phase.module)
         nets = {n: (trained.model if n == phase.module else m) for n, m in self.modules.items()}
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.acc.device))
+        with trained.double_backward() if phase.double_backward else nullcontext():
+            self._micro_steps(phase, index, micro, step, nets, sums)
+        sums[f"{phase.name}/grad_norm"] = trained.step(self.cfg.optim.grad_clip).to(self.acc.device)
+        return sums
+
+    def _micro_steps(self, phase: Phase, index: int, micro: list[dict[str, Any]], step: int,
+                     nets: dict[str, Any], sums: dict[str, torch.Tensor]) -> None:
+        trained = self.wrapped[phase.module]
         for i, batch in enumerate(micro):
             # Seeded by the micro-batch's place in the global batch, not by rank: 1 process accumulating
             # k micro-batches draws the same noise as k processes with one each.
@@ -188,8 +195,6 @@ class Trainer:
                 trained.backward(loss, len(micro))
             for k, v in stats.items():
                 sums[f"{phase.name}/{k}"] += v.float() / len(micro)
-        sums[f"{phase.name}/grad_norm"] = trained.step(self.cfg.optim.grad_clip).to(self.acc.device)
-        return sums
 
     def train_step(self, micro: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         step = self.state.step

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import socket
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -129,10 +130,10 @@ def make_accelerator(cfg: RunConfig, trained: list[str], log_with: str | None) -
     each)."""
     strategy = cfg.parallel.strategy
     cpu = cfg.train.cpu or not torch.cuda.is_available()
-    if strategy == "deepspeed":
+    if strategy != "ddp":
         _ensure_process_group_env()
     # Name the backend only for a real group (or DeepSpeed, which always makes one).
-    grouped = int(os.environ.get("WORLD_SIZE", "1")) > 1 or strategy == "deepspeed"
+    grouped = int(os.environ.get("WORLD_SIZE", "1")) > 1 or strategy != "ddp"
     pg = InitProcessGroupKwargs(backend=("gloo" if cpu else "nccl") if grouped else None,
                                 timeout=timedelta(minutes=30))
     kwargs: dict[str, Any] = {}
@@ -145,8 +146,34 @@ def make_accelerator(cfg: RunConfig, trained: list[str], log_with: str | None) -
         precision = "no"  # autocast is applied per phase by `autocast` below
     else:
         kwargs["cpu"] = cpu
-    return Accelerator(mixed_precision=precision, log_with=log_with, project_dir=str(cfg.out_dir),
-                       step_scheduler_with_optimizer=False, kwargs_handlers=[pg], **kwargs)
+    if strategy == "fsdp":
+        kwargs["fsdp_plugin"] = _fsdp_plugin()
+    acc = Accelerator(mixed_precision=precision, log_with=log_with, project_dir=str(cfg.out_dir),
+                      step_scheduler_with_optimizer=False, kwargs_handlers=[pg], **kwargs)
+    if strategy == "fsdp" and acc.device.type == "cpu":
+        _select_fsdp_on_cpu(acc, kwargs["fsdp_plugin"])
+    return acc
+
+
+def _fsdp_plugin() -> Any:
+    from accelerate import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    # fp32 parameters and reductions; train.mixed_precision is autocast, as under the other strategies.
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2, reshard_after_forward=True,
+        mixed_precision_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
+
+
+def _select_fsdp_on_cpu(acc: Accelerator, plugin: Any) -> None:
+    """Accelerate picks FSDP only for accelerator devices and otherwise falls back to DDP without a word;
+    FSDP2 itself runs on CPU with gloo. Both state objects must say FSDP or the next prepare() resets it."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    acc.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    acc.state.fsdp_plugin = plugin
 
 
 def autocast(acc: Accelerator, cfg: RunConfig) -> AbstractContextManager:
@@ -176,6 +203,10 @@ class Wrapped:
     def backward(self, loss: torch.Tensor, n_micro: int) -> None:
         self.acc.backward(loss / n_micro)
 
+    def double_backward(self) -> AbstractContextManager:
+        """Around a phase that differentiates through a gradient (R1)."""
+        return nullcontext()
+
     def step(self, clip: float) -> torch.Tensor:
         """Clip, step, zero; returns the gradient norm before clipping."""
         norm = self.acc.clip_grad_norm_(self.model.parameters(), clip or float("inf"))
@@ -199,15 +230,34 @@ class DeepSpeedWrapped(Wrapped):
         return torch.as_tensor(0.0 if norm is None else norm, dtype=torch.float32).detach()
 
 
+class FSDPWrapped(Wrapped):
+    @contextmanager
+    def double_backward(self) -> Iterator[None]:
+        # FSDP2 frees the unsharded weights after the first backward; the second needs them again.
+        from torch.distributed.fsdp import FSDPModule
+
+        shards = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        for m in shards:
+            m.set_reshard_after_backward(False)
+        try:
+            yield
+        finally:
+            for m in shards:
+                m.reshard()
+                m.set_reshard_after_backward(True)
+
+
 def prepare(acc: Accelerator, cfg: RunConfig, modules: dict[str, nn.Module], opts: dict[str, Any],
             scheds: dict[str, Any]) -> dict[str, Wrapped]:
     """Wrap every trained module with its optimizer and schedule."""
-    if cfg.parallel.strategy == "deepspeed":
+    strategy = cfg.parallel.strategy
+    if strategy in ("deepspeed", "fsdp"):  # one module per prepare(): one DeepSpeed engine / FSDP root each
         out = {}
         for name in opts:
-            acc.state.select_deepspeed_plugin(name)
+            if strategy == "deepspeed":
+                acc.state.select_deepspeed_plugin(name)
             model, opt, sched = acc.prepare(modules[name], opts[name], scheds[name])
-            out[name] = DeepSpeedWrapped(acc, model, opt, sched)
+            out[name] = (DeepSpeedWrapped if strategy == "deepspeed" else FSDPWrapped)(acc, model, opt, sched)
         return out
     names = list(opts)
     n = len(names)
@@ -261,13 +311,37 @@ class Zero3:
         return parts
 
 
-def layout_for(cfg: RunConfig, acc: Accelerator) -> Replicated | Zero3:
+class FSDP2:
+    """FSDP2: parameters are DTensors sharded on dim 0; this rank's shard is `to_local()`."""
+
+    def local(self, p: torch.Tensor) -> torch.Tensor:
+        return p.to_local()
+
+    def gather(self, params: list[torch.Tensor], parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        from torch.distributed.tensor import DTensor
+
+        return [DTensor.from_local(t.detach().to(p.dtype), p.device_mesh, p.placements, shape=p.shape,
+                                   stride=p.stride()).full_tensor().cpu() for p, t in zip(params, parts, strict=True)]
+
+    def scatter(self, params: list[torch.Tensor], full: list[torch.Tensor]) -> list[torch.Tensor]:
+        from torch.distributed.tensor import distribute_tensor
+
+        return [distribute_tensor(f.to(p.device, p.dtype), p.device_mesh, p.placements).to_local()
+                for p, f in zip(params, full, strict=True)]
+
+
+Layout = Replicated | Zero3 | FSDP2
+
+
+def layout_for(cfg: RunConfig, acc: Accelerator) -> Layout:
+    if cfg.parallel.strategy == "fsdp":
+        return FSDP2()
     if cfg.parallel.strategy == "deepspeed" and cfg.parallel.zero_stage == 3:
         return Zero3(acc.device)
     return Replicated()
 
 
-def full_state_dict(module: nn.Module, layout: Replicated | Zero3) -> dict[str, torch.Tensor]:
+def full_state_dict(module: nn.Module, layout: Layout) -> dict[str, torch.Tensor]:
     """Whole fp32 weights and buffers of `module` on every rank (a collective under sharding)."""
     names, params = zip(*module.named_parameters(), strict=True)
     full = layout.gather(list(params), [layout.local(p) for p in params])
@@ -280,7 +354,7 @@ class EMA:
     """Exponential moving average of a module's parameters, held in fp32 in the layout the strategy stores them
     in (this rank's partition under ZeRO-3), so it costs no more memory per rank than the weights."""
 
-    def __init__(self, module: nn.Module, decay: float, layout: Replicated | Zero3) -> None:
+    def __init__(self, module: nn.Module, decay: float, layout: Layout) -> None:
         self.module, self.decay, self.layout = module, decay, layout
         self.names = [n for n, _ in module.named_parameters()]
         self.params = [p for _, p in module.named_parameters()]

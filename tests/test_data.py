@@ -8,7 +8,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gen_dist.data import DataError, ShardStream, load_index, pack_idx_dir, pack_image_folder, plan_epoch, read_pieces
+from gen_dist.data import (
+    DataError,
+    ShardStream,
+    batch_sizes,
+    load_index,
+    pack_idx_dir,
+    pack_image_folder,
+    plan_epoch,
+    read_pieces,
+    update_index,
+    write_shards,
+)
 
 
 def write_idx(path: Path, arr: np.ndarray, gz: bool) -> None:
@@ -23,6 +34,12 @@ def write_idx(path: Path, arr: np.ndarray, gz: bool) -> None:
 
 def png_array(raw: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(raw)))
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def all_samples(root: Path, split: str) -> list[dict]:
@@ -92,39 +109,71 @@ def test_digits_pack(digits: Path) -> None:
     assert len(index["classes"]) == 10
 
 
-@pytest.mark.parametrize(("sizes", "slots"), [([10], 3), ([5, 5, 5, 5], 4), ([7, 1, 9], 5), ([3, 3], 6),
-                                              ([100, 20, 30, 1], 7)])
-def test_plan_covers_each_sample_once(sizes: list[int], slots: int) -> None:
+@pytest.mark.parametrize(("sizes", "counts"), [([10], [4, 3, 3]), ([5, 5, 5, 5], [5] * 4), ([7, 1, 9], [4, 3, 4, 3, 3]),
+                                               ([100, 20, 30, 1], [22, 22, 22, 22, 21, 21, 21])])
+def test_plan_covers_each_sample_once(sizes: list[int], counts: list[int]) -> None:
     shards = [(f"s{i}", n) for i, n in enumerate(sizes)]
     for epoch in range(3):
-        plan = plan_epoch(shards, slots, seed=1, epoch=epoch)
+        plan = plan_epoch(shards, counts, seed=1, epoch=epoch)
         seen = Counter((p.file, k) for slot in plan for p in slot for k in range(p.start, p.end))
         assert set(seen.values()) == {1} and len(seen) == sum(sizes)
-        lengths = [sum(p.end - p.start for p in slot) for slot in plan]
-        assert max(lengths) - min(lengths) <= 1
+        assert [sum(p.end - p.start for p in slot) for slot in plan] == counts
 
 
-@pytest.mark.parametrize(("world", "workers"), [(1, 1), (2, 1), (2, 3), (3, 2)])
-def test_stream_splits_ranks_and_workers(digits: Path, world: int, workers: int) -> None:
-    """Every rank gets the same number of batches; no sample twice in an epoch; only a short tail is dropped."""
+@pytest.mark.parametrize(("total", "world", "workers", "batch"), [(100, 1, 1, 16), (100, 3, 2, 8), (97, 4, 3, 5),
+                                                                   (64, 2, 2, 16), (65, 2, 1, 32), (33, 4, 2, 4)])
+def test_batch_sizes_use_every_sample_with_equal_steps(total: int, world: int, workers: int, batch: int) -> None:
+    plan = batch_sizes(total, world, workers, batch)
+    assert sum(sum(w) for r in plan for w in r) == total
+    steps = [[b for i in range(max(len(w) for w in r)) for w in r for b in w[i : i + 1]] for r in plan]
+    assert len({len(s) for s in steps}) == 1, "ranks take different numbers of steps"
+    for step in zip(*steps, strict=True):  # the same batch size on every rank, up to one sample
+        assert max(step) - min(step) <= 1 and min(step) >= 1 and max(step) <= batch + 1
+
+
+def _pack_shards(root: Path, sizes: list[int]) -> set[str]:
+    """A 'train' split of len(sizes) shards holding the given numbers of samples; returns every sample key."""
+    rng = np.random.default_rng(0)
+    shards = []
+    for i, n in enumerate(sizes):
+        images = rng.integers(0, 255, (n, 4, 4), dtype=np.uint8)
+        shards += write_shards(((png_bytes(im), "png", j % 3) for j, im in enumerate(images)), root, f"part{i}",
+                               shard_size=n)["shards"]
+    update_index(root, "train", {"count": sum(sizes), "shards": shards}, 1, ["a", "b", "c"])
+    return {s["__key__"] for s in all_samples(root, "train")}
+
+
+# (shard sizes, ranks, workers, batch)
+SHARDING_TABLE = [([40] * 4, 2, 2, 8), ([25, 31, 17, 40, 9], 2, 2, 6), ([30] * 6, 3, 2, 7), ([50, 3, 60], 1, 3, 16),
+                  ([13] * 8, 4, 2, 3), ([70, 70], 2, 1, 32)]
+
+
+@pytest.mark.parametrize(("sizes", "world", "workers", "batch"), SHARDING_TABLE)
+def test_sharding_table_every_sample_once_equal_steps(tmp_path: Path, sizes: list[int], world: int, workers: int,
+                                                      batch: int) -> None:
+    """Through the real stream and DataLoader workers: an epoch consumes exactly the dataset, once each, and
+    every rank takes the same number of steps; a second epoch is another order of the same samples."""
     from torch.utils.data import DataLoader
 
-    keys: list[str] = []
-    counts = []
-    for rank in range(world):
-        ds = ShardStream(digits, "train", 16, rank, world, workers, seed=3, shuffle_buffer=50, resolution=8,
-                         channels=1, hflip=True)
-        loader = DataLoader(ds, batch_size=None, num_workers=workers)
-        batches = list(loader)
-        counts.append(len(batches))
-        assert len(batches) == ds.batches_per_epoch
-        for b in batches:
-            assert b["image"].shape == (16, 1, 8, 8) and b["label"].min() >= 0
-            keys += b["key"]
-    assert len(set(counts)) == 1
-    assert len(keys) == len(set(keys))
-    total = load_index(digits)["splits"]["train"]["count"]
-    assert total - len(keys) < world * workers * 16
+    keys = _pack_shards(tmp_path, sizes)
+    for epoch in range(2):
+        consumed, steps = [], []
+        for rank in range(world):
+            ds = ShardStream(tmp_path, "train", batch, rank, world, workers, seed=3, shuffle_buffer=10,
+                             resolution=4, channels=1, hflip=False)
+            ds.set_position(epoch, 0)
+            batches = [b["key"] for b in DataLoader(ds, batch_size=None, num_workers=workers)]
+            assert len(batches) == ds.batches_per_epoch
+            steps.append(len(batches))
+            consumed += [k for b in batches for k in b]
+        assert len(set(steps)) == 1
+        assert sorted(consumed) == sorted(keys)
+
+
+def test_fewer_shards_than_readers_is_an_error(tmp_path: Path) -> None:
+    _pack_shards(tmp_path, [20, 20, 20])
+    with pytest.raises(DataError, match="has 3 shards for 2 ranks x 2 workers = 4 readers"):
+        ShardStream(tmp_path, "train", 4, 0, 2, 2, 0, 10, 4, 1, False)
 
 
 def test_stream_position_resumes_mid_epoch(digits: Path) -> None:
@@ -143,4 +192,4 @@ def test_stream_position_resumes_mid_epoch(digits: Path) -> None:
 
 def test_stream_rejects_too_little_data(digits: Path) -> None:
     with pytest.raises(DataError, match="cannot fill one batch"):
-        ShardStream(digits, "test", 128, 0, 2, 2, 0, 10, 8, 1, False)
+        ShardStream(digits, "test", 256, 0, 2, 1, 0, 10, 8, 1, False)

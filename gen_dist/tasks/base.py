@@ -25,6 +25,8 @@ class Phase:
     """Run at steps where step % every == 0 (lazy regularisation)."""
     autocast: bool = True
     """Run under mixed-precision autocast; regularisers with double backward run in fp32."""
+    double_backward: bool = False
+    """The loss differentiates through a gradient (create_graph=True), e.g. R1."""
 
 
 class Task:

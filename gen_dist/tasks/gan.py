@@ -84,7 +84,8 @@ class GANTask(Task):
         }
         self.phases = [Phase("D", "D", self.d_loss), Phase("G", "G", self.g_loss)]
         if g.r1_gamma > 0:
-            self.phases.insert(1, Phase("D_r1", "D", self.r1_loss, every=g.r1_every, autocast=False))
+            self.phases.insert(1, Phase("D_r1", "D", self.r1_loss, every=g.r1_every, autocast=False,
+                                                  double_backward=True))
 
     def _fake_inputs(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         z = torch.randn(n, self.z_dim, device=device)
