@@ -63,6 +63,7 @@ def save(acc: Accelerator, run_dir: Path, step: int, meta: dict[str, Any],
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
+    acc.wait_for_everyone()  # every rank's files are in `tmp` before it is renamed
     if dist.is_main():
         for name, tensors in files.items():
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / name))

@@ -43,8 +43,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_launch(args: argparse.Namespace) -> None:
     from gen_dist.config import load_config
-    from gen_dist.engine import preflight
-    from gen_dist.launch import LaunchSpec, launch_command, run
+    from gen_dist.launch import LaunchSpec, launch_command, preflight, run
 
     cfg = load_config(args.config, args.overrides)
     preflight(cfg, world_size=max(1, args.nproc) * args.num_machines)

@@ -18,29 +18,12 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from gen_dist import checkpoint, dist, parallel
-from gen_dist.config import ConfigError, RunConfig, check_same_model, load_config, save_config, to_dict
-from gen_dist.data import ShardStream, check_split, load_index, make_loader
+from gen_dist.config import RunConfig, save_config, to_dict
+from gen_dist.data import ShardStream, make_loader
 from gen_dist.images import grid, to_uint8
+from gen_dist.launch import preflight
 from gen_dist.tasks import TASKS, Phase, Task
 from gen_dist.track import Tracker, wandb_init_kwargs, wandb_mode
-
-
-def preflight(cfg: RunConfig, world_size: int) -> None:
-    """Checks that need the dataset or the machine; run before any process is launched."""
-    check_split(Path(cfg.data.path), cfg.data.split, world_size, max(1, cfg.data.num_workers), cfg.data.batch_size)
-    index = load_index(Path(cfg.data.path))
-    have = len(index.get("classes", []))
-    want = getattr(cfg, cfg.task).__dict__.get("num_classes", 0)
-    if want > have:
-        raise ConfigError(f"{cfg.task}.num_classes={want} but {cfg.data.path} has {have} classes; "
-                          f"set {cfg.task}.num_classes={have}")
-    saved = cfg.out_dir / "config.yaml"
-    if saved.exists() and checkpoint.list_checkpoints(cfg.out_dir):
-        check_same_model(load_config(saved), cfg)
-    if cfg.train.mixed_precision == "fp16" and (cfg.train.cpu or not torch.cuda.is_available()):
-        raise ConfigError("train.mixed_precision=fp16 needs a GPU (CPU autocast ignores it); use bf16 or no")
-    if cfg.parallel.strategy == "deepspeed":
-        parallel.check_deepspeed(cfg)
 
 
 class MetricWindow:

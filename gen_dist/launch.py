@@ -1,4 +1,6 @@
-"""Command lines that start `gen-dist train` on N local processes (and M machines) with accelerate launch."""
+"""Before and at launch: the checks that need the dataset or the machine, and the command lines that start
+`gen-dist train` on N local processes (and M machines) with accelerate launch. Kept free of model imports so
+that a bad config fails in a second."""
 
 from __future__ import annotations
 
@@ -6,8 +8,35 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from gen_dist import checkpoint
+from gen_dist.config import ConfigError, RunConfig, check_same_model, load_config
+from gen_dist.data import check_split, load_index
+
+
+def preflight(cfg: RunConfig, world_size: int) -> None:
+    """Checks that need the dataset or the machine; run before any process is launched."""
+    check_split(Path(cfg.data.path), cfg.data.split, world_size, max(1, cfg.data.num_workers), cfg.data.batch_size)
+    index = load_index(Path(cfg.data.path))
+    have = len(index.get("classes", []))
+    want = getattr(cfg, cfg.task).__dict__.get("num_classes", 0)
+    if want > have:
+        raise ConfigError(f"{cfg.task}.num_classes={want} but {cfg.data.path} has {have} classes; "
+                          f"set {cfg.task}.num_classes={have}")
+    saved = cfg.out_dir / "config.yaml"
+    if saved.exists() and checkpoint.list_checkpoints(cfg.out_dir):
+        check_same_model(load_config(saved), cfg)
+    if cfg.train.mixed_precision == "fp16" and (cfg.train.cpu or not torch.cuda.is_available()):
+        raise ConfigError("train.mixed_precision=fp16 needs a GPU (CPU autocast ignores it); use bf16 or no")
+    if cfg.parallel.strategy == "deepspeed":
+        from gen_dist.parallel import check_deepspeed
+
+        check_deepspeed(cfg)
+
+
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Sharded strategies launched for real (2 gloo ranks): DeepSpeed ZeRO 1/2/3 against the DDP run."""
+"""Sharded strategies launched for real (2 gloo ranks): DeepSpeed ZeRO 1/2/3 and FSDP2 against the DDP run."""
 
 from __future__ import annotations
 
@@ -15,8 +15,18 @@ TASKS = ["diffusion", "gan", "vae"]
 # differ.
 COMMON = ["data.batch_size=8", "data.num_workers=0", "train.steps=6", "train.ckpt_every=3", "train.log_every=1",
           "optim.grad_clip=0"]
-# ZeRO-3 cannot run R1's double backward (refused by the config); GAN comparisons under it train without R1.
-NO_R1 = {3: ["gan.r1_gamma=0"]}
+SHARDED = {
+    "zero1": ["parallel.strategy=deepspeed", "parallel.zero_stage=1"],
+    "zero2": ["parallel.strategy=deepspeed", "parallel.zero_stage=2"],
+    # ZeRO-3 cannot run R1's double backward (refused by the config); its GAN runs train without R1.
+    "zero3": ["parallel.strategy=deepspeed", "parallel.zero_stage=3"],
+    "fsdp": ["parallel.strategy=fsdp"],
+}
+DISTRIBUTED_TYPE = {"zero1": "DEEPSPEED", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "fsdp": "FSDP"}
+
+
+def _task_extra(task: str, strategy: str) -> list[str]:
+    return ["gan.r1_gamma=0"] if task == "gan" and strategy == "zero3" else []
 
 
 def _launch(task: str, run_dir: Path, data: Path, *extra: str) -> None:
@@ -47,19 +57,19 @@ def _sampled_weights(run_dir: Path, task: str) -> dict[str, torch.Tensor]:
     return {**load_file(str(raw)), **{f"ema.{k}": v for k, v in load_file(str(ckpt / "ema.safetensors")).items()}}
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("strategy", list(SHARDED))
 @pytest.mark.parametrize("task", TASKS)
-def test_zero_resumed_run_matches_ddp(task: str, stage: int, tmp_path: Path, digits: Path, ddp_runs) -> None:
-    """3 steps under ZeRO, stop, resume for 3 more == 6 DDP steps, fp32, within 1e-4."""
-    extra = NO_R1.get(stage, []) if task == "gan" else []
+def test_sharded_resumed_run_matches_ddp(task: str, strategy: str, tmp_path: Path, digits: Path, ddp_runs) -> None:
+    """3 sharded steps, stop, resume for 3 more == 6 DDP steps, fp32, within 1e-4."""
+    extra = _task_extra(task, strategy)
     ref = ddp_runs(task, *extra)
-    run_dir = tmp_path / "zero"
-    ds = ["parallel.strategy=deepspeed", f"parallel.zero_stage={stage}", *extra]
-    _launch(task, run_dir, digits, *ds, "train.steps=3")
-    _launch(task, run_dir, digits, *ds)
+    run_dir = tmp_path / strategy
+    _launch(task, run_dir, digits, *SHARDED[strategy], *extra, "train.steps=3")
+    _launch(task, run_dir, digits, *SHARDED[strategy], *extra)
     starts = events(run_dir, "start")
     assert [s["step"] for s in starts] == [0, 3] and starts[1]["resumed"]
-    assert all(s["world_size"] == 2 and s["distributed_type"] == "DistributedType.DEEPSPEED" for s in starts)
+    kind = f"DistributedType.{DISTRIBUTED_TYPE[strategy]}"
+    assert all(s["world_size"] == 2 and s["distributed_type"] == kind for s in starts)
     a, b = _sampled_weights(ref, task), _sampled_weights(run_dir, task)
     assert a.keys() == b.keys()
     # All-reduce vs reduce-scatter order changes float rounding; Adam's first steps amplify it to ~4e-5.
@@ -72,25 +82,27 @@ def test_zero_resumed_run_matches_ddp(task: str, stage: int, tmp_path: Path, dig
     assert [v for _, v in losses] == pytest.approx([v for _, v in ref_losses], rel=1e-4, abs=1e-5)
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("strategy", list(SHARDED))
 @pytest.mark.parametrize("task", TASKS)
-def test_zero_bf16_losses_are_finite(task: str, stage: int, tmp_path: Path, digits: Path) -> None:
-    extra = NO_R1.get(stage, []) if task == "gan" else []
+def test_sharded_bf16_losses_are_finite(task: str, strategy: str, tmp_path: Path, digits: Path) -> None:
     run_dir = tmp_path / "bf16"
-    _launch(task, run_dir, digits, "parallel.strategy=deepspeed", f"parallel.zero_stage={stage}",
-            "train.mixed_precision=bf16", "train.steps=4", *extra)
+    _launch(task, run_dir, digits, *SHARDED[strategy], *_task_extra(task, strategy), "train.mixed_precision=bf16",
+            "train.steps=4")
     losses = [v for r in step_records(run_dir) for k, v in r.items() if k.endswith(("loss", "grad_norm"))]
     assert losses and all(math.isfinite(v) for v in losses)
     (start,) = events(run_dir, "start")
     assert start["world_size"] == 2
 
 
-def test_zero3_checkpoint_exports_consolidated_weights(tmp_path: Path, digits: Path) -> None:
-    run_dir = tmp_path / "z3"
-    _launch("diffusion", run_dir, digits, "parallel.strategy=deepspeed", "parallel.zero_stage=3", "train.steps=3")
+@pytest.mark.parametrize(("strategy", "shards"), [("zero3", "pytorch_model/zero_pp_rank_*_optim_states.pt"),
+                                                  ("fsdp", "pytorch_model_fsdp_0/__*_*.distcp")])
+def test_sharded_checkpoint_exports_consolidated_weights(strategy: str, shards: str, tmp_path: Path,
+                                                        digits: Path) -> None:
+    run_dir = tmp_path / strategy
+    _launch("diffusion", run_dir, digits, *SHARDED[strategy], "train.steps=3")
     ckpt = run_dir / "checkpoints" / "step_00000003"
-    # Each rank wrote its own partition of parameters and optimizer state.
-    assert len(list(ckpt.glob("pytorch_model/zero_pp_rank_*_optim_states.pt"))) == 2
+    # Each rank wrote its own part of the state.
+    assert len(list(ckpt.glob(shards))) == 2, sorted(p.name for p in ckpt.rglob("*"))
     out = tmp_path / "denoiser.safetensors"
     run_cli("export", str(run_dir), "--out", str(out))
     exported = load_file(str(out))
