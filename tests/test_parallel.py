@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import events, free_port, run_cli, smoke_args, step_records
+import yaml
+from conftest import ROOT, events, free_port, run_cli, smoke_args, step_records
 from safetensors.torch import load_file
 
 TASKS = ["diffusion", "gan", "vae"]
@@ -62,14 +66,39 @@ def _sampled_weights(run_dir: Path, task: str) -> dict[str, torch.Tensor]:
 def test_sharded_resumed_run_matches_ddp(task: str, strategy: str, tmp_path: Path, digits: Path, ddp_runs) -> None:
     """3 sharded steps, stop, resume for 3 more == 6 DDP steps, fp32, within 1e-4."""
     extra = _task_extra(task, strategy)
-    ref = ddp_runs(task, *extra)
-    run_dir = tmp_path / strategy
-    _launch(task, run_dir, digits, *SHARDED[strategy], *extra, "train.steps=3")
-    _launch(task, run_dir, digits, *SHARDED[strategy], *extra)
+    _check_resumed_matches(ddp_runs(task, *extra), task, [*SHARDED[strategy], *extra], DISTRIBUTED_TYPE[strategy],
+                           tmp_path / strategy, digits)
+
+
+def test_zero3_with_cpu_offload_matches_ddp(tmp_path: Path, digits: Path, ddp_runs) -> None:
+    """Optimizer state stepped on the CPU by DeepSpeedCPUAdam, parameters offloaded between uses."""
+    offload = ["parallel.offload_optimizer=true", "parallel.offload_params=true"]
+    _check_resumed_matches(ddp_runs("diffusion"), "diffusion", [*SHARDED["zero3"], *offload], "DEEPSPEED",
+                           tmp_path / "offload", digits)
+
+
+def test_accelerate_deepspeed_flags_select_deepspeed(tmp_path: Path, digits: Path) -> None:
+    """`accelerate launch --use_deepspeed --zero_stage 3` alone (no parallel.* keys) trains under ZeRO-3."""
+    run_dir = tmp_path / "acc"
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", "3",
+         "--num_processes", "2", "--main_process_port", free_port(), "-m", "gen_dist", "train",
+         *smoke_args("vae", run_dir, digits), "train.steps=2"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (start,) = events(run_dir, "start")
+    assert start["world_size"] == 2 and start["distributed_type"] == "DistributedType.DEEPSPEED"
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())["parallel"]
+    assert saved["strategy"] == "deepspeed" and saved["zero_stage"] == 3
+
+
+def _check_resumed_matches(ref: Path, task: str, sharded: list[str], kind: str, run_dir: Path, digits: Path) -> None:
+    _launch(task, run_dir, digits, *sharded, "train.steps=3")
+    _launch(task, run_dir, digits, *sharded)
     starts = events(run_dir, "start")
     assert [s["step"] for s in starts] == [0, 3] and starts[1]["resumed"]
-    kind = f"DistributedType.{DISTRIBUTED_TYPE[strategy]}"
-    assert all(s["world_size"] == 2 and s["distributed_type"] == kind for s in starts)
+    assert all(s["world_size"] == 2 and s["distributed_type"] == f"DistributedType.{kind}" for s in starts)
     a, b = _sampled_weights(ref, task), _sampled_weights(run_dir, task)
     assert a.keys() == b.keys()
     # All-reduce vs reduce-scatter order changes float rounding; Adam's first steps amplify it to ~4e-5.
