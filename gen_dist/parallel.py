@@ -35,18 +35,16 @@ def adopt_launcher_strategy(cfg: RunConfig) -> None:
     p = cfg.parallel
     if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         p.strategy = "fsdp"
-    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
-        return
-    p.strategy = "deepspeed"
-    config_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
-    if config_file != "none":
-        p.deepspeed_config = config_file
-        p.zero_stage = json.loads(Path(config_file).read_text()).get("zero_optimization", {}).get(
-            "stage", p.zero_stage)
-    elif "ACCELERATE_DEEPSPEED_ZERO_STAGE" in env:
-        p.zero_stage = int(env["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
-    p.offload_optimizer |= env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") == "cpu"
-    p.offload_params |= env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none") == "cpu"
+    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        p.strategy = "deepspeed"
+        config_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+        if config_file != "none":
+            p.deepspeed_config = config_file
+            p.zero_stage = _read_json(config_file).get("zero_optimization", {}).get("stage", p.zero_stage)
+        elif "ACCELERATE_DEEPSPEED_ZERO_STAGE" in env:
+            p.zero_stage = int(env["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
+        p.offload_optimizer |= env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") == "cpu"
+        p.offload_params |= env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none") == "cpu"
     validate(cfg)
 
 
