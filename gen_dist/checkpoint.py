@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +36,90 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that is incomplete, corrupt, unsafe to unpickle, or could not be written."""
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def manifest(path: Path) -> dict[str, list[int]]:
+    """{relative file: [size, crc32]} of everything in a checkpoint directory but its meta file."""
+    return {str(f.relative_to(path)): [f.stat().st_size, _crc32(f)]
+            for f in sorted(path.rglob("*")) if f.is_file() and f.name != META}
+
+
+def _safe_globals() -> list[Any]:
+    """Plain-data classes that DeepSpeed pickles into its optimizer files (enums, a scaler, fragment records)."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+    return [ZeroStageEnum, LossScaler, fragment_address]
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Torch distributed checkpoint metadata (FSDP) holds dataclasses of torch.distributed.checkpoint only."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = (module.startswith("torch.distributed.checkpoint.")
+                   or (module, name) in {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                                         ("pathlib", "PosixPath"), ("collections", "OrderedDict")}
+                   or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
+        if not allowed:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+        return super().find_class(module, name)
+
+
+def check_safe(path: Path) -> None:
+    """Unpickle every pickle file of a checkpoint with an allowlist first (torch's weights_only loader, or an
+    allowlisting unpickler for distributed-checkpoint metadata), so that loading it later cannot run code."""
+    for f in sorted(path.rglob("*")):
+        try:
+            if f.suffix in (".bin", ".pt", ".pth", ".pkl"):
+                with torch.serialization.safe_globals(_safe_globals()):
+                    torch.load(f, map_location="cpu", weights_only=True)
+            elif f.name == ".metadata":
+                with open(f, "rb") as fh:
+                    _MetadataUnpickler(fh).load()
+        except Exception as e:
+            raise CheckpointError(f"{f} is not plain tensor data ({str(e).splitlines()[0][:200]}); refusing "
+                                  f"to load it") from None
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """The meta of a complete, intact, safe checkpoint; CheckpointError naming the first problem otherwise."""
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / META} is unreadable: {e}") from None
+    for name, (size, crc) in meta.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{path}: {name} is missing")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"{path}: {name} has {f.stat().st_size} bytes, {size} were written")
+        if _crc32(f) != crc:
+            raise CheckpointError(f"{path}: {name} is corrupt (checksum mismatch)")
+    check_safe(path)
+    return meta
+
+
 def latest(run_dir: Path) -> Path | None:
+    """The newest checkpoint that verifies; broken newer ones are skipped with a warning."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            json.loads((path / META).read_text())
+            verify(path)
             return path
-        except (OSError, ValueError) as e:
-            warnings.warn(f"skipping unreadable checkpoint {path}: {e}", stacklevel=2)
+        except CheckpointError as e:
+            warnings.warn(f"skipping checkpoint {path.name}: {e}", stacklevel=2)
     return None
 
 
@@ -64,24 +143,45 @@ def save(acc: Accelerator, run_dir: Path, step: int, meta: dict[str, Any],
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
     acc.wait_for_everyone()  # every rank's files are in `tmp` before it is renamed
+    error = ""
     if dist.is_main():
-        for name, tensors in files.items():
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / name))
-        (tmp / META).write_text(json.dumps({"step": step, **meta}, indent=1))
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    acc.wait_for_everyone()
+        try:
+            _publish(tmp, final, step, meta, files)
+            for old in list_checkpoints(run_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError as e:  # e.g. a full disk: the previous checkpoints stay as they are
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = f"{type(e).__name__}: {e}"
+    error = dist.broadcast_str(acc, error)
+    if error:
+        raise CheckpointError(f"checkpoint of step {step} was not written ({error}); earlier checkpoints are intact")
     return final
+
+
+def _publish(tmp: Path, final: Path, step: int, meta: dict[str, Any],
+             files: dict[str, dict[str, torch.Tensor]]) -> None:
+    # All randomness is derived from (seed, step, ...), so Accelerate's pickled RNG states are not needed, and
+    # loading them would need an unrestricted unpickler.
+    for f in tmp.glob("random_states_*.pkl"):
+        f.unlink()
+    for name, tensors in files.items():
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / name))
+    # The meta file, with the manifest that `verify` checks, is written last.
+    (tmp / META).write_text(json.dumps({"step": step, **meta, "files": manifest(tmp)}, indent=1))
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
 
 
 def load(acc: Accelerator, path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
     """Restore prepared modules/optimizers/schedulers in place; return (meta, EMA tensors)."""
+    meta = verify(path)
     acc.load_state(str(path))
-    meta = json.loads((path / META).read_text())
     ema = load_file(str(path / EMA)) if (path / EMA).exists() else None
     return meta, ema

@@ -160,14 +160,16 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    from gen_dist.checkpoint import CheckpointError
     from gen_dist.config import ConfigError
     from gen_dist.data import DataError
+    from gen_dist.parallel import NonFiniteError
 
     if getattr(args, "source", None) in ("idx", "folder") and not args.path:
         _fail(f"'gen-dist data {args.source}' needs a source directory")
     try:
         args.func(args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError, NonFiniteError) as e:
         _fail(str(e))
 
 

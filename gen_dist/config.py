@@ -74,6 +74,8 @@ class TrainConfig:
     """Steps between checkpoints (a checkpoint is also written at the end)."""
     keep_checkpoints: int = 2
     """Newest checkpoints kept."""
+    max_nonfinite_steps: int = 5
+    """Steps with a non-finite loss or gradient are skipped (and counted); this many in a row stop the run."""
     cpu: bool = False
     """Train on CPU even when a GPU is present."""
     progress: bool = True
@@ -192,7 +194,8 @@ CHOICES = {
     "diffusion.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
 }
 POSITIVE = ("data.resolution", "data.batch_size", "train.steps", "train.grad_accum", "train.log_every",
-            "train.sample_n", "train.ckpt_every", "train.keep_checkpoints", "diffusion.sample_steps",
+            "train.sample_n", "train.ckpt_every", "train.max_nonfinite_steps", "train.keep_checkpoints",
+            "diffusion.sample_steps",
             "gan.r1_every", "gan.z_dim", "vae.latent_dim")
 
 

@@ -44,6 +44,15 @@ def gather_cat(acc: Accelerator, t: torch.Tensor) -> torch.Tensor:
     return acc.gather(t.contiguous()) if acc.num_processes > 1 else t
 
 
+def broadcast_str(acc: Accelerator, text: str) -> str:
+    """The main rank's `text` on every rank (so that all ranks take the same branch after a main-only step)."""
+    if acc.num_processes == 1:
+        return text
+    box = [text]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def shutdown(acc: Accelerator | None) -> None:
     """End trackers and the process group in an orderly way, on every rank.
 

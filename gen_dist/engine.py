@@ -57,6 +57,8 @@ class TrainState:
     epoch: int = 0
     batch: int = 0
     """Batches consumed in the current epoch on each rank (the data stream's position)."""
+    nonfinite: int = 0
+    """Consecutive steps with a phase skipped for a non-finite loss or gradient."""
 
 
 class Trainer:
@@ -77,6 +79,7 @@ class Trainer:
             cfg.data.num_workers, cfg.train.seed, cfg.data.shuffle_buffer, cfg.data.resolution,
             cfg.data.channels, cfg.data.hflip)
         self.state = TrainState()
+        self.skipped_phases = 0
         # A whole copy of the sampled module: under sharding the trained one holds only this rank's part.
         self.sample_net = copy.deepcopy(self.task.modules[self.task.ema_module]).to(acc.device).eval()
         self.sample_net.requires_grad_(False)
@@ -114,7 +117,8 @@ class Trainer:
         if path is None:
             return False
         meta, ema = checkpoint.load(self.acc, path)
-        self.state = TrainState(step=meta["step"], epoch=meta["epoch"], batch=meta["batch"])
+        self.state = TrainState(step=meta["step"], epoch=meta["epoch"], batch=meta["batch"],
+                                nonfinite=meta.get("nonfinite", 0))
         if self.ema is not None and ema is not None:
             self.ema.load_state_dict(ema, meta["ema_updates"])
         self.tracker.event("resume", checkpoint=str(path), step=self.state.step)
@@ -128,7 +132,7 @@ class Trainer:
             files[checkpoint.EMA] = self.ema.state_dict()
         if self.cfg.parallel.strategy != "ddp":
             files[checkpoint.WEIGHTS] = parallel.full_state_dict(self.modules[self.task.ema_module], self.layout)
-        meta = {"epoch": s.epoch, "batch": s.batch, "world_size": self.acc.num_processes,
+        meta = {"epoch": s.epoch, "batch": s.batch, "nonfinite": s.nonfinite, "world_size": self.acc.num_processes,
                 "modules": list(self.modules), "strategy": self.cfg.parallel.strategy,
                 "ema_updates": self.ema.updates if self.ema is not None else 0}
         path = checkpoint.save(self.acc, self.run_dir, s.step, meta, files, self.cfg.train.keep_checkpoints)
@@ -161,7 +165,10 @@ class Trainer:
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.acc.device))
         with trained.double_backward() if phase.double_backward else nullcontext():
             self._micro_steps(phase, index, micro, step, nets, sums)
-        sums[f"{phase.name}/grad_norm"] = trained.step(self.cfg.optim.grad_clip).to(self.acc.device)
+        norm, stepped = trained.step(self.cfg.optim.grad_clip)
+        sums[f"{phase.name}/grad_norm"] = norm.to(self.acc.device)
+        if not stepped:
+            self.skipped_phases += 1
         return sums
 
     def _micro_steps(self, phase: Phase, index: int, micro: list[dict[str, Any]], step: int,
@@ -182,15 +189,30 @@ class Trainer:
     def train_step(self, micro: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         step = self.state.step
         stats: dict[str, torch.Tensor] = {}
+        self.skipped_phases = 0
         for index, phase in enumerate(self.task.phases):
             if step % phase.every == 0:
                 stats.update(self.run_phase(index, micro, step))
+        self._count_nonfinite(step)
+        stats["nonfinite_skips"] = torch.tensor(float(self.skipped_phases))
         for sched in self.scheds.values():
             sched.step()
         if self.ema is not None:
             self.ema.update()
         self.state.step += 1
         return stats
+
+    def _count_nonfinite(self, step: int) -> None:
+        """A step with a skipped phase counts; `train.max_nonfinite_steps` of them in a row stop the run."""
+        self.state.nonfinite = self.state.nonfinite + 1 if self.skipped_phases else 0
+        if self.skipped_phases:
+            self.tracker.event("nonfinite", step=step, phases=self.skipped_phases, in_a_row=self.state.nonfinite)
+        if self.state.nonfinite >= self.cfg.train.max_nonfinite_steps:
+            last = checkpoint.latest(self.run_dir)
+            raise parallel.NonFiniteError(
+                f"{self.state.nonfinite} steps in a row (up to step {step}) had a non-finite loss or gradient and "
+                f"were skipped; stopping. The last good checkpoint is {last or 'none'}: resume from it with a "
+                f"lower optim.lr, optim.grad_clip or train.mixed_precision=no")
 
     # ------------------------------------------------------------------------------------------ outputs
 

@@ -24,6 +24,11 @@ from torch import nn
 
 from gen_dist.config import ConfigError, RunConfig, validate
 
+
+class NonFiniteError(RuntimeError):
+    """Training cannot go on: non-finite losses or gradients that could not be skipped."""
+
+
 # DeepSpeed settings that gen_dist owns; a DeepSpeed JSON may not set them.
 OWNED = ("optimizer", "scheduler")
 
@@ -205,27 +210,51 @@ class Wrapped:
         """Around a phase that differentiates through a gradient (R1)."""
         return nullcontext()
 
-    def step(self, clip: float) -> torch.Tensor:
-        """Clip, step, zero; returns the gradient norm before clipping."""
-        norm = self.acc.clip_grad_norm_(self.model.parameters(), clip or float("inf"))
-        self.opt.step()
+    def step(self, clip: float) -> tuple[torch.Tensor, bool]:
+        """Clip, step, zero; returns the gradient norm before clipping and whether the optimizer stepped.
+
+        The norm is of the reduced gradients, so a non-finite loss or gradient on any rank makes it non-finite
+        on every rank: all ranks skip the same step without another collective."""
+        norm = self.acc.clip_grad_norm_(self.model.parameters(), clip or float("inf")).detach().float()
+        finite = bool(torch.isfinite(norm))
+        if finite:
+            self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return norm.detach().float()
+        return norm, finite
 
 
 class DeepSpeedWrapped(Wrapped):
     """A DeepSpeed engine: it reduces, clips and steps by itself at the accumulation boundary."""
 
+    skipped = False
+
     def sync(self, last: bool) -> AbstractContextManager:
         return nullcontext()
 
     def backward(self, loss: torch.Tensor, n_micro: int) -> None:
+        # The engine steps inside its own step() and cannot take a step back, so a non-finite loss on any rank
+        # is caught before backward (one all-reduce of a flag) and all ranks skip the phase together.
+        bad = torch.tensor(0.0 if bool(torch.isfinite(loss)) else 1.0, device=loss.device)
+        if self.acc.num_processes > 1:
+            torch_dist.all_reduce(bad, op=torch_dist.ReduceOp.MAX)
+        if bad.item() or self.skipped:
+            if n_micro > 1:
+                raise NonFiniteError("non-finite loss during gradient accumulation under DeepSpeed, whose engine "
+                                     "cannot drop the micro-batches it has taken; resume from the last checkpoint")
+            self.skipped = True
+            return
         self.model.backward(loss)  # scaled by 1/gradient_accumulation_steps inside
         self.model.step()  # a no-op until the last micro-batch
 
-    def step(self, clip: float) -> torch.Tensor:
-        norm = self.model.get_global_grad_norm()
-        return torch.as_tensor(0.0 if norm is None else norm, dtype=torch.float32).detach()
+    def step(self, clip: float) -> tuple[torch.Tensor, bool]:
+        if self.skipped:
+            self.skipped = False
+            return torch.tensor(float("nan")), False
+        norm = torch.as_tensor(self.model.get_global_grad_norm() or 0.0, dtype=torch.float32).detach()
+        if not bool(torch.isfinite(norm)):
+            raise NonFiniteError("non-finite gradient norm under DeepSpeed after the engine stepped (the weights "
+                                 "are no longer usable); resume from the last checkpoint")
+        return norm, True
 
 
 class FSDPWrapped(Wrapped):
