@@ -138,7 +138,8 @@ def save(acc: Accelerator, run_dir: Path, step: int, meta: dict[str, Any],
     root = ckpt_root(run_dir)
     final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
     if dist.is_main():
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob(".tmp_step_*"):  # left by a save that was killed
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
     acc.save_state(str(tmp))

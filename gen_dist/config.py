@@ -74,6 +74,8 @@ class TrainConfig:
     """Steps between checkpoints (a checkpoint is also written at the end)."""
     keep_checkpoints: int = 2
     """Newest checkpoints kept."""
+    log_keys: bool = False
+    """Write the sample keys of every step to keys_rank<R>.jsonl in the run directory (to audit the data order)."""
     max_nonfinite_steps: int = 5
     """Steps with a non-finite loss or gradient are skipped (and counted); this many in a row stop the run."""
     cpu: bool = False

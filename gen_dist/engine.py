@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import time
@@ -202,6 +203,12 @@ class Trainer:
         self.state.step += 1
         return stats
 
+    def _log_keys(self, micro: list[dict[str, Any]]) -> None:
+        """This rank's sample keys of the coming step, one JSON line per step (a resumed run appends)."""
+        line = json.dumps({"step": self.state.step, "keys": [k for b in micro for k in b["key"]]})
+        with open(self.run_dir / f"keys_rank{self.acc.process_index}.jsonl", "a") as f:
+            f.write(line + "\n")
+
     def _count_nonfinite(self, step: int) -> None:
         """A step with a skipped phase counts; `train.max_nonfinite_steps` of them in a row stop the run."""
         self.state.nonfinite = self.state.nonfinite + 1 if self.skipped_phases else 0
@@ -281,6 +288,8 @@ class Trainer:
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(t.grad_accum)]
             t1 = time.perf_counter()
+            if t.log_keys:
+                self._log_keys(micro)
             stats = self.train_step(micro)
             window.add(stats, wait=t1 - t0, elapsed=time.perf_counter() - t0)
             bar.update(1)

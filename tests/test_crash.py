@@ -1,0 +1,102 @@
+"""kill -9 at random moments (mid-step, mid-checkpoint), resume, repeat: the run ends exactly where an
+uninterrupted one does: weights, EMA, optimizer state and the sample keys of every step."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, free_port, run_cli, smoke_args
+from safetensors.torch import load_file
+
+from gen_dist import checkpoint
+
+STEPS = 30
+KILLS = 5
+# A checkpoint every step, so that kills land inside checkpoint writes too.
+COMMON = [f"train.steps={STEPS}", "train.ckpt_every=1", "train.log_every=1", "train.log_keys=true",
+          "train.keep_checkpoints=2", "wandb.enabled=false", "data.num_workers=1"]
+
+
+def _command(task: str, run_dir: Path, digits: Path, nproc: int) -> list[str]:
+    args = [*smoke_args(task, run_dir, digits), *COMMON]
+    if nproc == 1:
+        return [sys.executable, "-m", "gen_dist", "train", *args]
+    return [sys.executable, "-m", "gen_dist", "launch", *args, "--nproc", str(nproc), "--port", free_port()]
+
+
+def _steps_logged(run_dir: Path) -> int:
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return sum(1 for x in lines if x.endswith("}") and '"event"' not in x)
+
+
+def _kill_during_training(cmd: list[str], run_dir: Path, rng: random.Random) -> bool:
+    """Start the run, wait until it trains a new step, SIGKILL its whole process group a random moment later.
+    Returns False when the run finished before it could be killed."""
+    seen = _steps_logged(run_dir)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env={**os.environ, "WANDB_MODE": "disabled"})
+    deadline = time.monotonic() + 120
+    while _steps_logged(run_dir) <= seen and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 0.4))
+    finished = proc.poll() is not None
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return not finished
+
+
+def _keys(run_dir: Path) -> dict[tuple[int, int], list[str]]:
+    """(rank, step) -> keys, the last record of a step winning (a killed run re-does its last steps)."""
+    out = {}
+    for f in sorted(run_dir.glob("keys_rank*.jsonl")):
+        rank = int(f.stem.removeprefix("keys_rank"))
+        for line in f.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line cut by the kill
+                continue
+            out[(rank, rec["step"])] = rec["keys"]
+    return out
+
+
+def _state(run_dir: Path) -> dict[str, torch.Tensor]:
+    ckpt = checkpoint.latest(run_dir)
+    assert ckpt is not None and ckpt.name == f"step_{STEPS:08d}"
+    out = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        out.update({f"{f.name}:{k}": v for k, v in load_file(str(f)).items()})
+    for f in sorted(ckpt.glob("optimizer*.bin")):
+        state = torch.load(f, weights_only=True)["state"]
+        out.update({f"{f.name}:{i}:{k}": v for i, s in state.items() for k, v in s.items()})
+    return out
+
+
+@pytest.mark.parametrize(("task", "nproc"), [("diffusion", 1), ("gan", 1), ("vae", 1), ("gan", 2)])
+def test_kill9_anywhere_then_resume_equals_uninterrupted(task: str, nproc: int, tmp_path: Path,
+                                                        digits: Path) -> None:
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_command(task, straight, digits, nproc), cwd=ROOT, check=True, capture_output=True,
+                   env={**os.environ, "WANDB_MODE": "disabled"})
+    rng = random.Random(f"{task}{nproc}")
+    kills = sum(_kill_during_training(_command(task, killed, digits, nproc), killed, rng) for _ in range(KILLS))
+    assert kills == KILLS, "the run finished before it could be killed 5 times"
+    run_cli(*_command(task, killed, digits, nproc)[3:])  # to the end
+    a, b = _state(straight), _state(killed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    keys_a, keys_b = _keys(straight), _keys(killed)
+    assert len(keys_a) == STEPS * nproc and keys_a == keys_b
+    assert not list((killed / "checkpoints").glob(".tmp_*"))
