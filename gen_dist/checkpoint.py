@@ -142,19 +142,24 @@ def save(acc: Accelerator, run_dir: Path, step: int, meta: dict[str, Any],
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp))
-    acc.wait_for_everyone()  # every rank's files are in `tmp` before it is renamed
     error = ""
-    if dist.is_main():
+    try:
+        acc.save_state(str(tmp))
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as an iostream RuntimeError
+        error = f"{type(e).__name__}: {e}"
+    # Agreeing on the outcome is also the barrier that puts every rank's files in `tmp` before the rename.
+    error = dist.first_error(acc, error)
+    if dist.is_main() and not error:
         try:
             _publish(tmp, final, step, meta, files)
             for old in list_checkpoints(run_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
         except OSError as e:  # e.g. a full disk: the previous checkpoints stay as they are
-            shutil.rmtree(tmp, ignore_errors=True)
             error = f"{type(e).__name__}: {e}"
-    error = dist.broadcast_str(acc, error)
+    error = dist.first_error(acc, error)
     if error:
+        if dist.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"checkpoint of step {step} was not written ({error}); earlier checkpoints are intact")
     return final
 

@@ -44,13 +44,13 @@ def gather_cat(acc: Accelerator, t: torch.Tensor) -> torch.Tensor:
     return acc.gather(t.contiguous()) if acc.num_processes > 1 else t
 
 
-def broadcast_str(acc: Accelerator, text: str) -> str:
-    """The main rank's `text` on every rank (so that all ranks take the same branch after a main-only step)."""
+def first_error(acc: Accelerator, error: str) -> str:
+    """The first non-empty error message of any rank, on every rank (all ranks then take the same branch)."""
     if acc.num_processes == 1:
-        return text
-    box = [text]
-    torch_dist.broadcast_object_list(box, src=0)
-    return box[0]
+        return error
+    errors: list[str] = [""] * acc.num_processes
+    torch_dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), "")
 
 
 def shutdown(acc: Accelerator | None) -> None:

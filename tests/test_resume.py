@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 from pathlib import Path
 
@@ -121,3 +122,30 @@ def test_repeated_nonfinite_steps_stop_the_run(launch: list[str], tmp_path: Path
     assert "3 steps in a row" in proc.stderr and "The last good checkpoint is" in proc.stderr
     skipped = events(run_dir, "nonfinite")
     assert [e["in_a_row"] for e in skipped][-3:] == [1, 2, 3]
+
+
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path: Path, digits: Path) -> None:
+    """The run directory on a tmpfs with room for less than one more checkpoint."""
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    work = tmp_path / "work"
+    run_cli("train", *smoke_args("vae", work, digits), "train.steps=2", "train.ckpt_every=2", "wandb.enabled=false")
+    used = sum(f.stat().st_size for f in work.rglob("*") if f.is_file())
+    ckpt = sum(f.stat().st_size for f in (work / "checkpoints" / "step_00000002").rglob("*") if f.is_file())
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    size = (used + ckpt // 2) // 4096 * 4096 + 8 * 4096  # page-rounded; a few pages for logs and directories
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], check=True)
+    try:
+        shutil.copytree(work, disk / "run")
+        proc = run_cli("train", *smoke_args("vae", disk / "run", digits), "train.steps=4", "train.ckpt_every=1",
+                       "wandb.enabled=false", check=False)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "checkpoint of step 3 was not written" in proc.stderr and "earlier checkpoints are intact" in proc.stderr
+        assert checkpoint.latest(disk / "run").name == "step_00000002"
+        assert not list((disk / "run" / "checkpoints").glob(".tmp_*"))
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
