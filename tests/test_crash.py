@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from gen_dist import checkpoint
 
-STEPS = 30
+STEPS = 50
 KILLS = 5
 # A checkpoint every step, so that kills land inside checkpoint writes too.
 COMMON = [f"train.steps={STEPS}", "train.ckpt_every=1", "train.log_every=1", "train.log_keys=true",
@@ -45,16 +45,20 @@ def _kill_during_training(cmd: list[str], run_dir: Path, rng: random.Random) -> 
     """Start the run, wait until it trains a new step, SIGKILL its whole process group a random moment later.
     Returns False when the run finished before it could be killed."""
     seen = _steps_logged(run_dir)
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env={**os.environ, "WANDB_MODE": "disabled"})
+    log = run_dir.parent / "killed_run.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "WANDB_MODE": "disabled"})
     deadline = time.monotonic() + 120
     while _steps_logged(run_dir) <= seen and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    time.sleep(rng.uniform(0.0, 0.4))
-    finished = proc.poll() is not None
+    time.sleep(rng.uniform(0.0, 0.25))
+    if proc.poll() is not None:  # it ended by itself: fine only when it finished the run
+        assert proc.returncode == 0, log.read_text()[-3000:]
+        return False
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    return not finished
+    return True
 
 
 def _keys(run_dir: Path) -> dict[tuple[int, int], list[str]]:
