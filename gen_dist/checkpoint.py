@@ -112,15 +112,19 @@ def verify(path: Path) -> dict[str, Any]:
     return meta
 
 
-def latest(run_dir: Path) -> Path | None:
-    """The newest checkpoint that verifies; broken newer ones are skipped with a warning."""
+def latest_verified(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """(path, meta) of the newest checkpoint that verifies; broken newer ones are skipped with a warning."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            verify(path)
-            return path
+            return path, verify(path)
         except CheckpointError as e:
-            warnings.warn(f"skipping checkpoint {path.name}: {e}", stacklevel=2)
+            warnings.warn(f"skipping checkpoint {path.name}: {e}", stacklevel=3)
     return None
+
+
+def latest(run_dir: Path) -> Path | None:
+    found = latest_verified(run_dir)
+    return found[0] if found else None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -185,9 +189,11 @@ def _publish(tmp: Path, final: Path, step: int, meta: dict[str, Any],
     _fsync_dir(final.parent)
 
 
-def load(acc: Accelerator, path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
-    """Restore prepared modules/optimizers/schedulers in place; return (meta, EMA tensors)."""
-    meta = verify(path)
+def load(acc: Accelerator, path: Path, meta: dict[str, Any] | None = None
+         ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    """Restore prepared modules/optimizers/schedulers in place; return (meta, EMA tensors). `meta` is the
+    result of `verify(path)` when the caller already has it."""
+    meta = meta if meta is not None else verify(path)
     acc.load_state(str(path))
     ema = load_file(str(path / EMA)) if (path / EMA).exists() else None
     return meta, ema

@@ -277,8 +277,9 @@ def _label(sample: dict[str, Any]) -> int:
     return int(raw) if raw is not None else -1
 
 
-def check_split(root: Path, split: str, world_size: int, workers: int, batch_size: int) -> None:
-    """The split can feed `world_size` ranks x `workers` readers: a DataError naming the fix otherwise."""
+def check_split(root: Path, split: str, world_size: int, workers: int, batch_size: int) -> dict:
+    """The index, once checked that its split can feed `world_size` ranks x `workers` readers (a DataError
+    naming the fix otherwise)."""
     index = load_index(root)
     if split not in index["splits"]:
         raise DataError(f"split '{split}' not in {root / INDEX} (has: {', '.join(index['splits'])})")
@@ -292,6 +293,7 @@ def check_split(root: Path, split: str, world_size: int, workers: int, batch_siz
     if total // world_size < batch_size:
         raise DataError(f"{total} samples in '{split}' cannot fill one batch of {batch_size} on each of "
                         f"{world_size} ranks: lower data.batch_size")
+    return index
 
 
 class ShardStream(IterableDataset):
@@ -302,8 +304,7 @@ class ShardStream(IterableDataset):
                  hflip: bool) -> None:
         self.root = Path(root)
         self.workers = max(1, num_workers)
-        check_split(self.root, split, world_size, self.workers, batch_size)
-        index = load_index(self.root)
+        index = check_split(self.root, split, world_size, self.workers, batch_size)
         entry = index["splits"][split]
         self.shards = [(s["file"], int(s["count"])) for s in entry["shards"]]
         self.total = int(entry["count"])

@@ -114,10 +114,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ state
 
     def resume(self) -> bool:
-        path = checkpoint.latest(self.run_dir)
-        if path is None:
+        found = checkpoint.latest_verified(self.run_dir)
+        if found is None:
             return False
-        meta, ema = checkpoint.load(self.acc, path)
+        path = found[0]
+        meta, ema = checkpoint.load(self.acc, *found)
         self.state = TrainState(step=meta["step"], epoch=meta["epoch"], batch=meta["batch"],
                                 nonfinite=meta.get("nonfinite", 0))
         if self.ema is not None and ema is not None:

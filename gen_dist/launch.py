@@ -14,13 +14,13 @@ import torch
 
 from gen_dist import checkpoint
 from gen_dist.config import ConfigError, RunConfig, check_same_model, load_config
-from gen_dist.data import check_split, load_index
+from gen_dist.data import check_split
 
 
 def preflight(cfg: RunConfig, world_size: int) -> None:
     """Checks that need the dataset or the machine; run before any process is launched."""
-    check_split(Path(cfg.data.path), cfg.data.split, world_size, max(1, cfg.data.num_workers), cfg.data.batch_size)
-    index = load_index(Path(cfg.data.path))
+    index = check_split(Path(cfg.data.path), cfg.data.split, world_size, max(1, cfg.data.num_workers),
+                        cfg.data.batch_size)
     have = len(index.get("classes", []))
     want = getattr(cfg, cfg.task).__dict__.get("num_classes", 0)
     if want > have:

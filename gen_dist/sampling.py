@@ -35,12 +35,18 @@ def module_weights(ckpt: Path, name: str, use_ema: bool) -> dict[str, torch.Tens
     return load_file(str(ckpt / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")))
 
 
+def run_config(ckpt: Path) -> tuple[str, RunConfig]:
+    """The YAML text and the config of the run a checkpoint directory belongs to."""
+    path = ckpt.parent.parent / "config.yaml"
+    text = path.read_text()
+    return text, config_from_yaml(text, str(path))
+
+
 def export(path: Path, out: Path) -> Path:
     """One safetensors file with the sampled module's raw (`model.*`) and EMA (`ema.*`) weights and the run
     config in its metadata; `gen-dist sample` reads it without the run directory."""
     ckpt = resolve(path)
-    text = (ckpt.parent.parent / "config.yaml").read_text()
-    cfg = config_from_yaml(text, f"{ckpt.parent.parent / 'config.yaml'}")
+    text, cfg = run_config(ckpt)
     name = TASKS[cfg.task].ema_module
     tensors = {f"model.{k}": v for k, v in module_weights(ckpt, name, use_ema=False).items()}
     if (ckpt / checkpoint.EMA).exists():
@@ -70,7 +76,7 @@ def sample_checkpoint(path: Path, n: int, out: Path, seed: int = 0, use_ema: boo
         cfg, weights = _load_export(path, use_ema)
     else:
         ckpt = resolve(path)
-        cfg = config_from_yaml((ckpt.parent.parent / "config.yaml").read_text(), str(ckpt.parent.parent))
+        _, cfg = run_config(ckpt)
         weights = module_weights(ckpt, TASKS[cfg.task].ema_module, use_ema)
     task = TASKS[cfg.task](cfg)
     net = task.modules[task.ema_module]
