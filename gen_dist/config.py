@@ -35,6 +35,10 @@ class DataConfig:
     """Samples held in each worker's shuffle buffer (on top of a per-epoch shard shuffle)."""
     hflip: bool = False
     """Random horizontal flips."""
+    strict: bool = False
+    """Stop at the first unreadable shard, undecodable image or sample without image or label, naming shard and
+    key. Otherwise such a sample is logged, counted in the data/bad_samples metric and replaced in its batch
+    by a good one, so that every rank still takes the planned steps."""
 
 
 @dataclass
@@ -61,6 +65,8 @@ class TrainConfig:
     """Micro-batches accumulated per optimizer step."""
     mixed_precision: str = "no"
     """no, bf16 or fp16 (fp16 needs a GPU)."""
+    loss_scaling: bool = True
+    """fp16: dynamic loss scaling (a GradScaler). Without it small fp16 gradients flush to zero."""
     ema_decay: float = 0.999
     """EMA decay of the generator/denoiser; 0 disables EMA. Warmed up as min(decay, (1+n)/(10+n))."""
     seed: int = 0
@@ -297,6 +303,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("config key 'train.ema_decay' must be in [0, 1)")
     if len(cfg.optim.betas) != 2:
         raise ConfigError("config key 'optim.betas' must have two values")
+    if cfg.train.mixed_precision == "fp16" and not cfg.train.loss_scaling and cfg.task == "gan":
+        raise ConfigError("train.mixed_precision=fp16 with train.loss_scaling=false cannot train a GAN: the "
+                          "adversarial gradients underflow in fp16; set train.loss_scaling=true or use bf16")
     _validate_parallel(cfg)
 
 

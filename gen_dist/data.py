@@ -6,9 +6,12 @@ Layout of a packed dataset directory::
     train-000000.tar ...        WebDataset samples: <key>.png (or .jpg ...) and <key>.cls
 
 Each epoch the shard order is permuted (seed, epoch), the concatenated samples are cut into one contiguous
-range per (rank, worker) slot, and every slot yields the same number of full batches. Ranges may start inside
-a shard, so any number of shards works with any number of slots, and no rank ever waits on another for data.
+range per (rank, worker) slot, and every rank takes the same number of batches. Ranges may start inside a
+shard, so any number of shards works with any number of slots, and no rank ever waits on another for data.
 The stream position is (epoch, batches consumed in the epoch): everything else is derived from the seed.
+When the layout (ranks, workers, batch size, shuffle buffer) changes mid-epoch, the samples the earlier
+layout consumed are found by replaying its split and shuffle, and the rest of the epoch is cut among the
+new slots the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import io
 import itertools
 import json
 import struct
+import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,11 +187,37 @@ def load_index(path: Path) -> dict:
 
 @dataclass(frozen=True)
 class Piece:
-    """Samples [start, end) of one shard."""
+    """Samples [start, end) of one shard; only the offsets in `keep` when it is given."""
 
     file: str
     start: int
     end: int
+    keep: frozenset[int] | None = None
+
+    @property
+    def count(self) -> int:
+        return self.end - self.start if self.keep is None else len(self.keep)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How an epoch is read: ranks x loader workers per rank, batch size and shuffle buffer per worker."""
+
+    world: int
+    workers: int
+    batch: int
+    buffer: int
+
+    def to_list(self) -> list[int]:
+        return [self.world, self.workers, self.batch, self.buffer]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A finished part of an epoch: `consumed` batches per rank read under `layout`."""
+
+    layout: Layout
+    consumed: int
 
 
 def batch_sizes(total: int, world: int, workers: int, batch: int) -> list[list[list[int]]]:
@@ -213,22 +243,67 @@ def batch_sizes(total: int, world: int, workers: int, batch: int) -> list[list[l
     return out
 
 
+def delivered(worker: int, workers: int, batches: int) -> int:
+    """Batches that a rank's worker has delivered when the rank has consumed `batches` (round-robin order)."""
+    return len(range(worker, batches, workers))
+
+
+def _seed(seed: int, epoch: int, slot: int, segment: int, *more: int) -> list[int]:
+    return [seed, epoch, slot, *more] + ([segment] if segment else [])
+
+
+def epoch_shards(shards: list[tuple[str, int]], seed: int, epoch: int) -> tuple[list[tuple[str, int]], np.ndarray]:
+    """The epoch's shard order and the position of each shard's first sample in the concatenated sequence."""
+    order = np.random.default_rng([seed, epoch, 0x5EED]).permutation(len(shards))
+    ordered = [shards[i] for i in order]
+    return ordered, np.cumsum([0] + [n for _, n in ordered[:-1]])
+
+
+def to_pieces(positions: np.ndarray, ordered: list[tuple[str, int]], starts: np.ndarray) -> list[Piece]:
+    """Sorted positions of the epoch's sample sequence as runs inside shards."""
+    if len(positions) == 0:
+        return []
+    shard = np.searchsorted(starts, positions, side="right") - 1
+    cuts = np.flatnonzero(np.diff(shard)) + 1
+    pieces = []
+    for part, i in zip(np.split(positions, cuts), shard[np.concatenate([[0], cuts])], strict=True):
+        offsets = part - starts[i]
+        lo, hi = int(offsets[0]), int(offsets[-1]) + 1
+        pieces.append(Piece(ordered[i][0], lo, hi, None if hi - lo == len(offsets) else frozenset(offsets.tolist())))
+    return pieces
+
+
+def split_slots(avail: np.ndarray, layout: Layout) -> tuple[list[list[list[int]]], list[np.ndarray]]:
+    """(batch sizes [rank][worker], positions per (rank, worker) slot): `avail` cut into consecutive ranges."""
+    sizes = batch_sizes(len(avail), layout.world, layout.workers, layout.batch)
+    bounds = np.cumsum([0] + [sum(w) for r in sizes for w in r])
+    return sizes, [avail[a:b] for a, b in itertools.pairwise(bounds)]
+
+
 def plan_epoch(shards: list[tuple[str, int]], counts: list[int], seed: int, epoch: int) -> list[list[Piece]]:
     """Cut the epoch's shard-shuffled sample sequence into consecutive ranges of `counts` samples (one range
     per (rank, worker) slot); the counts add up to the dataset, so each sample lands in exactly one slot."""
-    order = np.random.default_rng([seed, epoch, 0x5EED]).permutation(len(shards))
-    bounds = np.concatenate([[0], np.cumsum(counts)]).tolist()
-    plan: list[list[Piece]] = [[] for _ in counts]
-    offset = 0
-    for i in order:
-        name, count = shards[i]
-        lo, hi = offset, offset + count
-        for j in range(len(counts)):
-            a, b = max(lo, bounds[j]), min(hi, bounds[j + 1])
-            if a < b:
-                plan[j].append(Piece(name, a - lo, b - lo))
-        offset = hi
-    return plan
+    ordered, starts = epoch_shards(shards, seed, epoch)
+    bounds = np.cumsum([0, *counts])
+    pos = np.arange(bounds[-1])
+    return [to_pieces(pos[a:b], ordered, starts) for a, b in itertools.pairwise(bounds)]
+
+
+def remaining(total: int, done: list[Segment], seed: int, epoch: int) -> np.ndarray:
+    """Positions of the epoch's sample sequence that the finished segments `done` did not consume.
+
+    Replays each segment's split and shuffle on positions alone (no shard is read)."""
+    avail = np.arange(total)
+    for s, seg in enumerate(done):
+        sizes, slots = split_slots(avail, seg.layout)
+        used: list[int] = []
+        for j, pos in enumerate(slots):
+            r, w = divmod(j, seg.layout.workers)
+            n = sum(sizes[r][w][: delivered(w, seg.layout.workers, seg.consumed)])
+            rng = np.random.default_rng(_seed(seed, epoch, j, s))
+            used += itertools.islice(shuffled(pos.tolist(), seg.layout.buffer, rng), n)
+        avail = np.setdiff1d(avail, np.asarray(used, dtype=np.int64))
+    return avail
 
 
 def _group_key(fname: str) -> tuple[str, str]:
@@ -236,14 +311,28 @@ def _group_key(fname: str) -> tuple[str, str]:
     return base, ext
 
 
-def read_pieces(root: Path, pieces: list[Piece]) -> Iterator[dict[str, Any]]:
-    """Raw (undecoded) samples of each piece in order."""
+def read_pieces(root: Path, pieces: list[Piece], problems: list[tuple[str, int]] | None = None
+                ) -> Iterator[dict[str, Any]]:
+    """Raw (undecoded) samples of each piece in order. An unreadable or short shard raises a DataError or,
+    with a `problems` list, is reported there as (message, samples lost) and reading goes on."""
     for piece in pieces:
-        path = root / piece.file
-        with open(path, "rb") as f:
-            files = tariterators.tar_file_expander([{"url": str(path), "stream": f}])
-            samples = tariterators.group_by_keys(files, keys=_group_key)
-            yield from itertools.islice(samples, piece.start, piece.end)
+        path, n = root / piece.file, 0
+        try:
+            with open(path, "rb") as f:
+                files = tariterators.tar_file_expander([{"url": str(path), "stream": f}])
+                samples = tariterators.group_by_keys(files, keys=_group_key)
+                for i, sample in enumerate(itertools.islice(samples, piece.start, piece.end), piece.start):
+                    if piece.keep is None or i in piece.keep:
+                        n += 1
+                        yield sample
+            error = "" if n == piece.count else "the shard ends early"
+        except (OSError, tarfile.TarError, ValueError) as e:
+            error = f"{type(e).__name__}: {e.args[0] if e.args else e}"
+        if error:
+            message = f"{path}: unreadable after {n} of the {piece.count} samples to read ({error})"
+            if problems is None:
+                raise DataError(message)
+            problems.append((message, piece.count - n))
 
 
 def shuffled(samples: Iterable[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
@@ -264,7 +353,7 @@ def shuffled(samples: Iterable[Any], size: int, rng: np.random.Generator) -> Ite
 def decode_image(sample: dict[str, Any], channels: int, resolution: int) -> np.ndarray:
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
-        raise DataError(f"sample {sample.get('__key__')} from {sample.get('__url__')} has no image")
+        raise DataError(f"no image ({', '.join(IMAGE_EXTS)}) in the sample")
     img = Image.open(io.BytesIO(sample[ext])).convert("L" if channels == 1 else "RGB")
     if img.size != (resolution, resolution):
         img = img.resize((resolution, resolution), Image.BICUBIC)
@@ -272,9 +361,16 @@ def decode_image(sample: dict[str, Any], channels: int, resolution: int) -> np.n
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 
-def _label(sample: dict[str, Any]) -> int:
+def _label(sample: dict[str, Any], classes: int) -> int:
     raw = sample.get("cls")
-    return int(raw) if raw is not None else -1
+    if raw is None:
+        if classes:
+            raise DataError("no class label (.cls) in a dataset with classes")
+        return -1
+    label = int(raw)
+    if classes and not 0 <= label < classes:
+        raise DataError(f"class label {label} outside 0..{classes - 1}")
+    return label
 
 
 def check_split(root: Path, split: str, world_size: int, workers: int, batch_size: int) -> dict:
@@ -284,6 +380,10 @@ def check_split(root: Path, split: str, world_size: int, workers: int, batch_siz
     if split not in index["splits"]:
         raise DataError(f"split '{split}' not in {root / INDEX} (has: {', '.join(index['splits'])})")
     entry = index["splits"][split]
+    missing = [s["file"] for s in entry["shards"] if not (root / s["file"]).is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} shard(s) of '{split}' listed in {root / INDEX} are missing: "
+                        f"{', '.join(missing[:5])}")
     shards, total = len(entry["shards"]), int(entry["count"])
     if shards < world_size * workers:
         # Readers would start inside shards that others read too, each re-reading the skipped part.
@@ -297,11 +397,16 @@ def check_split(root: Path, split: str, world_size: int, workers: int, batch_siz
 
 
 class ShardStream(IterableDataset):
-    """Batches of {'image': uint8 (B,C,H,W), 'label': int64 (B,), 'key': list[str]} for one rank."""
+    """Batches of {'image': uint8 (B,C,H,W), 'label': int64 (B,), 'key': list[str], 'bad': list[str],
+    'bad_count': int} for one rank.
+
+    A sample that cannot be used (unreadable shard, undecodable image, no image or label) is reported in
+    'bad' and counted in 'bad_count', and its place in the batch is taken by a good sample of the batch, so
+    every rank still takes the planned number of equal batches; with `strict` it raises a DataError."""
 
     def __init__(self, root: str | Path, split: str, batch_size: int, rank: int, world_size: int,
                  num_workers: int, seed: int, shuffle_buffer: int, resolution: int, channels: int,
-                 hflip: bool) -> None:
+                 hflip: bool, strict: bool = False) -> None:
         self.root = Path(root)
         self.workers = max(1, num_workers)
         index = check_split(self.root, split, world_size, self.workers, batch_size)
@@ -309,22 +414,29 @@ class ShardStream(IterableDataset):
         self.shards = [(s["file"], int(s["count"])) for s in entry["shards"]]
         self.total = int(entry["count"])
         self.num_classes = len(index.get("classes", []))
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.seed, self.buffer, self.hflip = seed, shuffle_buffer, hflip
+        self.layout = Layout(world_size, self.workers, batch_size, shuffle_buffer)
+        self.rank, self.seed, self.hflip, self.strict = rank, seed, hflip, strict
         self.resolution, self.channels = resolution, channels
-        plan = batch_sizes(self.total, world_size, self.workers, batch_size)
-        self.sizes = plan[rank]
-        self.slot_counts = [sum(w) for r in plan for w in r]
-        self.epoch, self.start_batch = 0, 0
+        self.set_position(0, 0)
 
     @property
     def batches_per_epoch(self) -> int:
-        """Batches each rank receives per epoch (the same on every rank)."""
+        """Batches each rank receives in the current epoch (the same on every rank)."""
         return sum(len(w) for w in self.sizes)
 
-    def set_position(self, epoch: int, batch: int) -> None:
-        """Start the next iteration at batch `batch` of epoch `epoch` (as counted on this rank)."""
-        self.epoch, self.start_batch = epoch, batch
+    def set_position(self, epoch: int, batch: int, done: tuple[Segment, ...] = ()) -> None:
+        """Start the next iteration at batch `batch` (as counted on this rank) of what is left of epoch `epoch`
+        after the finished segments `done` (earlier parts of the epoch read under other layouts)."""
+        self.epoch, self.start_batch, self.segment = epoch, batch, len(done)
+        self.ordered, self.starts = epoch_shards(self.shards, self.seed, epoch)
+        avail = remaining(self.total, list(done), self.seed, epoch) if done else np.arange(self.total)
+        k = self.workers
+        self.dropped = 0
+        if len(avail) < self.layout.world * k:  # too few left to give every reader one: they wait an epoch
+            self.sizes, self.slots, self.dropped = [[] for _ in range(k)], [avail[:0]] * k, len(avail)
+            return
+        sizes, slots = split_slots(avail, self.layout)
+        self.sizes, self.slots = sizes[self.rank], slots[self.rank * k : (self.rank + 1) * k]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -332,26 +444,61 @@ class ShardStream(IterableDataset):
         # `start_batch` the batch due next belongs to slot start_batch % K, so the physical workers rotate.
         worker = ((info.id if info is not None else 0) + self.start_batch) % self.workers
         slot = self.rank * self.workers + worker
-        pieces = plan_epoch(self.shards, self.slot_counts, self.seed, self.epoch)[slot]
-        rng = np.random.default_rng([self.seed, self.epoch, slot])
-        stream = shuffled(read_pieces(self.root, pieces), self.buffer, rng)
-        # Worker w delivered every K-th batch so far.
-        skip = len(range(worker, self.start_batch, self.workers))
+        problems: list[tuple[str, int]] = []
+        pieces = to_pieces(self.slots[worker], self.ordered, self.starts)
+        rng = np.random.default_rng(_seed(self.seed, self.epoch, slot, self.segment))
+        stream = shuffled(read_pieces(self.root, pieces, None if self.strict else problems),
+                          self.layout.buffer, rng)
+        skip = delivered(worker, self.workers, self.start_batch)
+        spare: dict[str, Any] | None = None
         for b, size in enumerate(self.sizes[worker]):
             raw = list(itertools.islice(stream, size))
-            if b >= skip:
-                yield self._decode(raw, slot, b)
+            if b < skip:
+                problems.clear()  # reported when that batch was first read
+                continue
+            decoded = self._decode(raw, problems, slot, b)
+            problems.clear()
+            yield _fill(decoded, size, spare, pieces)
+            spare = decoded if decoded["image"] else spare
 
-    def _decode(self, raw: list[dict[str, Any]], slot: int, b: int) -> dict[str, Any]:
-        images = np.stack([decode_image(s, self.channels, self.resolution) for s in raw])
-        if self.hflip:
-            flip = np.random.default_rng([self.seed, self.epoch, slot, b, 0xF11D]).random(len(raw)) < 0.5
-            images[flip] = images[flip, :, :, ::-1]
-        return {
-            "image": torch.from_numpy(images),
-            "label": torch.tensor([_label(s) for s in raw], dtype=torch.long),
-            "key": [s["__key__"] for s in raw],
-        }
+    def _decode(self, raw: list[dict[str, Any]], problems: list[tuple[str, int]], slot: int, b: int
+                ) -> dict[str, Any]:
+        images, labels, keys = [], [], []
+        for s in raw:
+            try:
+                image, label = decode_image(s, self.channels, self.resolution), _label(s, self.num_classes)
+            except Exception as e:  # noqa: BLE001 - any decoder failure on any bytes is a bad sample
+                message = f"{s.get('__url__')}: sample {s.get('__key__')}: {type(e).__name__}: {e}"
+                if self.strict:
+                    raise DataError(message + " (data.strict=true)") from e
+                problems.append((message, 1))
+                continue
+            images.append(image)
+            labels.append(label)
+            keys.append(s["__key__"])
+        if images and self.hflip:
+            seed = _seed(self.seed, self.epoch, slot, self.segment, b, 0xF11D)
+            flip = np.random.default_rng(seed).random(len(images)) < 0.5
+            images = [im[:, :, ::-1] if f else im for im, f in zip(images, flip, strict=True)]
+        return {"image": images, "label": labels, "key": keys, "bad": [m for m, _ in problems],
+                "bad_count": sum(n for _, n in problems)}
+
+
+def _fill(batch: dict[str, Any], size: int, spare: dict[str, Any] | None, pieces: list[Piece]) -> dict[str, Any]:
+    """Collate `size` samples: the good ones of the batch repeated in the places of bad ones (those of the
+    worker's previous batch when none of this batch is good)."""
+    good = batch if batch["image"] else spare
+    if good is None:
+        files = sorted({p.file for p in pieces})
+        raise DataError(f"no readable sample to fill a batch from {', '.join(files)}: " + "; ".join(batch["bad"][:3]))
+    take = [i % len(good["image"]) for i in range(size)]
+    return {
+        "image": torch.from_numpy(np.stack([good["image"][i] for i in take])),
+        "label": torch.tensor([good["label"][i] for i in take], dtype=torch.long),
+        "key": [good["key"][i] for i in take],
+        "bad": batch["bad"],
+        "bad_count": batch["bad_count"],
+    }
 
 
 def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:

@@ -44,13 +44,18 @@ def gather_cat(acc: Accelerator, t: torch.Tensor) -> torch.Tensor:
     return acc.gather(t.contiguous()) if acc.num_processes > 1 else t
 
 
+def all_objects(acc: Accelerator, obj: Any) -> list[Any]:
+    """A picklable object from every rank, in rank order, on every rank."""
+    if acc.num_processes == 1:
+        return [obj]
+    out: list[Any] = [None] * acc.num_processes
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
 def first_error(acc: Accelerator, error: str) -> str:
     """The first non-empty error message of any rank, on every rank (all ranks then take the same branch)."""
-    if acc.num_processes == 1:
-        return error
-    errors: list[str] = [""] * acc.num_processes
-    torch_dist.all_gather_object(errors, error)
-    return next((e for e in errors if e), "")
+    return next((e for e in all_objects(acc, error) if e), "")
 
 
 def shutdown(acc: Accelerator | None) -> None:

@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import sys
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from gen_dist import checkpoint, dist, parallel
 from gen_dist.config import RunConfig, save_config, to_dict
-from gen_dist.data import ShardStream, make_loader
+from gen_dist.data import Layout, Segment, ShardStream, make_loader
 from gen_dist.images import grid, to_uint8
 from gen_dist.launch import preflight
 from gen_dist.tasks import TASKS, Phase, Task
@@ -57,7 +58,11 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     batch: int = 0
-    """Batches consumed in the current epoch on each rank (the data stream's position)."""
+    """Batches consumed on each rank in the current epoch since the data layout last changed."""
+    done: tuple[Segment, ...] = ()
+    """Earlier parts of the current epoch, read under other data layouts (other world sizes, workers...)."""
+    images: int = 0
+    """Training images consumed over all ranks."""
     nonfinite: int = 0
     """Consecutive steps with a phase skipped for a non-finite loss or gradient."""
 
@@ -78,9 +83,11 @@ class Trainer:
         self.stream = ShardStream(
             cfg.data.path, cfg.data.split, cfg.data.batch_size, acc.process_index, acc.num_processes,
             cfg.data.num_workers, cfg.train.seed, cfg.data.shuffle_buffer, cfg.data.resolution,
-            cfg.data.channels, cfg.data.hflip)
+            cfg.data.channels, cfg.data.hflip, cfg.data.strict)
         self.state = TrainState()
         self.skipped_phases = 0
+        self.bad_samples: list[str] = []  # reports of unusable samples since the last log record
+        self.bad_count = 0
         # A whole copy of the sampled module: under sharding the trained one holds only this rank's part.
         self.sample_net = copy.deepcopy(self.task.modules[self.task.ema_module]).to(acc.device).eval()
         self.sample_net.requires_grad_(False)
@@ -119,8 +126,15 @@ class Trainer:
             return False
         path = found[0]
         meta, ema = checkpoint.load(self.acc, *found)
-        self.state = TrainState(step=meta["step"], epoch=meta["epoch"], batch=meta["batch"],
-                                nonfinite=meta.get("nonfinite", 0))
+        done = tuple(Segment(Layout(*d["layout"]), d["consumed"]) for d in meta["data_done"])
+        batch = meta["batch"]
+        saved = Layout(*meta["data_layout"])
+        if saved != self.stream.layout:
+            # Another world size (or workers, batch, buffer): the rest of the epoch is spread anew.
+            done, batch = ((*done, Segment(saved, batch)) if batch else done), 0
+            self.tracker.event("data_layout_changed", saved=saved.to_list(), now=self.stream.layout.to_list())
+        self.state = TrainState(step=meta["step"], epoch=meta["epoch"], batch=batch, done=done,
+                                nonfinite=meta["nonfinite"], images=meta["images"])
         if self.ema is not None and ema is not None:
             self.ema.load_state_dict(ema, meta["ema_updates"])
         self.tracker.event("resume", checkpoint=str(path), step=self.state.step)
@@ -135,6 +149,8 @@ class Trainer:
         if self.cfg.parallel.strategy != "ddp":
             files[checkpoint.WEIGHTS] = parallel.full_state_dict(self.modules[self.task.ema_module], self.layout)
         meta = {"epoch": s.epoch, "batch": s.batch, "nonfinite": s.nonfinite, "world_size": self.acc.num_processes,
+                "images": s.images, "data_layout": self.stream.layout.to_list(),
+                "data_done": [{"layout": d.layout.to_list(), "consumed": d.consumed} for d in s.done],
                 "modules": list(self.modules), "strategy": self.cfg.parallel.strategy,
                 "ema_updates": self.ema.updates if self.ema is not None else 0}
         path = checkpoint.save(self.acc, self.run_dir, s.step, meta, files, self.cfg.train.keep_checkpoints)
@@ -146,15 +162,26 @@ class Trainer:
     def _batches(self):
         """Endless stream of device batches; advances the epoch and keeps the position in self.state."""
         while True:
-            self.stream.set_position(self.state.epoch, self.state.batch)
+            self.stream.set_position(self.state.epoch, self.state.batch, self.state.done)
+            if self.stream.dropped:
+                self.tracker.event("data_dropped", epoch=self.state.epoch, samples=self.stream.dropped,
+                                   reason="fewer samples left in the epoch than ranks x workers")
             for batch in make_loader(self.stream, self.cfg.data.num_workers):
                 self.state.batch += 1
+                self._note_bad(batch)
                 yield {
                     "x": batch["image"].to(self.acc.device, non_blocking=True).float() / 127.5 - 1,
                     "label": batch["label"].to(self.acc.device, non_blocking=True),
                     "key": batch["key"],
                 }
-            self.state.epoch, self.state.batch = self.state.epoch + 1, 0
+            self.state.epoch, self.state.batch, self.state.done = self.state.epoch + 1, 0, ()
+
+    def _note_bad(self, batch: dict[str, Any]) -> None:
+        if batch["bad_count"]:
+            self.bad_count += batch["bad_count"]
+            self.bad_samples += batch["bad"]
+            for message in batch["bad"]:
+                print(f"[rank {self.acc.process_index}] bad data: {message}", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------------------------------ step
 
@@ -202,6 +229,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.update()
         self.state.step += 1
+        self.state.images += self.global_batch
         return stats
 
     def _log_keys(self, micro: list[dict[str, Any]]) -> None:
@@ -270,8 +298,14 @@ class Trainer:
     def _log(self, window: MetricWindow, bar: tqdm) -> None:
         metrics = window.summary(self.global_batch)
         metrics.update({f"lr/{n}": s.get_last_lr()[0] for n, s in self.scheds.items()})
+        metrics["data/bad_samples"] = float(self.bad_count) * self.acc.num_processes  # the mean becomes the sum
         metrics = dist.mean_across_ranks(self.acc, metrics)
-        metrics.update(epoch=self.state.epoch, images_seen=self.state.step * self.global_batch)
+        metrics.update(epoch=self.state.epoch, images_seen=self.state.images)
+        if metrics["data/bad_samples"]:
+            for rank, reports in enumerate(dist.all_objects(self.acc, self.bad_samples)):
+                if reports:
+                    self.tracker.event("bad_data", step=self.state.step, rank=rank, samples=reports[:20])
+        self.bad_samples, self.bad_count = [], 0
         self.tracker.log(self.state.step, metrics)
         bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k.endswith("/loss")})
         window.reset()

@@ -4,6 +4,7 @@ that a bad config fails in a second."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -27,8 +28,10 @@ def preflight(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError(f"{cfg.task}.num_classes={want} but {cfg.data.path} has {have} classes; "
                           f"set {cfg.task}.num_classes={have}")
     saved = cfg.out_dir / "config.yaml"
-    if saved.exists() and checkpoint.list_checkpoints(cfg.out_dir):
+    found = checkpoint.list_checkpoints(cfg.out_dir)
+    if saved.exists() and found:
         check_same_model(load_config(saved), cfg)
+        _check_resumable(found[-1], cfg, world_size)
     if cfg.train.mixed_precision == "fp16" and (cfg.train.cpu or not torch.cuda.is_available()):
         raise ConfigError("train.mixed_precision=fp16 needs a GPU (CPU autocast ignores it); use bf16 or no")
     if cfg.parallel.strategy == "deepspeed":
@@ -37,6 +40,22 @@ def preflight(cfg: RunConfig, world_size: int) -> None:
         check_deepspeed(cfg)
 
 
+
+
+def _check_resumable(ckpt: Path, cfg: RunConfig, world_size: int) -> None:
+    """A checkpoint resumes under the strategy that wrote it; a ZeRO one also only on as many ranks."""
+    try:
+        meta = json.loads((ckpt / checkpoint.META).read_text())
+    except (OSError, ValueError):
+        return  # broken: resume skips it with a warning
+    then, now = meta.get("strategy"), cfg.parallel.strategy
+    if then != now:
+        raise ConfigError(f"{ckpt} was written with parallel.strategy={then}, its optimizer state cannot be "
+                          f"loaded under {now}; resume with parallel.strategy={then} or use a new run_dir")
+    if now == "deepspeed" and meta["world_size"] != world_size:
+        raise ConfigError(f"{ckpt} holds DeepSpeed ZeRO partitions of {meta['world_size']} ranks, which load only "
+                          f"on {meta['world_size']} ranks (not {world_size}); resume on {meta['world_size']} "
+                          f"ranks (ddp and fsdp checkpoints resume on any number)")
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import GradScalerKwargs, InitProcessGroupKwargs
 from torch import nn
 
 from gen_dist.config import ConfigError, RunConfig, validate
@@ -151,8 +151,11 @@ def make_accelerator(cfg: RunConfig, trained: list[str], log_with: str | None) -
         kwargs["cpu"] = cpu
     if strategy == "fsdp":
         kwargs["fsdp_plugin"] = _fsdp_plugin()
+    handlers: list[Any] = [pg]
+    if precision == "fp16" and not cfg.train.loss_scaling:
+        handlers.append(GradScalerKwargs(enabled=False))
     acc = Accelerator(mixed_precision=precision, log_with=log_with, project_dir=str(cfg.out_dir),
-                      step_scheduler_with_optimizer=False, kwargs_handlers=[pg], **kwargs)
+                      step_scheduler_with_optimizer=False, kwargs_handlers=handlers, **kwargs)
     if strategy == "fsdp" and acc.device.type == "cpu":
         _select_fsdp_on_cpu(acc, kwargs["fsdp_plugin"])
     return acc
@@ -217,8 +220,8 @@ class Wrapped:
         on every rank: all ranks skip the same step without another collective."""
         norm = self.acc.clip_grad_norm_(self.model.parameters(), clip or float("inf")).detach().float()
         finite = bool(torch.isfinite(norm))
-        if finite:
-            self.opt.step()
+        if finite or (self.acc.scaler is not None and self.acc.scaler.is_enabled()):
+            self.opt.step()  # under fp16 loss scaling the scaler skips a non-finite step and lowers its scale
         self.opt.zero_grad(set_to_none=True)
         return norm, finite
 

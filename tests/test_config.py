@@ -56,6 +56,8 @@ def test_cross_field_checks() -> None:
         load_config(CONFIGS / "smoke_vae.yaml", ["data.resolution=10"])
     with pytest.raises(ConfigError, match="same length"):
         load_config(CONFIGS / "smoke_diffusion.yaml", ["diffusion.attention=[true]"])
+    with pytest.raises(ConfigError, match="loss_scaling=false cannot train a GAN"):
+        load_config(CONFIGS / "smoke_gan.yaml", ["train.mixed_precision=fp16", "train.loss_scaling=false"])
 
 
 @pytest.mark.parametrize("command", ["train", "launch"])
@@ -70,6 +72,12 @@ def test_cli_fails_before_training(command: str, tmp_path: Path, digits: Path) -
     assert proc.returncode == 2 and "no index.json in /no/such/data" in proc.stderr
     proc = run_cli(*args, "train.mixed_precision=fp16", check=False)
     assert proc.returncode == 2 and "fp16 needs a GPU" in proc.stderr
+    gan = [command, str(CONFIGS / "smoke_gan.yaml"), *args[2:]]
+    proc = run_cli(*gan, "train.mixed_precision=fp16", "train.loss_scaling=false", check=False)
+    assert proc.returncode == 2 and "cannot train a GAN" in proc.stderr
+    if command == "launch":  # 5 shards cannot feed 8 ranks
+        proc = run_cli(*args, "--nproc", "8", check=False)
+        assert proc.returncode == 2 and "has 5 shards for 8 ranks x 1 workers" in proc.stderr
     assert not run_dir.exists()
 
 

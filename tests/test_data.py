@@ -10,6 +10,9 @@ from PIL import Image
 
 from gen_dist.data import (
     DataError,
+    Layout,
+    Piece,
+    Segment,
     ShardStream,
     batch_sizes,
     load_index,
@@ -43,8 +46,6 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def all_samples(root: Path, split: str) -> list[dict]:
-    from gen_dist.data import Piece
-
     entry = load_index(root)["splits"][split]
     return list(read_pieces(root, [Piece(s["file"], 0, s["count"]) for s in entry["shards"]]))
 
@@ -193,3 +194,102 @@ def test_stream_position_resumes_mid_epoch(digits: Path) -> None:
 def test_stream_rejects_too_little_data(digits: Path) -> None:
     with pytest.raises(DataError, match="cannot fill one batch"):
         ShardStream(digits, "test", 256, 0, 2, 1, 0, 10, 8, 1, False)
+
+
+def _rank_batches(root: Path, layout: Layout, rank: int, epoch: int, start: int, done: tuple[Segment, ...],
+                  stop: int | None = None, **kw) -> list[dict]:
+    from torch.utils.data import DataLoader
+
+    ds = ShardStream(root, "train", layout.batch, rank, layout.world, layout.workers, seed=7,
+                     shuffle_buffer=layout.buffer, resolution=4, channels=1, hflip=False, **kw)
+    ds.set_position(epoch, start, done)
+    out = []
+    for b in DataLoader(ds, batch_size=None, num_workers=layout.workers):
+        if stop is not None and start + len(out) == stop:
+            break
+        out.append(b)
+    return out
+
+
+# Layouts a run passes through within one epoch, and the batches per rank it consumes under each.
+LAYOUT_CHANGES = [
+    [(Layout(2, 2, 8, 10), 5), (Layout(1, 1, 16, 20), None)],
+    [(Layout(1, 1, 8, 10), 7), (Layout(2, 1, 8, 10), None)],
+    [(Layout(2, 2, 8, 10), 5), (Layout(1, 1, 16, 20), 3), (Layout(3, 2, 4, 5), None)],
+    [(Layout(1, 2, 6, 10), 4), (Layout(1, 2, 6, 10), 3), (Layout(4, 1, 5, 30), None)],
+]
+
+
+@pytest.mark.parametrize("changes", LAYOUT_CHANGES, ids=lambda c: "->".join(f"{a.world}x{a.workers}" for a, _ in c))
+def test_layout_change_mid_epoch_reads_the_rest_once(tmp_path: Path, changes: list) -> None:
+    """A run stopped mid-epoch and resumed with other ranks/workers/batch/buffer (possibly several times)
+    reads every sample of the epoch exactly once, every rank of each part taking the same number of steps;
+    the next epoch is a whole one under the last layout."""
+    keys = _pack_shards(tmp_path, [40, 35, 50, 33, 42, 38])
+    consumed: list[str] = []
+    done: tuple[Segment, ...] = ()
+    for layout, stop in changes:
+        start = 0
+        if done and done[-1].layout == layout:  # same layout: the position simply continues
+            start = done[-1].consumed
+            done = done[:-1]
+        parts = [_rank_batches(tmp_path, layout, r, 0, start, done, stop) for r in range(layout.world)]
+        assert len({len(p) for p in parts}) == 1, "ranks took different numbers of steps"
+        consumed += [k for p in parts for b in p for k in b["key"]]
+        done = (*done, Segment(layout, start + len(parts[0])))
+    assert len(consumed) == len(keys) and set(consumed) == keys
+    layout = changes[-1][0]
+    nxt = [k for r in range(layout.world) for b in _rank_batches(tmp_path, layout, r, 1, 0, ()) for k in b["key"]]
+    assert sorted(nxt) == sorted(keys)
+
+
+def _corrupt(root: Path, faults: tuple[str, ...] = ("tar", "image", "missing")) -> dict[str, str]:
+    """Damage the packed split: garbage over the second half of one shard ("tar"), one image's bytes
+    ("image"), one sample without its image ("missing"). Returns {fault: the shard or key a report names}."""
+    import webdataset as wds
+
+    shards = [s["file"] for s in load_index(root)["splits"]["train"]["shards"]]
+    tar = root / shards[1]
+    raw = bytearray(tar.read_bytes())
+    raw[len(raw) // 2 :] = np.random.default_rng(0).integers(0, 256, len(raw) - len(raw) // 2, dtype=np.uint8).tobytes()
+    if "tar" in faults:
+        tar.write_bytes(bytes(raw))
+    samples = [{k: v for k, v in s.items() if k in ("__key__", "png", "cls")}
+               for s in read_pieces(root, [Piece(shards[0], 0, 40)])]
+    if "image" in faults:
+        samples[3]["png"] = b"\x89PNG not really"
+    if "missing" in faults:
+        del samples[5]["png"]
+    with wds.TarWriter(str(root / shards[0]), encoder=False) as w:
+        for sample in samples:
+            w.write(sample)
+    return {"tar": shards[1], "image": samples[3]["__key__"], "missing": samples[5]["__key__"]}
+
+
+def test_bad_samples_are_reported_counted_and_replaced(tmp_path: Path) -> None:
+    """Lenient mode: each fault is reported naming shard or key, every rank still takes the planned number of
+    full batches, and the count of bad samples equals the samples not trained on."""
+    keys = _pack_shards(tmp_path / "clean", [40, 35, 50, 33])
+    _pack_shards(tmp_path / "bad", [40, 35, 50, 33])
+    bad = _corrupt(tmp_path / "bad")
+    layout = Layout(2, 2, 8, 10)
+    parts = [_rank_batches(tmp_path / "bad", layout, r, 0, 0, ()) for r in range(2)]
+    planned = [_rank_batches(tmp_path / "clean", layout, r, 0, 0, ()) for r in range(2)]
+    sizes = [[len(b["key"]) for b in p] for p in parts]
+    assert sizes == [[len(b["key"]) for b in p] for p in planned]
+    assert all(b["image"].shape[0] == len(b["key"]) for p in parts for b in p)
+    reports = [m for p in parts for b in p for m in b["bad"]]
+    assert any(bad["tar"] in m and "unreadable after" in m for m in reports)
+    assert any(bad["image"] in m and "UnidentifiedImageError" in m for m in reports)
+    assert any(bad["missing"] in m and "no image" in m for m in reports)
+    lost = sum(b["bad_count"] for p in parts for b in p)
+    seen = {k for p in parts for b in p for k in b["key"]}
+    assert lost > 2 and len(keys - seen) == lost
+
+
+@pytest.mark.parametrize("fault", ["tar", "image", "missing"])
+def test_strict_mode_fails_naming_shard_and_key(tmp_path: Path, fault: str) -> None:
+    _pack_shards(tmp_path, [40, 35, 50, 33])
+    bad = _corrupt(tmp_path, (fault,))
+    with pytest.raises(DataError, match=bad[fault]):
+        _rank_batches(tmp_path, Layout(1, 1, 8, 10), 0, 0, 0, (), strict=True)

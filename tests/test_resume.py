@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import events, run_cli, smoke_args
+from conftest import events, run_cli, smoke_args, step_records
 from safetensors.torch import load_file
 
 from gen_dist import checkpoint
+from gen_dist.data import DataError
 
 
 def _final(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -149,3 +150,103 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path: Path, d
         assert not list((disk / "run" / "checkpoints").glob(".tmp_*"))
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def _keys_in_order(run_dir: Path) -> list[str]:
+    """Sample keys consumed by the run, step by step and rank by rank."""
+    by_step: dict[tuple[int, int], list[str]] = {}
+    for f in run_dir.glob("keys_rank*.jsonl"):
+        rank = int(f.stem.removeprefix("keys_rank"))
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            by_step[(rec["step"], rank)] = rec["keys"]
+    return [k for _, keys in sorted(by_step.items()) for k in keys]
+
+
+def _launch(nproc: int, *args: str):
+    from conftest import free_port
+
+    if nproc == 1:
+        return run_cli("train", *args)
+    return run_cli("launch", *args, "--nproc", str(nproc), "--port", free_port())
+
+
+@pytest.mark.parametrize(("task", "strategy", "first", "then"),
+                         [("gan", "ddp", 2, 1), ("diffusion", "ddp", 1, 2), ("vae", "fsdp", 2, 1)])
+def test_resume_on_another_world_size_reads_each_sample_of_the_epoch_once(
+        task: str, strategy: str, first: int, then: int, tmp_path: Path, digits: Path) -> None:
+    """Stopped mid-epoch on `first` ranks, resumed on `then`: the epoch's samples are each trained on exactly
+    once, and the run goes on into the next epoch."""
+    from gen_dist.data import batch_sizes, load_index
+
+    run_dir = tmp_path / "run"
+    args = [*smoke_args(task, run_dir, digits), "train.log_keys=true", "wandb.enabled=false", "train.ckpt_every=1000",
+            f"parallel.strategy={strategy}", "data.batch_size=16"]
+    _launch(first, *args, "train.steps=10")
+    total = load_index(digits)["splits"]["train"]["count"]
+    left = total - 10 * 16 * first
+    rest = len(batch_sizes(left, then, 1, 16)[0][0])
+    _launch(then, *args, f"train.steps={10 + rest + 3}")
+    keys = _keys_in_order(run_dir)
+    epoch0 = keys[:total]
+    assert len(set(epoch0)) == total  # every sample once: none repeated, none skipped
+    assert len(keys) == total + 3 * 16 * then and set(keys[total:]) <= set(epoch0)
+    changed = events(run_dir, "data_layout_changed")
+    assert [e["saved"][0] for e in changed] == [first] and [e["now"][0] for e in changed] == [then]
+    assert events(run_dir, "resume")[0]["step"] == 10
+    assert all(math.isfinite(v) for r in step_records(run_dir) for k, v in r.items() if k.endswith("loss"))
+
+
+def test_zero_checkpoint_on_another_world_size_is_refused_before_launch(tmp_path: Path, digits: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = [*smoke_args("vae", run_dir, digits), "wandb.enabled=false", "parallel.strategy=deepspeed", "train.steps=2"]
+    _launch(2, *args)
+    proc = run_cli("train", *args[:-1], "train.steps=4", check=False)
+    assert proc.returncode == 2
+    assert "holds DeepSpeed ZeRO partitions of 2 ranks, which load only on 2 ranks (not 1)" in proc.stderr
+    proc = run_cli("train", *args[:-2], "train.steps=4", check=False)  # ddp now
+    assert proc.returncode == 2 and "was written with parallel.strategy=deepspeed" in proc.stderr
+
+
+def _damaged_copy(digits: Path, dest: Path) -> str:
+    """A copy of the digits dataset whose second train shard is garbage from its middle on; returns its name."""
+    import shutil
+
+    shutil.copytree(digits, dest)
+    tar = dest / "train-000001.tar"
+    raw = tar.read_bytes()
+    tar.write_bytes(raw[: len(raw) // 2] + os.urandom(len(raw) - len(raw) // 2))
+    return tar.name
+
+
+def test_corrupt_shard_is_counted_and_the_run_goes_on(tmp_path: Path) -> None:
+    """2 ranks through one epoch of a dataset with a damaged shard: both ranks train every planned step, the
+    damage is reported naming the shard, and data/bad_samples counts exactly the samples lost."""
+    from conftest import ROOT
+
+    from gen_dist.data import Piece, pack_digits, read_pieces
+
+    clean = tmp_path / "clean"
+    pack_digits(clean, shard_size=300)
+    data = tmp_path / "damaged"
+    shard = _damaged_copy(clean, data)
+    run_dir = tmp_path / "run"
+    proc = _launch(2, str(ROOT / "configs" / "smoke_vae.yaml"), f"run_dir={run_dir}", f"data.path={data}",
+                   "wandb.enabled=false", "train.steps=45", "train.log_every=5")  # 1438 samples / 32
+    assert f"{shard}: unreadable after" in proc.stderr
+    readable = []
+    with pytest.raises(DataError):
+        readable += read_pieces(data, [Piece(shard, 0, 300)])
+    bad = sum(r["data/bad_samples"] for r in step_records(run_dir))
+    assert bad == 300 - len(readable) > 0
+    reports = [s for e in events(run_dir, "bad_data") for s in e["samples"]]
+    assert reports and all(shard in s for s in reports)
+    assert [r["step"] for r in step_records(run_dir)] == list(range(5, 46, 5))
+
+
+def test_strict_data_mode_stops_naming_the_shard(tmp_path: Path, digits: Path) -> None:
+    data = tmp_path / "damaged"
+    shard = _damaged_copy(digits, data)
+    proc = run_cli("train", *smoke_args("vae", tmp_path / "run", data), "wandb.enabled=false", "train.steps=100",
+                   "data.strict=true", check=False)  # one epoch is 90 steps
+    assert proc.returncode == 2 and f"{shard}: unreadable after" in proc.stderr
