@@ -30,7 +30,7 @@ demo: setup data
 
 test: setup
 	$(VENV)/bin/ruff check gen_dist tests
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup --durations=15 tests
 
 clean:
 	rm -rf $(VENV) data runs

@@ -20,6 +20,11 @@ DATA_HELP = """Pack images into WebDataset .tar shards plus index.json:
   digits       scikit-learn's 8x8 digits (train/test)
   fashion-mnist   Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist)"""
 
+SUBMIT_HELP = """Validate CONFIG for nodes x processes ranks, render slurm/train.sbatch (one task per node,
+torchrun c10d rendezvous at the first node, SIGUSR1 before the time limit, requeue) and submit it with sbatch.
+The run directory is fixed to an absolute path; a signalled job checkpoints, requeues itself and resumes.
+Example: gen-dist slurm submit configs/x.yaml --nodes 4 --gpus-per-node 8 --time 24:00:00 --partition gpu"""
+
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -36,7 +41,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg)
     state = trainer.train()
-    dist.print0(f"done: step {state.step}, run directory {cfg.out_dir}")
+    if trainer.stopped:
+        dist.print0(f"stopped by {trainer.stopped} after step {state.step} with a checkpoint; the same command "
+                    f"resumes it from {cfg.out_dir}")
+    else:
+        dist.print0(f"done: step {state.step}, run directory {cfg.out_dir}")
     dist.shutdown(trainer.acc)
     dist.hard_exit(0)
 
@@ -90,6 +99,21 @@ def cmd_export(args: argparse.Namespace) -> None:
     from gen_dist.sampling import export
 
     print(f"wrote {export(Path(args.checkpoint), Path(args.out))}")
+
+
+def cmd_slurm_submit(args: argparse.Namespace) -> None:
+    from gen_dist.slurm import JobSpec, render, submit
+
+    spec = JobSpec(nodes=args.nodes, gpus_per_node=args.gpus_per_node, nproc_per_node=args.nproc_per_node,
+                   cpus_per_task=args.cpus_per_task, partition=args.partition, account=args.account, qos=args.qos,
+                   time=args.time, constraint=args.constraint, mem=args.mem, job_name=args.job_name,
+                   signal_seconds=args.signal_seconds, setup=args.setup, python=args.python,
+                   sbatch_args=args.sbatch_arg)
+    script, run_dir = render(args.config, args.overrides, spec)
+    if args.dry_run:
+        print(script, end="")
+        return
+    print(submit(script, run_dir))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +172,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint")
     e.add_argument("--out", required=True, help="output .safetensors file")
     e.set_defaults(func=cmd_export)
+    sl = sub.add_parser("slurm", help="submit training jobs to SLURM")
+    sl_sub = sl.add_subparsers(dest="slurm_command", required=True)
+    su = sl_sub.add_parser("submit", help="render slurm/train.sbatch for a config and sbatch it",
+                           description=SUBMIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    su.add_argument("config")
+    su.add_argument("overrides", nargs="*")
+    su.add_argument("--nodes", type=int, default=1)
+    su.add_argument("--gpus-per-node", type=int, default=0, help="0 = a CPU job (gloo)")
+    su.add_argument("--nproc-per-node", type=int, default=0, help="processes per node (default: one per GPU, 1 on CPU)")
+    su.add_argument("--cpus-per-task", type=int, default=0, help="CPUs for each node's task (all its ranks)")
+    for opt in ("partition", "account", "qos", "time", "constraint", "mem", "job-name"):
+        su.add_argument(f"--{opt}", default="", help=f"sbatch --{opt}")
+    su.add_argument("--signal-seconds", type=int, default=120,
+                    help="SIGUSR1 this long before the time limit: checkpoint, then requeue (default 120)")
+    su.add_argument("--setup", default="", help="bash file sourced by the job first (module load, venv, conda)")
+    su.add_argument("--python", default=sys.executable, help="interpreter gen_dist is installed in on the nodes")
+    su.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+                    help="further sbatch option, repeatable (e.g. --sbatch-arg=--exclusive)")
+    su.add_argument("--dry-run", action="store_true", help="print the job script instead of submitting it")
+    su.set_defaults(func=cmd_slurm_submit)
     return p
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any
 
@@ -42,6 +43,32 @@ def mean_across_ranks(acc: Accelerator, stats: dict[str, float]) -> dict[str, fl
 def gather_cat(acc: Accelerator, t: torch.Tensor) -> torch.Tensor:
     """Concatenate a same-shaped tensor from every rank, in rank order."""
     return acc.gather(t.contiguous()) if acc.num_processes > 1 else t
+
+
+class StopRequest:
+    """SIGUSR1/SIGTERM (preemption, a time limit ahead, scancel --signal) set a flag on the rank that gets them;
+    `agreed` makes it every rank's decision at the same step boundary, so all ranks stop after the same step."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def agreed(self, acc: Accelerator) -> int:
+        """The signal number if any rank got one (0 otherwise), on every rank: one small all-reduce."""
+        if acc.num_processes == 1:
+            return self.signum
+        flag = torch.tensor([float(self.signum)], device=acc.device)
+        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def all_objects(acc: Accelerator, obj: Any) -> list[Any]:

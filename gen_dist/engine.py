@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import signal
 import sys
 import time
 from collections import defaultdict
@@ -26,6 +27,9 @@ from gen_dist.images import grid, to_uint8
 from gen_dist.launch import preflight
 from gen_dist.tasks import TASKS, Phase, Task
 from gen_dist.track import Tracker, wandb_init_kwargs, wandb_mode
+
+PREEMPTED = "preempted.json"
+"""Written to the run directory when a signal stopped the run after a checkpoint; job scripts requeue on it."""
 
 
 class MetricWindow:
@@ -88,6 +92,7 @@ class Trainer:
         self.skipped_phases = 0
         self.bad_samples: list[str] = []  # reports of unusable samples since the last log record
         self.bad_count = 0
+        self.stopped = ""  # the signal that stopped the run early, if one did
         # A whole copy of the sampled module: under sharding the trained one holds only this rank's part.
         self.sample_net = copy.deepcopy(self.task.modules[self.task.ema_module]).to(acc.device).eval()
         self.sample_net.requires_grad_(False)
@@ -121,6 +126,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ state
 
     def resume(self) -> bool:
+        t0 = time.perf_counter()
         found = checkpoint.latest_verified(self.run_dir)
         if found is None:
             return False
@@ -137,7 +143,8 @@ class Trainer:
                                 nonfinite=meta["nonfinite"], images=meta["images"])
         if self.ema is not None and ema is not None:
             self.ema.load_state_dict(ema, meta["ema_updates"])
-        self.tracker.event("resume", checkpoint=str(path), step=self.state.step)
+        self.tracker.event("resume", checkpoint=str(path), step=self.state.step,
+                           seconds=round(time.perf_counter() - t0, 3))
         return True
 
     def save(self) -> Path:
@@ -319,6 +326,15 @@ class Trainer:
         bar = tqdm(total=t.steps, initial=self.state.step, dynamic_ncols=True,
                    disable=not (t.progress and dist.is_main()))
         saved_at = self.state.step if resumed else -1
+        stop = dist.StopRequest()
+        try:
+            self._loop(batches, window, bar, saved_at, stop)
+        finally:
+            stop.restore()
+        return self.state
+
+    def _loop(self, batches, window: MetricWindow, bar: tqdm, saved_at: int, stop: dist.StopRequest) -> None:
+        t = self.cfg.train
         while self.state.step < t.steps:
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(t.grad_accum)]
@@ -336,10 +352,25 @@ class Trainer:
             if step % t.ckpt_every == 0:
                 self.save()
                 saved_at = step
+            signum = stop.agreed(self.acc)
+            if signum:
+                self._stop(signum, saved=saved_at == step)
+                return
         bar.close()
         if saved_at != self.state.step:
             self.save()
         self.write_samples()
         self.tracker.event("end", step=self.state.step)
         self.tracker.close()
-        return self.state
+
+    def _stop(self, signum: int, saved: bool) -> None:
+        """Every rank agreed to stop after this step: one checkpoint, and a marker telling a job script to
+        requeue (the restarted run resumes from the checkpoint by itself)."""
+        path = checkpoint.latest(self.run_dir) if saved else self.save()
+        name = signal.Signals(signum).name
+        if dist.is_main():
+            marker = {"step": self.state.step, "signal": name, "checkpoint": str(path)}
+            (self.run_dir / PREEMPTED).write_text(json.dumps(marker))
+        self.tracker.event("preempted", step=self.state.step, signal=name, checkpoint=str(path))
+        self.tracker.close()
+        self.stopped = name

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -112,4 +113,7 @@ def launch_command(spec: LaunchSpec, train_args: list[str]) -> tuple[list[str], 
 
 def run(spec: LaunchSpec, train_args: list[str]) -> int:
     cmd, env = launch_command(spec, train_args)
+    # SIGUSR1 asks the ranks to checkpoint and stop; the launcher (and accelerate's agent, which inherits the
+    # disposition) must outlive it rather than die and take the ranks down mid-checkpoint.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     return subprocess.call(cmd, env={**os.environ, **env})

@@ -28,6 +28,10 @@ if [[ -z "${NPROC:-}" ]]; then
     NPROC=$($PYTHON -c "import torch; print(max(1, torch.cuda.device_count()))" 2>/dev/null || echo 1)
 fi
 
+# SIGUSR1 asks the ranks to checkpoint and stop. The launcher and its agent inherit "ignore" through exec (the
+# ranks install their own handler), so they outlive the signal instead of killing the ranks mid-checkpoint.
+trap '' USR1
+
 case "$LAUNCHER" in
 accelerate)
     exec $GEN_DIST launch "$CONFIG" "$@" --nproc "$NPROC" --num-machines "$NNODES" \

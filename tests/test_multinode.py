@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, events, smoke_args, step_records
 
+# One at a time under pytest-xdist: the tests share fixed names (netns).
+pytestmark = pytest.mark.xdist_group("netns")
+
 HELPER = ROOT / "launcher" / "multinode.sh"
 
 

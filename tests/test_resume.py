@@ -250,3 +250,56 @@ def test_strict_data_mode_stops_naming_the_shard(tmp_path: Path, digits: Path) -
     proc = run_cli("train", *smoke_args("vae", tmp_path / "run", data), "wandb.enabled=false", "train.steps=100",
                    "data.strict=true", check=False)  # one epoch is 90 steps
     assert proc.returncode == 2 and f"{shard}: unreadable after" in proc.stderr
+
+
+def _rank_pid(launcher: int, rank: int) -> int:
+    """The pid of the training process with RANK=rank among the launcher's descendants."""
+
+    def parent(pid: int) -> int:
+        return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        pid = int(environ.parent.name)
+        try:
+            if f"RANK={rank}".encode() not in environ.read_bytes().split(b"\0"):
+                continue
+            ancestor = pid
+            while ancestor > 1 and ancestor != launcher:
+                ancestor = parent(ancestor)
+        except OSError:
+            continue
+        if ancestor == launcher and b"gen_dist\0train" in (environ.parent / "cmdline").read_bytes():
+            return pid
+    raise AssertionError(f"no rank {rank} process")
+
+
+def test_sigterm_on_one_rank_stops_all_with_one_checkpoint(tmp_path: Path, digits: Path) -> None:
+    """SIGTERM to rank 1 alone: both ranks agree at the next step boundary, write one checkpoint and exit
+    cleanly (no rank left waiting in a collective); running the command again resumes at that step."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, free_port
+
+    run_dir = tmp_path / "run"
+    args = [*smoke_args("vae", run_dir, digits), "wandb.enabled=false", "train.steps=400", "train.log_every=1",
+            "train.ckpt_every=1000"]
+    launch = [sys.executable, "-m", "gen_dist", "launch", *args, "--nproc", "2", "--port", free_port()]
+    proc = subprocess.Popen(launch, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not ((run_dir / "metrics.jsonl").exists() and len(step_records(run_dir)) >= 5):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    os.kill(_rank_pid(proc.pid, 1), signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    (stop,) = events(run_dir, "preempted")
+    assert stop["signal"] == "SIGTERM" and 5 <= stop["step"] < 400
+    assert json.loads((run_dir / "preempted.json").read_text())["step"] == stop["step"]
+    assert checkpoint.latest(run_dir).name == f"step_{stop['step']:08d}"
+    assert f"stopped by SIGTERM after step {stop['step']}" in out
+    run_cli("launch", *args, "train.steps=" + str(stop["step"] + 3), "--nproc", "2", "--port", free_port())
+    assert [e["step"] for e in events(run_dir, "resume")] == [stop["step"]]

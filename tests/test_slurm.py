@@ -1,0 +1,176 @@
+"""Against a real two-node SLURM cluster on this machine (munged, slurmctld and two slurmd, brought up by
+slurm/local_cluster.sh): jobs submitted with `gen-dist slurm submit` train across both nodes, and a job
+signalled mid-run checkpoints, requeues itself and resumes where it stopped, in the same W&B run."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import CONFIGS, ROOT, events, step_records
+
+# One at a time under pytest-xdist: the tests share fixed names (slurm).
+pytestmark = pytest.mark.xdist_group("slurm")
+
+CLUSTER = ROOT / "slurm" / "local_cluster.sh"
+
+
+def _free_ports(n: int) -> int:
+    """The first of n consecutive ports that nothing listens on, below the ephemeral range."""
+    import socket
+
+    for base in range(17000, 30000, 10):
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in range(base, base + n):
+                    s = stack.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return base
+    raise AssertionError("no free ports for the SLURM daemons")
+
+
+@pytest.fixture(scope="module")
+def slurm_env():
+    """Environment for sbatch/squeue/scontrol pointing at a fresh local cluster, torn down afterwards."""
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("the local SLURM cluster needs root and apt-get")
+    # Not under pytest's private temp dir: munged runs as the munge user and must reach its files.
+    state = Path(f"/tmp/gen_dist_slurm_test_{os.getpid()}")
+    env = {**os.environ, "GEN_DIST_SLURM_DIR": str(state), "SLURM_CONF": str(state / "slurm.conf"),
+           "GEN_DIST_SLURM_PORT": str(_free_ports(3)), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    up = subprocess.run(["bash", str(CLUSTER), "up"], env=env, capture_output=True, text=True, timeout=300)
+    assert up.returncode == 0, up.stderr[-3000:]
+    yield env
+    subprocess.run(["bash", str(CLUSTER), "down"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Digits in 36 shards, enough readers for 2 nodes x 8 GPUs."""
+    from gen_dist.data import pack_digits
+
+    out = tmp_path_factory.mktemp("digits36")
+    pack_digits(out, shard_size=40)
+    return out
+
+
+def _submit(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gen_dist", "slurm", "submit", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def _job_id(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = re.search(r"Submitted batch job (\d+)", proc.stdout)
+    assert found, proc.stdout
+    return found.group(1)
+
+
+def _job_state(env: dict, job: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+    found = re.search(r"JobState=(\S+)", out)
+    return found.group(1) if found else "GONE"
+
+
+def _wait(predicate, timeout: float, what: str, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            tail = log.read_text()[-3000:] if log and log.exists() else ""
+            raise AssertionError(f"timed out waiting for {what}\n{tail}")
+        time.sleep(0.2)
+
+
+def _wandb_ids(run_dir: Path) -> set[str]:
+    return {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")}
+
+
+def _smoke(task: str, run_dir: Path, data: Path, *extra: str) -> list[str]:
+    return [str(CONFIGS / f"smoke_{task}.yaml"), f"run_dir={run_dir}", f"data.path={data}", "train.log_every=1",
+            "wandb.enabled=true", *extra]
+
+
+def test_two_nodes_by_two_processes(slurm_env: dict, data: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    job = _job_id(_submit(slurm_env, *_smoke("gan", run_dir, data, "train.steps=6"), "--nodes", "2",
+                          "--nproc-per-node", "2", "--cpus-per-task", "2", "--time", "00:10:00"))
+    log = run_dir / f"slurm-{job}.out"
+    _wait(lambda: _job_state(slurm_env, job) in ("COMPLETED", "FAILED", "CANCELLED", "GONE"), 300, "the job", log)
+    assert _job_state(slurm_env, job) in ("COMPLETED", "GONE"), log.read_text()[-3000:]
+    (start,) = events(run_dir, "start")
+    assert start["world_size"] == 4 and start["backend"] == "gloo"
+    assert [r["step"] for r in step_records(run_dir)] == list(range(1, 7))
+    assert events(run_dir, "end")
+    assert _wandb_ids(run_dir) == {(run_dir / "wandb_run_id").read_text().strip()}
+    assert "2 node(s) x 2 process(es)" in log.read_text()
+
+
+def test_signal_checkpoints_requeues_and_resumes(slurm_env: dict, data: Path, tmp_path: Path) -> None:
+    """SIGUSR1 to every process of the job (as --signal=USR1@T does before the time limit): the ranks agree to
+    stop, write one checkpoint, the job requeues itself, and the restarted job resumes at that step."""
+    run_dir, steps = tmp_path / "run", 150
+    job = _job_id(_submit(slurm_env, *_smoke("vae", run_dir, data, f"train.steps={steps}", "train.ckpt_every=1000"),
+                          "--nodes", "2", "--nproc-per-node", "2", "--cpus-per-task", "2"))
+    log = run_dir / f"slurm-{job}.out"
+    _wait(lambda: (run_dir / "metrics.jsonl").exists() and len(step_records(run_dir)) >= 10, 300,
+          "10 steps", log)
+    signalled = time.time()
+    subprocess.run(["scancel", "--signal=USR1", "--full", job], env=slurm_env, check=True)
+    _wait(lambda: events(run_dir, "end"), 300, "the requeued job to finish", log)
+    _wait(lambda: _job_state(slurm_env, job) in ("COMPLETED", "FAILED", "CANCELLED", "GONE"), 60, "the job", log)
+    assert _job_state(slurm_env, job) in ("COMPLETED", "GONE"), log.read_text()[-3000:]
+    (stop,) = events(run_dir, "preempted")
+    resumed = events(run_dir, "resume")
+    assert [e["step"] for e in resumed] == [stop["step"]] and 10 <= stop["step"] < steps
+    assert [e["step"] for e in events(run_dir, "checkpoint")][:1] == [stop["step"]]
+    assert [r["step"] for r in step_records(run_dir)] == list(range(1, steps + 1))  # none twice, none missing
+    assert [e["world_size"] for e in events(run_dir, "start")] == [4, 4]
+    assert _wandb_ids(run_dir) == {(run_dir / "wandb_run_id").read_text().strip()}
+    text = log.read_text()
+    assert "requeueing job" in text and "(restart 1)" in text
+    ckpt = events(run_dir, "checkpoint")[0]["time"]
+    print(f"signal -> checkpoint written {ckpt - signalled:.2f} s; "
+          f"stop -> training resumed {resumed[0]['time'] - stop['time']:.2f} s")
+
+
+def test_rendered_multinode_gpu_script_passes_sbatch_test_only(slurm_env: dict, data: Path, tmp_path: Path) -> None:
+    proc = _submit(slurm_env, str(CONFIGS / "diffusion_fashion_mnist.yaml"), f"data.path={data}",
+                   f"run_dir={tmp_path / 'run'}", "data.resolution=8", "--nodes", "2", "--gpus-per-node", "8",
+                   "--cpus-per-task", "16", "--time", "1-00:00:00", "--partition", "debug", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    script = tmp_path / "job.sbatch"
+    script.write_text(proc.stdout)
+    assert "#SBATCH --gpus-per-node=8" in proc.stdout and "#SBATCH --nodes=2" in proc.stdout
+    check = subprocess.run(["sbatch", "--test-only", str(script)], env=slurm_env, capture_output=True, text=True)
+    assert check.returncode == 0 and "to start at" in check.stderr, check.stderr
+    assert "on nodes n[1-2]" in check.stderr
+    assert not (tmp_path / "run").exists()  # a dry run submits and creates nothing
+
+
+def test_config_values_never_reach_the_shell(tmp_path: Path, digits: Path) -> None:
+    """Overrides with shell syntax arrive as the same strings in the job's argument list, and a bad config
+    fails before anything is submitted."""
+    marker = tmp_path / "pwned"
+    name = f"x$(touch {marker})'\"`touch {marker}`;"
+    proc = subprocess.run([sys.executable, "-m", "gen_dist", "slurm", "submit", str(CONFIGS / "smoke_vae.yaml"),
+                           f"data.path={digits}", f"run_dir={tmp_path / 'r'}", f"name={name}", "--dry-run"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    settings = proc.stdout.split("set -euo pipefail", 1)[1].split('cd "$WORKDIR"', 1)[0]
+    shown = subprocess.run(["bash", "-c", settings + 'printf "%s\\n" "${TRAIN_ARGS[@]}"'], capture_output=True,
+                           text=True, check=True).stdout.splitlines()
+    assert f"name={name}" in shown and not marker.exists()
+    job_name = re.search(r"#SBATCH (.*job-name.*)", proc.stdout).group(1)
+    assert marker.name in job_name and not marker.exists()
+    bad = subprocess.run([sys.executable, "-m", "gen_dist", "slurm", "submit", str(CONFIGS / "smoke_vae.yaml"),
+                          f"data.path={digits}", "train.stepz=1"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "unknown config key 'train.stepz'" in bad.stderr
