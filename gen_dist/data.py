@@ -280,15 +280,6 @@ def split_slots(avail: np.ndarray, layout: Layout) -> tuple[list[list[list[int]]
     return sizes, [avail[a:b] for a, b in itertools.pairwise(bounds)]
 
 
-def plan_epoch(shards: list[tuple[str, int]], counts: list[int], seed: int, epoch: int) -> list[list[Piece]]:
-    """Cut the epoch's shard-shuffled sample sequence into consecutive ranges of `counts` samples (one range
-    per (rank, worker) slot); the counts add up to the dataset, so each sample lands in exactly one slot."""
-    ordered, starts = epoch_shards(shards, seed, epoch)
-    bounds = np.cumsum([0, *counts])
-    pos = np.arange(bounds[-1])
-    return [to_pieces(pos[a:b], ordered, starts) for a, b in itertools.pairwise(bounds)]
-
-
 def remaining(total: int, done: list[Segment], seed: int, epoch: int) -> np.ndarray:
     """Positions of the epoch's sample sequence that the finished segments `done` did not consume.
 

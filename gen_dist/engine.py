@@ -93,6 +93,7 @@ class Trainer:
         self.bad_samples: list[str] = []  # reports of unusable samples since the last log record
         self.bad_count = 0
         self.stopped = ""  # the signal that stopped the run early, if one did
+        self.last_checkpoint: Path | None = None  # the newest checkpoint this run resumed from or wrote
         # A whole copy of the sampled module: under sharding the trained one holds only this rank's part.
         self.sample_net = copy.deepcopy(self.task.modules[self.task.ema_module]).to(acc.device).eval()
         self.sample_net.requires_grad_(False)
@@ -130,7 +131,7 @@ class Trainer:
         found = checkpoint.latest_verified(self.run_dir)
         if found is None:
             return False
-        path = found[0]
+        path = self.last_checkpoint = found[0]
         meta, ema = checkpoint.load(self.acc, *found)
         done = tuple(Segment(Layout(*d["layout"]), d["consumed"]) for d in meta["data_done"])
         batch = meta["batch"]
@@ -160,7 +161,8 @@ class Trainer:
                 "data_done": [{"layout": d.layout.to_list(), "consumed": d.consumed} for d in s.done],
                 "modules": list(self.modules), "strategy": self.cfg.parallel.strategy,
                 "ema_updates": self.ema.updates if self.ema is not None else 0}
-        path = checkpoint.save(self.acc, self.run_dir, s.step, meta, files, self.cfg.train.keep_checkpoints)
+        path = self.last_checkpoint = checkpoint.save(self.acc, self.run_dir, s.step, meta, files,
+                                                      self.cfg.train.keep_checkpoints)
         self.tracker.event("checkpoint", step=s.step, path=str(path), seconds=round(time.perf_counter() - t0, 3))
         return path
 
@@ -251,7 +253,7 @@ class Trainer:
         if self.skipped_phases:
             self.tracker.event("nonfinite", step=step, phases=self.skipped_phases, in_a_row=self.state.nonfinite)
         if self.state.nonfinite >= self.cfg.train.max_nonfinite_steps:
-            last = checkpoint.latest(self.run_dir)
+            last = self.last_checkpoint
             raise parallel.NonFiniteError(
                 f"{self.state.nonfinite} steps in a row (up to step {step}) had a non-finite loss or gradient and "
                 f"were skipped; stopping. The last good checkpoint is {last or 'none'}: resume from it with a "
@@ -366,7 +368,7 @@ class Trainer:
     def _stop(self, signum: int, saved: bool) -> None:
         """Every rank agreed to stop after this step: one checkpoint, and a marker telling a job script to
         requeue (the restarted run resumes from the checkpoint by itself)."""
-        path = checkpoint.latest(self.run_dir) if saved else self.save()
+        path = self.last_checkpoint if saved else self.save()
         name = signal.Signals(signum).name
         if dist.is_main():
             marker = {"step": self.state.step, "signal": name, "checkpoint": str(path)}

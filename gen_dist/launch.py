@@ -41,8 +41,6 @@ def preflight(cfg: RunConfig, world_size: int) -> None:
         check_deepspeed(cfg)
 
 
-
-
 def _check_resumable(ckpt: Path, cfg: RunConfig, world_size: int) -> None:
     """A checkpoint resumes under the strategy that wrote it; a ZeRO one also only on as many ranks."""
     try:

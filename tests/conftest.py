@@ -56,6 +56,14 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
+def train_command(nproc: int, *args: str) -> list[str]:
+    """`gen-dist` arguments that train `args` in this process group of 1 (train) or on nproc local ranks
+    (launch, on a free port)."""
+    if nproc == 1:
+        return ["train", *args]
+    return ["launch", *args, "--nproc", str(nproc), "--port", free_port()]
+
+
 def smoke_args(task: str, run_dir: Path, data: Path, *extra: str) -> list[str]:
     return [str(CONFIGS / f"smoke_{task}.yaml"), f"run_dir={run_dir}", f"data.path={data}", *extra]
 

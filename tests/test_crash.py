@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, free_port, run_cli, smoke_args
+from conftest import ROOT, run_cli, smoke_args, train_command
 from safetensors.torch import load_file
 
 from gen_dist import checkpoint
@@ -27,10 +27,7 @@ COMMON = [f"train.steps={STEPS}", "train.ckpt_every=1", "train.log_every=1", "tr
 
 
 def _command(task: str, run_dir: Path, digits: Path, nproc: int) -> list[str]:
-    args = [*smoke_args(task, run_dir, digits), *COMMON]
-    if nproc == 1:
-        return [sys.executable, "-m", "gen_dist", "train", *args]
-    return [sys.executable, "-m", "gen_dist", "launch", *args, "--nproc", str(nproc), "--port", free_port()]
+    return [sys.executable, "-m", "gen_dist", *train_command(nproc, *smoke_args(task, run_dir, digits), *COMMON)]
 
 
 def _steps_logged(run_dir: Path) -> int:

@@ -15,11 +15,12 @@ from gen_dist.data import (
     Segment,
     ShardStream,
     batch_sizes,
+    epoch_shards,
     load_index,
     pack_idx_dir,
     pack_image_folder,
-    plan_epoch,
     read_pieces,
+    to_pieces,
     update_index,
     write_shards,
 )
@@ -115,7 +116,9 @@ def test_digits_pack(digits: Path) -> None:
 def test_plan_covers_each_sample_once(sizes: list[int], counts: list[int]) -> None:
     shards = [(f"s{i}", n) for i, n in enumerate(sizes)]
     for epoch in range(3):
-        plan = plan_epoch(shards, counts, seed=1, epoch=epoch)
+        ordered, starts = epoch_shards(shards, seed=1, epoch=epoch)
+        bounds = np.cumsum([0, *counts])
+        plan = [to_pieces(np.arange(a, b), ordered, starts) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         seen = Counter((p.file, k) for slot in plan for p in slot for k in range(p.start, p.end))
         assert set(seen.values()) == {1} and len(seen) == sum(sizes)
         assert [sum(p.end - p.start for p in slot) for slot in plan] == counts

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, events, free_port, run_cli, smoke_args, step_records
+from conftest import ROOT, events, free_port, run_cli, smoke_args, step_records, train_command
 from safetensors.torch import load_file
 
 TASKS = ["diffusion", "gan", "vae"]
@@ -34,7 +34,7 @@ def _task_extra(task: str, strategy: str) -> list[str]:
 
 
 def _launch(task: str, run_dir: Path, data: Path, *extra: str) -> None:
-    run_cli("launch", *smoke_args(task, run_dir, data), *COMMON, *extra, "--nproc", "2", "--port", free_port())
+    run_cli(*train_command(2, *smoke_args(task, run_dir, data), *COMMON, *extra))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import events, run_cli, smoke_args, step_records
+from conftest import events, run_cli, smoke_args, step_records, train_command
 from safetensors.torch import load_file
 
 from gen_dist import checkpoint
@@ -164,11 +164,7 @@ def _keys_in_order(run_dir: Path) -> list[str]:
 
 
 def _launch(nproc: int, *args: str):
-    from conftest import free_port
-
-    if nproc == 1:
-        return run_cli("train", *args)
-    return run_cli("launch", *args, "--nproc", str(nproc), "--port", free_port())
+    return run_cli(*train_command(nproc, *args))
 
 
 @pytest.mark.parametrize(("task", "strategy", "first", "then"),
@@ -281,12 +277,12 @@ def test_sigterm_on_one_rank_stops_all_with_one_checkpoint(tmp_path: Path, digit
     import sys
     import time
 
-    from conftest import ROOT, free_port
+    from conftest import ROOT
 
     run_dir = tmp_path / "run"
     args = [*smoke_args("vae", run_dir, digits), "wandb.enabled=false", "train.steps=400", "train.log_every=1",
             "train.ckpt_every=1000"]
-    launch = [sys.executable, "-m", "gen_dist", "launch", *args, "--nproc", "2", "--port", free_port()]
+    launch = [sys.executable, "-m", "gen_dist", *train_command(2, *args)]
     proc = subprocess.Popen(launch, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     deadline = time.monotonic() + 120
@@ -301,5 +297,5 @@ def test_sigterm_on_one_rank_stops_all_with_one_checkpoint(tmp_path: Path, digit
     assert json.loads((run_dir / "preempted.json").read_text())["step"] == stop["step"]
     assert checkpoint.latest(run_dir).name == f"step_{stop['step']:08d}"
     assert f"stopped by SIGTERM after step {stop['step']}" in out
-    run_cli("launch", *args, "train.steps=" + str(stop["step"] + 3), "--nproc", "2", "--port", free_port())
+    _launch(2, *args, "train.steps=" + str(stop["step"] + 3))
     assert [e["step"] for e in events(run_dir, "resume")] == [stop["step"]]
