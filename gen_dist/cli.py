@@ -1,4 +1,5 @@
-"""`gen-dist` command line: train, launch, data, sample, export. Thin: parse, then call library functions."""
+"""`gen-dist` command line: train, launch, data, sample, export, eval, slurm submit. Thin: parse, then call
+library functions."""
 
 from __future__ import annotations
 
@@ -24,6 +25,13 @@ SUBMIT_HELP = """Validate CONFIG for nodes x processes ranks, render slurm/train
 torchrun c10d rendezvous at the first node, SIGUSR1 before the time limit, requeue) and submit it with sbatch.
 The run directory is fixed to an absolute path; a signalled job checkpoints, requeues itself and resumes.
 Example: gen-dist slurm submit configs/x.yaml --nodes 4 --gpus-per-node 8 --time 24:00:00 --partition gpu"""
+
+EVAL_HELP = """Score the samples of a checkpoint (or a run directory's latest, or an exported file) against a split
+of its dataset. Settings come from the run's eval section; options and dotted overrides (eval.*, data.path)
+replace them. --nproc N spreads sampling and feature extraction over N local processes (accelerate launch);
+under torchrun or accelerate launch it uses the process group it is in. The report goes to
+RUN_DIR/eval/<checkpoint>.json.
+Example: gen-dist eval runs/x --metrics fid,kid,pr --n 10000 --extractors inception,runs/classifier"""
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -101,6 +109,41 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {export(Path(args.checkpoint), Path(args.out))}")
 
 
+def _eval_overrides(args: argparse.Namespace) -> list[str]:
+    named = {"metrics": "eval.metrics", "extractors": "eval.extractors", "n": "eval.n", "split":
+             "eval.reference_split", "reference_n": "eval.reference_n", "seed": "eval.seed",
+             "batch_size": "eval.batch_size"}
+    out = []
+    for opt, key in named.items():
+        value = getattr(args, opt)
+        if value is not None:
+            out.append(f"{key}=[{value}]" if opt in ("metrics", "extractors") else f"{key}={value}")
+    return [*out, *args.overrides]
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from gen_dist.evaluation import evaluate_checkpoint
+    from gen_dist.launch import LaunchSpec, run
+
+    overrides = _eval_overrides(args)
+    if args.nproc > 1:
+        from gen_dist.evaluation import check_eval
+        from gen_dist.sampling import load_weights
+
+        check_eval(load_weights(Path(args.checkpoint), not args.raw, overrides)[0])  # fail before launch
+        flags = [*(["--raw"] if args.raw else []), *(["--cpu"] if args.cpu else [])]
+        sys.exit(run(LaunchSpec(nproc=args.nproc, cpu=args.cpu, port=args.port), [args.checkpoint, *overrides,
+                                                                                  *flags], command="eval"))
+    report, out = evaluate_checkpoint(Path(args.checkpoint), overrides, use_ema=not args.raw, cpu=args.cpu)
+    from gen_dist import dist
+
+    for key, value in report["scores"].items():
+        dist.print0(f"{key:<32} {value:.6g}")
+    for note in report["skipped"]:
+        dist.print0(f"not computed: {note}")
+    dist.print0(f"wrote {out}")
+
+
 def cmd_slurm_submit(args: argparse.Namespace) -> None:
     from gen_dist.slurm import JobSpec, render, submit
 
@@ -172,6 +215,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint")
     e.add_argument("--out", required=True, help="output .safetensors file")
     e.set_defaults(func=cmd_export)
+
+    ev = sub.add_parser("eval", help="FID, KID, IS, precision/recall of a checkpoint's samples",
+                        description=EVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev.add_argument("checkpoint")
+    ev.add_argument("overrides", nargs="*", help="dotted key=value overrides (eval.*, data.path)")
+    ev.add_argument("--metrics", help="comma-separated: fid,kid,is,pr (default: the run's eval.metrics)")
+    ev.add_argument("--extractors", help="comma-separated: inception and/or a classifier run directory")
+    ev.add_argument("--n", type=int, help="generated samples (default: the run's eval.n)")
+    ev.add_argument("--split", help="reference split of the dataset (default: the run's, test)")
+    ev.add_argument("--reference-n", type=int, help="real images for the reference (default: the whole split)")
+    ev.add_argument("--seed", type=int)
+    ev.add_argument("--batch-size", type=int, help="images generated and embedded at once per process")
+    ev.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    ev.add_argument("--nproc", type=int, default=1, help="local processes (accelerate launch)")
+    ev.add_argument("--port", type=int, default=0, help="rendezvous port with --nproc (default 29500)")
+    ev.add_argument("--cpu", action="store_true", help="run on CPU (gloo) even with GPUs present")
+    ev.set_defaults(func=cmd_eval)
+
     sl = sub.add_parser("slurm", help="submit training jobs to SLURM")
     sl_sub = sl.add_subparsers(dest="slurm_command", required=True)
     su = sl_sub.add_parser("submit", help="render slurm/train.sbatch for a config and sbatch it",

@@ -170,9 +170,38 @@ class VAEConfig:
 
 
 @dataclass
+class ClassifierConfig:
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+    """Conv channels per level (each level halves the resolution); the last is the feature size."""
+    num_classes: int = 10
+    """Classes of the dataset it learns to tell apart."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Steps between evaluations during training (and one at the end); 0 = none."""
+    n: int = 1000
+    """Generated samples per evaluation; the metric names carry it (fid1k, kid1k, ...)."""
+    metrics: list[str] = field(default_factory=lambda: ["fid"])
+    """Any of fid, kid, is, pr (precision/recall)."""
+    extractors: list[str] = field(default_factory=lambda: ["inception"])
+    """Feature extractors: 'inception' (the standard InceptionV3, offline) or the path of a classifier run,
+    checkpoint or export trained by gen_dist on the dataset (fast; not comparable with published FIDs)."""
+    reference_split: str = "test"
+    """Split of data.path the samples are compared with."""
+    reference_n: int = 0
+    """Real images used for the reference statistics; 0 = the whole split."""
+    batch_size: int = 250
+    """Images generated and embedded at once per rank."""
+    seed: int = 0
+    """Seed of the evaluation samples (fixed, so successive evaluations compare the same noise)."""
+
+
+@dataclass
 class RunConfig:
     task: str = "diffusion"
-    """Model family: diffusion, gan or vae."""
+    """Model family: diffusion, gan or vae; classifier trains the domain feature extractor of eval."""
     name: str = "run"
     """Run name (the W&B run name too)."""
     run_dir: str = ""
@@ -185,13 +214,16 @@ class RunConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     gan: GANConfig = field(default_factory=GANConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def out_dir(self) -> Path:
         return Path(self.run_dir or f"runs/{self.name}")
 
 
-TASKS = ("diffusion", "gan", "vae")
+TASKS = ("diffusion", "gan", "vae", "classifier")
+METRICS = ("fid", "kid", "is", "pr")
 CHOICES = {
     "task": TASKS,
     "optim.schedule": ("constant", "linear", "cosine"),
@@ -205,7 +237,7 @@ CHOICES = {
 POSITIVE = ("data.resolution", "data.batch_size", "train.steps", "train.grad_accum", "train.log_every",
             "train.sample_n", "train.ckpt_every", "train.max_nonfinite_steps", "train.keep_checkpoints",
             "diffusion.sample_steps",
-            "gan.r1_every", "gan.z_dim", "vae.latent_dim")
+            "gan.r1_every", "gan.z_dim", "vae.latent_dim", "classifier.num_classes", "eval.n", "eval.batch_size")
 
 
 def _check_type(key: str, value: Any, tp: Any) -> Any:
@@ -307,6 +339,22 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("train.mixed_precision=fp16 with train.loss_scaling=false cannot train a GAN: the "
                           "adversarial gradients underflow in fp16; set train.loss_scaling=true or use bf16")
     _validate_parallel(cfg)
+    _validate_eval(cfg)
+
+
+def _validate_eval(cfg: RunConfig) -> None:
+    e = cfg.eval
+    unknown = sorted(set(e.metrics) - set(METRICS))
+    if unknown or not e.metrics:
+        raise ConfigError(f"eval.metrics must be a non-empty list of {', '.join(METRICS)}; got {e.metrics}")
+    if not e.extractors:
+        raise ConfigError("eval.extractors must name at least one extractor ('inception' or a classifier run)")
+    if e.every < 0 or e.reference_n < 0:
+        raise ConfigError("eval.every and eval.reference_n must be >= 0")
+    if e.every and cfg.task == "classifier":
+        raise ConfigError("eval.every needs a generative task; a classifier run generates nothing to evaluate")
+    if "pr" in e.metrics and e.n <= 3:
+        raise ConfigError("eval.metrics 'pr' (k-NN precision/recall, k=3) needs eval.n > 3")
 
 
 def _validate_parallel(cfg: RunConfig) -> None:

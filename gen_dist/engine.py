@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +18,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from gen_dist import checkpoint, dist, parallel
 from gen_dist.config import RunConfig, save_config, to_dict
 from gen_dist.data import Layout, Segment, ShardStream, make_loader
+from gen_dist.evaluation import Evaluator
 from gen_dist.images import grid, to_uint8
 from gen_dist.launch import preflight
 from gen_dist.tasks import TASKS, Phase, Task
@@ -30,6 +31,23 @@ from gen_dist.track import Tracker, wandb_init_kwargs, wandb_mode
 
 PREEMPTED = "preempted.json"
 """Written to the run directory when a signal stopped the run after a checkpoint; job scripts requeue on it."""
+
+
+def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    """Multiplier of the base LR at a step: linear warmup from 0, then constant, linear decay to 0 or a half
+    cosine to 0 at `total` (the schedules of diffusers' get_scheduler, without importing diffusers)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "linear":
+            return max(0.0, 1 - progress)
+        if schedule == "cosine":
+            return max(0.0, 0.5 * (1 + math.cos(math.pi * progress)))
+        return 1.0
+
+    return factor
 
 
 class MetricWindow:
@@ -94,6 +112,7 @@ class Trainer:
         self.bad_count = 0
         self.stopped = ""  # the signal that stopped the run early, if one did
         self.last_checkpoint: Path | None = None  # the newest checkpoint this run resumed from or wrote
+        self.evaluator: Evaluator | None = None  # made at the first evaluation (reference features, extractors)
         # A whole copy of the sampled module: under sharding the trained one holds only this rank's part.
         self.sample_net = copy.deepcopy(self.task.modules[self.task.ema_module]).to(acc.device).eval()
         self.sample_net.requires_grad_(False)
@@ -109,9 +128,8 @@ class Trainer:
         o = self.cfg.optim
         opts = {n: torch.optim.AdamW(self.task.modules[n].parameters(), lr=o.lr, betas=tuple(o.betas),
                                      weight_decay=o.weight_decay) for n in self.trained}
-        scheds = {n: get_scheduler("constant_with_warmup" if o.schedule == "constant" else o.schedule, opt,
-                                   num_warmup_steps=o.warmup_steps, num_training_steps=self.cfg.train.steps)
-                  for n, opt in opts.items()}
+        factor = lr_factor(o.schedule, o.warmup_steps, self.cfg.train.steps)
+        scheds = {n: torch.optim.lr_scheduler.LambdaLR(opt, factor) for n, opt in opts.items()}
         self.wrapped = parallel.prepare(self.acc, self.cfg, self.task.modules, opts, scheds)
         self.scheds = {n: w.sched for n, w in self.wrapped.items()}
         self.modules = {n: w.module for n, w in self.wrapped.items()}
@@ -271,12 +289,26 @@ class Trainer:
         labels = self.task.sample_labels(per_rank * self.acc.num_processes, self.acc.device)
         if labels is not None:
             labels = labels[self.acc.process_index * per_rank : (self.acc.process_index + 1) * per_rank]
+        with parallel.autocast(self.acc, self.cfg):
+            images = self.task.sample(self._sampler(), labels, per_rank, gen).float()
+        return dist.gather_cat(self.acc, images)[:n]
+
+    def _sampler(self) -> torch.nn.Module:
+        """The whole sampled module with the current EMA (or raw) weights, on every rank."""
         weights = (self.ema.state_dict() if self.ema is not None
                    else parallel.full_state_dict(self.modules[self.task.ema_module], self.layout))
         self.sample_net.load_state_dict(weights)
-        with parallel.autocast(self.acc, self.cfg):
-            images = self.task.sample(self.sample_net, labels, per_rank, gen).float()
-        return dist.gather_cat(self.acc, images)[:n]
+        return self.sample_net
+
+    def evaluate(self) -> dict[str, float]:
+        """eval.metrics of the EMA (or raw) model, logged at the current step."""
+        if self.evaluator is None:
+            self.evaluator = Evaluator(self.cfg, self.acc, self.run_dir)
+        scores = self.evaluator.run(self.task, self._sampler(), lambda: parallel.autocast(self.acc, self.cfg))
+        self.tracker.log(self.state.step, scores)
+        self.tracker.event("eval", step=self.state.step, n=self.cfg.eval.n, seconds=round(scores["eval/seconds"], 2),
+                           skipped=self.evaluator.skipped)
+        return scores
 
     def write_samples(self) -> Path:
         images = to_uint8(self.sample(self.cfg.train.sample_n))
@@ -349,8 +381,10 @@ class Trainer:
             step = self.state.step
             if step % t.log_every == 0 or step == t.steps:
                 self._log(window, bar)
-            if t.sample_every and step % t.sample_every == 0 and step < t.steps:
+            if t.sample_every and step % t.sample_every == 0 and step < t.steps and self.task.generates:
                 self.write_samples()
+            if self.cfg.eval.every and (step % self.cfg.eval.every == 0 or step == t.steps):
+                self.evaluate()
             if step % t.ckpt_every == 0:
                 self.save()
                 saved_at = step
@@ -361,7 +395,8 @@ class Trainer:
         bar.close()
         if saved_at != self.state.step:
             self.save()
-        self.write_samples()
+        if self.task.generates:
+            self.write_samples()
         self.tracker.event("end", step=self.state.step)
         self.tracker.close()
 

