@@ -266,7 +266,8 @@ class Evaluator:
 
     def _cached_reference(self, extractor: Extractor) -> np.ndarray:
         d, e = self.cfg.data, self.cfg.eval
-        name = f"{e.reference_split}-{self.reference_n}-{d.channels}x{d.resolution}px-{extractor.ident}.npy"
+        name = (f"{e.reference_split}-{self.reference_n}-{d.channels}x{d.resolution}px-{self._data_ident()}-"
+                f"{extractor.ident}.npy")
         places = [Path(d.path) / STATS_DIR / name, self.run_dir / STATS_DIR / name]
         for place in places:
             if place.is_file():
@@ -276,6 +277,13 @@ class Evaluator:
             _save_first(places, feats)
         self.acc.wait_for_everyone()
         return feats
+
+    def _data_ident(self) -> str:
+        """Changes when the split is re-packed: its index entry and its shard files' sizes."""
+        root = Path(self.cfg.data.path)
+        entry = load_index(root)["splits"][self.cfg.eval.reference_split]
+        sizes = [(root / s["file"]).stat().st_size for s in entry["shards"]]
+        return hashlib.sha1(json.dumps([entry, sizes], sort_keys=True).encode()).hexdigest()[:8]
 
     def _real_images(self, start: int, size: int) -> torch.Tensor:
         d = self.cfg.data
