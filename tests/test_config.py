@@ -9,7 +9,7 @@ from gen_dist.config import ConfigError, load_config
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_shipped_configs_load(name: str) -> None:
     cfg = load_config(CONFIGS / name)
-    assert cfg.task in ("diffusion", "gan", "vae")
+    assert cfg.task in ("diffusion", "gan", "vae", "classifier") and cfg.task in name
 
 
 def test_overrides_take_precedence_and_are_typed() -> None:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from gen_dist import checkpoint
 
-STEPS = 50
+STEPS = 30
 KILLS = 5
 # A checkpoint every step, so that kills land inside checkpoint writes too.
 COMMON = [f"train.steps={STEPS}", "train.ckpt_every=1", "train.log_every=1", "train.log_keys=true",

@@ -70,7 +70,7 @@ def test_eval_during_training_on_two_ranks_equals_eval_in_one_process(tmp_path: 
     assert names == {f"eval/domain/{m}40" for m in ("fid", "kid", "precision", "recall", "is")} | {
         "eval/domain/kid40_std", "eval/domain/is40_std", "eval/seconds"}
     assert 0 < logged[6]["eval/domain/recall40"] <= 1 and logged[6]["eval/domain/fid40"] > 0
-    assert list((digits / STATS_DIR).glob("test-*-1x8px-domain-*.npy"))  # cached beside the shards
+    assert list((digits / STATS_DIR).glob("test-*-1x8px-*-domain-*.npy"))  # cached beside the shards
 
     proc = run_cli("eval", str(run_dir), "--cpu")
     report = json.loads((run_dir / "eval" / "step_00000006.json").read_text())

@@ -60,12 +60,11 @@ def _sampled_weights(run_dir: Path, task: str) -> dict[str, torch.Tensor]:
     return {**load_file(str(raw)), **{f"ema.{k}": v for k, v in load_file(str(ckpt / "ema.safetensors")).items()}}
 
 
-# Each strategy, each family under DeepSpeed, and the GAN's two engines (with R1's double backward under ZeRO-2)
-# under ZeRO-2, ZeRO-3 and FSDP; ZeRO-3 diffusion is the offload test below.
-EQUIVALENCE = [("diffusion", "zero1"), ("gan", "zero2"), ("vae", "zero2"), ("gan", "zero3"), ("vae", "zero3"),
-               ("gan", "fsdp"), ("diffusion", "fsdp")]
-# Each strategy and each family once.
-BF16 = [("diffusion", "zero1"), ("gan", "zero2"), ("vae", "zero3"), ("gan", "fsdp")]
+# Each strategy; the GAN's two engines (with R1's double backward under ZeRO-2) under ZeRO-2, ZeRO-3 and FSDP;
+# each family under DeepSpeed (ZeRO-3 diffusion is the offload test below; VAE FSDP is in the resume tests).
+EQUIVALENCE = [("diffusion", "zero1"), ("gan", "zero2"), ("gan", "zero3"), ("vae", "zero3"), ("gan", "fsdp")]
+# Each sharding strategy's bf16 path (ZeRO-1 runs the same bf16 code as ZeRO-2) and each family once.
+BF16 = [("diffusion", "zero2"), ("vae", "zero3"), ("gan", "fsdp")]
 
 
 @pytest.mark.parametrize(("task", "strategy"), EQUIVALENCE)
