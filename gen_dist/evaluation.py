@@ -25,6 +25,7 @@ from torch import nn
 from gen_dist import dist, metrics
 from gen_dist.config import ConfigError, RunConfig
 from gen_dist.data import Piece, decode_image, load_index, read_pieces
+from gen_dist.images import quantize
 from gen_dist.tasks.base import Task
 
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
@@ -212,10 +213,10 @@ def scores(names: list[str], real: np.ndarray, fake: np.ndarray, logits: np.ndar
 # ------------------------------------------------------------------------------------------- evaluator
 
 
-def _split_pieces(root: Path, split: str, start: int, size: int) -> list[Piece]:
-    """Samples [start, start + size) of a split, in index order."""
+def _split_pieces(shards: list[dict], start: int, size: int) -> list[Piece]:
+    """Samples [start, start + size) of a split (its index entry's shards), in index order."""
     pieces, offset = [], 0
-    for shard in load_index(root)["splits"][split]["shards"]:
+    for shard in shards:
         lo, hi = max(start, offset), min(start + size, offset + shard["count"])
         if lo < hi:
             pieces.append(Piece(shard["file"], lo - offset, hi - offset))
@@ -223,19 +224,19 @@ def _split_pieces(root: Path, split: str, start: int, size: int) -> list[Piece]:
     return pieces
 
 
-def reference_count(cfg: RunConfig) -> int:
-    """Real images the reference statistics use; the split must exist."""
+def reference_split(cfg: RunConfig) -> dict:
+    """The index entry of `eval.reference_split`, which must exist."""
     e, root = cfg.eval, Path(cfg.data.path)
     splits = load_index(root)["splits"]
     if e.reference_split not in splits:
         raise ConfigError(f"eval.reference_split '{e.reference_split}' is not in {root} "
                           f"(splits: {', '.join(sorted(splits))})")
-    return min(e.reference_n or splits[e.reference_split]["count"], splits[e.reference_split]["count"])
+    return splits[e.reference_split]
 
 
 def check_eval(cfg: RunConfig) -> None:
     """Before launch: the reference split exists and every extractor loads (the Inception file is only found)."""
-    reference_count(cfg)
+    reference_split(cfg)
     for spec in cfg.eval.extractors:
         if spec == "inception":
             inception_file()
@@ -253,7 +254,8 @@ class Evaluator:
     def __init__(self, cfg: RunConfig, acc: Accelerator, run_dir: Path) -> None:
         self.cfg, self.acc, self.run_dir = cfg, acc, run_dir
         e = cfg.eval
-        self.reference_n = reference_count(cfg)
+        self.split = reference_split(cfg)  # read once: every reference chunk needs its shard list
+        self.reference_n = min(e.reference_n or self.split["count"], self.split["count"])
         self.extractors = build_extractors(e.extractors, acc.device)
         self.skipped = [f"{x.name}/is: no classifier head" for x in self.extractors
                         if "is" in e.metrics and not isinstance(x, DomainClassifier)]
@@ -281,13 +283,12 @@ class Evaluator:
     def _data_ident(self) -> str:
         """Changes when the split is re-packed: its index entry and its shard files' sizes."""
         root = Path(self.cfg.data.path)
-        entry = load_index(root)["splits"][self.cfg.eval.reference_split]
-        sizes = [(root / s["file"]).stat().st_size for s in entry["shards"]]
-        return hashlib.sha1(json.dumps([entry, sizes], sort_keys=True).encode()).hexdigest()[:8]
+        sizes = [(root / s["file"]).stat().st_size for s in self.split["shards"]]
+        return hashlib.sha1(json.dumps([self.split, sizes], sort_keys=True).encode()).hexdigest()[:8]
 
     def _real_images(self, start: int, size: int) -> torch.Tensor:
         d = self.cfg.data
-        raw = read_pieces(Path(d.path), _split_pieces(Path(d.path), self.cfg.eval.reference_split, start, size))
+        raw = read_pieces(Path(d.path), _split_pieces(self.split["shards"], start, size))
         return torch.from_numpy(np.stack([decode_image(s, d.channels, d.resolution) for s in raw]))
 
     def run(self, task: Task, net: nn.Module, autocast: Callable[[], AbstractContextManager]) -> dict[str, float]:
@@ -300,7 +301,7 @@ class Evaluator:
             labels = task.sample_labels(start + size, self.acc.device)
             with autocast():
                 images = task.sample(net, None if labels is None else labels[start:], size, gen).float()
-            return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            return quantize(images)
 
         fake = embed(e.n, e.batch_size, make, self.extractors, self.acc)
         out: dict[str, float] = {}

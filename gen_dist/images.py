@@ -10,10 +10,14 @@ import torch
 from PIL import Image
 
 
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """(N,C,H,W) floats in [-1, 1] -> uint8 of the same shape, on the same device."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(N,C,H,W) floats in [-1, 1] -> (N,H,W,C) uint8."""
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
+    return quantize(images).cpu().permute(0, 2, 3, 1).numpy()
 
 
 def grid(images: np.ndarray, nrow: int = 0, pad: int = 2) -> Image.Image:
