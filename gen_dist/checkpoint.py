@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import pickle
+import platform
 import shutil
 import warnings
 import zlib
@@ -21,6 +23,27 @@ META = "meta.json"
 EMA = "ema.safetensors"
 WEIGHTS = "weights.safetensors"
 """Consolidated raw weights of the sampled module, written when the strategy shards the saved state."""
+
+
+VERSIONED = ("torch", "accelerate", "deepspeed", "diffusers", "webdataset")
+"""Packages whose state formats a checkpoint depends on; their versions are recorded in its meta file."""
+
+
+def versions() -> dict[str, str]:
+    """Python's version and the installed versions of VERSIONED ("absent" where one is not installed)."""
+    found = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "absent"
+    return found
+
+
+def version_changes(meta: dict[str, Any]) -> list[str]:
+    """"name saved -> now" for each recorded version that differs from this environment's."""
+    saved = meta.get("versions", {})
+    return [f"{k} {saved[k]} -> {v}" for k, v in versions().items() if k in saved and saved[k] != v]
 
 
 def ckpt_root(run_dir: Path) -> Path:
@@ -177,7 +200,8 @@ def _publish(tmp: Path, final: Path, step: int, meta: dict[str, Any],
     for name, tensors in files.items():
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / name))
     # The meta file, with the manifest that `verify` checks, is written last.
-    (tmp / META).write_text(json.dumps({"step": step, **meta, "files": manifest(tmp)}, indent=1))
+    (tmp / META).write_text(json.dumps({"step": step, **meta, "versions": versions(),
+                                             "files": manifest(tmp)}, indent=1))
     for f in tmp.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:

@@ -19,9 +19,9 @@ def is_main() -> bool:
     return PartialState().process_index == 0 if PartialState._shared_state else True
 
 
-def print0(*args: Any) -> None:
+def print0(*args: Any, file: Any = None) -> None:
     if is_main():
-        print(*args, flush=True)
+        print(*args, file=file, flush=True)
 
 
 def derive_seed(*parts: int) -> int:

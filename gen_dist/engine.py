@@ -150,6 +150,12 @@ class Trainer:
         if found is None:
             return False
         path = self.last_checkpoint = found[0]
+        changed = checkpoint.version_changes(found[1])
+        if changed:
+            # Shown before anything is loaded, so that a load that fails on a format change is explained.
+            dist.print0(f"warning: {path} was written under other versions ({', '.join(changed)}); resuming "
+                        f"with this environment's", file=sys.stderr)
+            self.tracker.event("versions_changed", checkpoint=str(path), changes=changed)
         meta, ema = checkpoint.load(self.acc, *found)
         done = tuple(Segment(Layout(*d["layout"]), d["consumed"]) for d in meta["data_done"])
         batch = meta["batch"]

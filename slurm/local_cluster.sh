@@ -3,13 +3,17 @@
 #
 #   slurm/local_cluster.sh up       install slurm + munge if missing, start the daemons, print the state dir
 #   slurm/local_cluster.sh status   sinfo and squeue
-#   slurm/local_cluster.sh down     cancel jobs, stop every daemon it started, remove the state dir
+#   slurm/local_cluster.sh down     cancel jobs, stop every process of the cluster, free its ports, remove the
+#                                   state dir; fails, naming what is left, if it cannot
 #
 # Client commands need the cluster's config: export SLURM_CONF="$GEN_DIST_SLURM_DIR/slurm.conf".
+# Clusters with different state dirs can run side by side: each gets its own ports, and its processes are told
+# apart by the state dir.
 #
 # Environment:
 #   GEN_DIST_SLURM_DIR    state dir: config, keys, spool, logs, pid files (default /tmp/gen_dist_slurm)
-#   GEN_DIST_SLURM_PORT   slurmctld port; the two slurmd use the next two (default 17000)
+#   GEN_DIST_SLURM_PORT   slurmctld port, the two slurmd on the next two (default: the first three free ports
+#                         from 17000 on that no other cluster holds)
 #   GEN_DIST_SLURM_CPUS   CPUs each node claims, whatever this machine has (default 16)
 #   GEN_DIST_SLURM_MEM    memory in MB each node claims (default 1000; nothing enforces it, but sbatch --mem
 #                         above it is refused)
@@ -18,14 +22,18 @@
 set -euo pipefail
 
 DIR=${GEN_DIST_SLURM_DIR:-/tmp/gen_dist_slurm}
-PORT=${GEN_DIST_SLURM_PORT:-17000}
+DIR=$(realpath -m "$DIR")
 CPUS=${GEN_DIST_SLURM_CPUS:-16}
 MEM=${GEN_DIST_SLURM_MEM:-1000}
 GPUS=${GEN_DIST_SLURM_GPUS:-8}
 export SLURM_CONF=$DIR/slurm.conf
 SOCKET=$DIR/munge/munge.socket
-# Every daemon started here, and every slurmstepd a slurmd forks, inherits this variable: `down` finds them by it.
+# Every daemon started here, every slurmstepd a slurmd forks and (through the task prolog) every job task
+# carries this variable: `down` finds the cluster's processes by it.
 TAG="GEN_DIST_SLURM_CLUSTER=$DIR"
+# Port claims of all clusters on this machine: CLAIMS/<first port> holds the state dir of its cluster.
+CLAIMS=/tmp/gen_dist_slurm_ports
+PORTS=3
 
 die() { echo "local_cluster.sh: $*" >&2; exit 1; }
 
@@ -38,10 +46,12 @@ install_packages() {
         || { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null; }
 }
 
-# Live pids among "$@", the processes carrying $TAG, and all their descendants (job tasks do not carry it, and
-# they outlive their slurmstepd).
+# Live (not zombie) pids among "$@", the processes carrying $TAG (or $1's tag with tag_of), and all their
+# descendants (tasks that lost their slurmstepd are found by the tag their prolog gave them).
 cluster_pids() {
-    local f line pid ppid rest todo=("$@")
+    local tag=$1 f line pid ppid rest todo=()
+    shift
+    todo=("$@")
     local -A kids=() live=() seen=()
     for f in /proc/[0-9]*/stat; do
         read -r line 2>/dev/null <"$f" || continue
@@ -56,7 +66,7 @@ cluster_pids() {
     while read -r f; do
         f=${f#/proc/}
         todo+=("${f%/environ}")
-    done < <(grep -lzxF "$TAG" /proc/[0-9]*/environ 2>/dev/null)
+    done < <(grep -lzxF "$tag" /proc/[0-9]*/environ 2>/dev/null || true)
     while ((${#todo[@]})); do
         pid=${todo[-1]}
         unset 'todo[-1]'
@@ -68,11 +78,59 @@ cluster_pids() {
     done
 }
 
+# Sockets on ports $1..$1+PORTS-1 that keep a daemon from binding there: listening ones and any a live process
+# holds. (A dead process's closing connections do not: the daemons bind with SO_REUSEADDR.)
+port_users() {
+    ss -Htanp "sport >= :$1 and sport <= :$(($1 + PORTS - 1))" 2>/dev/null | grep -E '^LISTEN|users:' || true
+}
+
+alive() { # pid: running, not a zombie (nothing reaps orphans on some machines)
+    local state
+    state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
+    [[ -n $state && $state != Z ]]
+}
+
 running() {
     local name
     for name in munged slurmctld slurmd-n1 slurmd-n2; do
-        [[ -s $DIR/$name.pid ]] && kill -0 "$(cat "$DIR/$name.pid")" 2>/dev/null || return 1
+        [[ -s $DIR/$name.pid ]] && alive "$(cat "$DIR/$name.pid")" || return 1
     done
+}
+
+# Claim PORTS consecutive free ports for this cluster (GEN_DIST_SLURM_PORT, or the first free ones); prints the
+# first. A claim whose cluster has no state dir and no process left is stale and taken over.
+claim_ports() {
+    local base owner first=${GEN_DIST_SLURM_PORT:-17000} last=${GEN_DIST_SLURM_PORT:-29990}
+    mkdir -p "$CLAIMS"
+    exec 9>"$CLAIMS/.lock"
+    flock 9
+    for ((base = first; base <= last; base += 10)); do
+        if [[ -f $CLAIMS/$base ]]; then
+            owner=$(cat "$CLAIMS/$base")
+            [[ $owner == "$DIR" ]] && { echo "$base"; exec 9>&-; return; }
+            if [[ -d $owner || -n $(cluster_pids "GEN_DIST_SLURM_CLUSTER=$owner") ]]; then
+                [[ -n ${GEN_DIST_SLURM_PORT:-} ]] && die "port $base is held by the cluster in $owner"
+                continue
+            fi
+        fi
+        if [[ -n $(port_users "$base") ]]; then
+            [[ -n ${GEN_DIST_SLURM_PORT:-} ]] && die "ports $base-$((base + PORTS - 1)) are in use: $(port_users "$base")"
+            continue
+        fi
+        echo "$DIR" >"$CLAIMS/$base"
+        echo "$base"
+        exec 9>&-
+        return
+    done
+    die "no free ports for the cluster between $first and $last"
+}
+
+release_ports() {
+    local f
+    for f in "$CLAIMS"/[0-9]*; do
+        [[ -f $f && $(cat "$f") == "$DIR" ]] && rm -f "$f"
+    done
+    return 0
 }
 
 write_config() {
@@ -86,7 +144,10 @@ write_config() {
         gres_conf="Name=gpu File=$DIR/dev/nvidia[0-$((GPUS - 1))]"
     fi
     mkdir -p "$DIR"/{state,log,spool/n1,spool/n2}
-    cat >"$DIR/slurm.conf" <<EOF
+    # Job tasks get the cluster's tag too: a task whose slurmstepd is gone is still found by `down`.
+    printf '#!/bin/sh\necho "export %s"\n' "$TAG" >"$DIR/task_prolog.sh"
+    chmod 0755 "$DIR/task_prolog.sh"
+    cat >"$DIR/slurm.conf" <<CONF
 ClusterName=gendist
 SlurmctldHost=localhost
 SlurmctldPort=$PORT
@@ -102,6 +163,7 @@ SlurmctldPidFile=$DIR/slurmctld.pid
 SlurmdPidFile=$DIR/slurmd-%n.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$DIR/log/slurmd-%n.log
+TaskProlog=$DIR/task_prolog.sh
 # No cgroups: linuxproc tracks job processes by parentage, task/none does no binding.
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -125,7 +187,7 @@ MailProg=/bin/true
 ${gres:+GresTypes=gpu}
 NodeName=n[1-2] NodeAddr=127.0.0.1 Port=[$((PORT + 1))-$((PORT + 2))] CPUs=$CPUS RealMemory=$MEM $gres State=UNKNOWN
 PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP
-EOF
+CONF
     echo "$gres_conf" >"$DIR/gres.conf"
 }
 
@@ -140,54 +202,79 @@ start_munge() {
     munge -n -S "$SOCKET" | unmunge -S "$SOCKET" >/dev/null || die "munge does not work; see $DIR/munge/munged.log"
 }
 
+# True when a daemon wrote its pid file and is gone since: it will not come back.
+daemon_died() {
+    local name
+    for name in munged slurmctld slurmd-n1 slurmd-n2; do
+        [[ -s $DIR/$name.pid ]] && ! alive "$(cat "$DIR/$name.pid")" && return 0
+    done
+    return 1
+}
+
 wait_idle() {
     local i
-    for ((i = 0; i < 300; i++)); do
+    for ((i = 0; i < 600; i++)); do
         # sinfo retries for minutes when slurmctld is gone, so bound it and check the daemons are alive.
         [[ $(timeout 5 sinfo -h -N -p debug -o '%N %t' 2>/dev/null | sort) == $'n1 idle\nn2 idle' ]] && return
-        running || break
+        daemon_died && break
         sleep 0.2
     done
     sinfo -N -l >&2 || true
     tail -n 20 "$DIR"/log/*.log "$DIR/munge/munged.log" >&2 || true
-    die "nodes not idle after 60 s"
+    die "nodes of the cluster in $DIR not idle"
 }
 
 up() {
     install_packages
     # Already up (its nodes may be busy with jobs, so not necessarily idle).
-    if running && sinfo -h >/dev/null 2>&1; then
+    if running && timeout 10 sinfo -h >/dev/null 2>&1; then
         echo "$DIR"
         return
     fi
     down >/dev/null # whatever is left of an earlier, broken start
+    # A failed start leaves nothing running and no port held.
+    trap 'echo "local_cluster.sh: up failed; stopping what it started" >&2; down >/dev/null || true' EXIT
+    mkdir -p "$DIR" # before the claim: a claim whose state dir is missing is taken for stale
+    PORT=$(claim_ports)
     write_config
     start_munge
     env "$TAG" slurmctld -c -f "$SLURM_CONF" || die "slurmctld failed; see $DIR/log/slurmctld.log"
     env "$TAG" slurmd -N n1 -f "$SLURM_CONF" || die "slurmd n1 failed; see $DIR/log/slurmd-n1.log"
     env "$TAG" slurmd -N n2 -f "$SLURM_CONF" || die "slurmd n2 failed; see $DIR/log/slurmd-n2.log"
     wait_idle
+    trap - EXIT
     echo "$DIR"
 }
 
+# Returns once no process of the cluster is alive and none of its ports is in use, having released them and
+# removed the state dir; fails (keeping both) naming what is left when that does not happen within 30 s.
 down() {
-    local i pids=""
+    local i f pids="" busy="" ports=()
+    for f in "$CLAIMS"/[0-9]*; do
+        [[ -f $f && $(cat "$f") == "$DIR" ]] && ports+=("${f##*/}")
+    done
     if [[ -f $SLURM_CONF ]] && running; then
-        scancel --partition=debug 2>/dev/null || true
+        timeout 10 scancel --partition=debug 2>/dev/null || true
         for ((i = 0; i < 50; i++)); do
-            [[ -z $(squeue -h -o %i 2>/dev/null) ]] && break
+            [[ -z $(timeout 5 squeue -h -o %i 2>/dev/null) ]] && break
             sleep 0.2
         done
     fi
     # Nothing here needs a graceful stop (the state goes too), and srun ignores SIGTERM.
-    for ((i = 0; i < 50; i++)); do
+    for ((i = 0; i < 300; i++)); do
         # shellcheck disable=SC2086 # one pid a word
-        pids=$(cluster_pids $pids)
-        [[ -z $pids ]] && break
+        pids=$(cluster_pids "$TAG" $pids)
+        busy=""
+        for f in "${ports[@]}"; do busy+=$(port_users "$f"); done
+        [[ -z $pids && -z $busy ]] && break
         # shellcheck disable=SC2086
-        kill -KILL $pids 2>/dev/null || true
+        [[ -z $pids ]] || kill -KILL $pids 2>/dev/null || true
         sleep 0.1
     done
+    if [[ -n $pids || -n $busy ]]; then
+        die "the cluster in $DIR did not stop within 30 s; still alive: ${pids//$'\n'/ }; ports in use: ${busy:-none}"
+    fi
+    release_ports
     rm -rf "$DIR"
 }
 

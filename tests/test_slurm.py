@@ -10,47 +10,47 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 from conftest import CONFIGS, ROOT, events, step_records
 
-# One at a time under pytest-xdist: the tests share fixed names (slurm).
+# On one pytest-xdist worker: one cluster serves the module, and its jobs run 4 ranks each on this machine.
 pytestmark = pytest.mark.xdist_group("slurm")
 
 CLUSTER = ROOT / "slurm" / "local_cluster.sh"
 
 
-def _free_ports(n: int) -> int:
-    """The first of n consecutive ports that nothing listens on, below the ephemeral range."""
-    import socket
+def _need_root() -> None:
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("the local SLURM cluster needs root and apt-get")
 
-    for base in range(17000, 30000, 10):
-        with contextlib.ExitStack() as stack:
-            try:
-                for port in range(base, base + n):
-                    s = stack.enter_context(socket.socket())
-                    s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return base
-    raise AssertionError("no free ports for the SLURM daemons")
+
+def _new_cluster_env() -> dict:
+    """Environment for sbatch/squeue/scontrol and local_cluster.sh with a state dir of its own."""
+    # Not under pytest's private temp dir: munged runs as the munge user and must reach its files.
+    state = Path(tempfile.mkdtemp(prefix="gen_dist_slurm_test_", dir="/tmp"))
+    state.chmod(0o755)
+    return {**os.environ, "GEN_DIST_SLURM_DIR": str(state), "SLURM_CONF": str(state / "slurm.conf"),
+            "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+
+
+def _cluster(command: str, env: dict) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["bash", str(CLUSTER), command], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"local_cluster.sh {command}: {proc.stderr[-3000:]}"
+    return proc
 
 
 @pytest.fixture(scope="module")
 def slurm_env():
-    """Environment for sbatch/squeue/scontrol pointing at a fresh local cluster, torn down afterwards."""
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("the local SLURM cluster needs root and apt-get")
-    # Not under pytest's private temp dir: munged runs as the munge user and must reach its files.
-    state = Path(f"/tmp/gen_dist_slurm_test_{os.getpid()}")
-    env = {**os.environ, "GEN_DIST_SLURM_DIR": str(state), "SLURM_CONF": str(state / "slurm.conf"),
-           "GEN_DIST_SLURM_PORT": str(_free_ports(3)), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    up = subprocess.run(["bash", str(CLUSTER), "up"], env=env, capture_output=True, text=True, timeout=300)
-    assert up.returncode == 0, up.stderr[-3000:]
+    """A fresh local cluster, torn down afterwards (which must leave nothing of it running)."""
+    _need_root()
+    env = _new_cluster_env()
+    _cluster("up", env)
     yield env
-    subprocess.run(["bash", str(CLUSTER), "down"], env=env, capture_output=True, timeout=120)
+    _cluster("down", env)
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +101,11 @@ def _smoke(task: str, run_dir: Path, data: Path, *extra: str) -> list[str]:
 
 def test_two_nodes_by_two_processes(slurm_env: dict, data: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
+    # The pinned environment set-up, where the suite runs in the venv `make` built from constraints.txt.
+    pinned = Path(sys.prefix) == ROOT / ".venv"
+    setup = ["--setup", str(ROOT / "slurm" / "setup_env.sh")] if pinned else []
     job = _job_id(_submit(slurm_env, *_smoke("gan", run_dir, data, "train.steps=6"), "--nodes", "2",
-                          "--nproc-per-node", "2", "--cpus-per-task", "2", "--time", "00:10:00"))
+                          "--nproc-per-node", "2", "--cpus-per-task", "2", "--time", "00:10:00", *setup))
     log = run_dir / f"slurm-{job}.out"
     _wait(lambda: _job_state(slurm_env, job) in ("COMPLETED", "FAILED", "CANCELLED", "GONE"), 300, "the job", log)
     assert _job_state(slurm_env, job) in ("COMPLETED", "GONE"), log.read_text()[-3000:]
@@ -112,6 +115,10 @@ def test_two_nodes_by_two_processes(slurm_env: dict, data: Path, tmp_path: Path)
     assert events(run_dir, "end")
     assert _wandb_ids(run_dir) == {(run_dir / "wandb_run_id").read_text().strip()}
     assert "2 node(s) x 2 process(es)" in log.read_text()
+    if pinned:
+        import torch
+
+        assert f"environment {ROOT / '.venv'} (torch {torch.__version__})" in log.read_text()
 
 
 def test_signal_checkpoints_requeues_and_resumes(slurm_env: dict, data: Path, tmp_path: Path) -> None:
@@ -174,3 +181,51 @@ def test_config_values_never_reach_the_shell(tmp_path: Path, digits: Path) -> No
     bad = subprocess.run([sys.executable, "-m", "gen_dist", "slurm", "submit", str(CONFIGS / "smoke_vae.yaml"),
                           f"data.path={digits}", "train.stepz=1"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "unknown config key 'train.stepz'" in bad.stderr
+
+
+def _cluster_port(env: dict) -> int:
+    conf = (Path(env["GEN_DIST_SLURM_DIR"]) / "slurm.conf").read_text()
+    return int(re.search(r"^SlurmctldPort=(\d+)$", conf, re.M).group(1))
+
+
+def _tagged_processes(state: str) -> list[int]:
+    tag = f"GEN_DIST_SLURM_CLUSTER={state}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        with contextlib.suppress(OSError):
+            state_letter = (environ.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            if tag in environ.read_bytes().split(b"\0") and state_letter != "Z":
+                found.append(int(environ.parent.name))
+    return found
+
+
+def _listening(port: int) -> str:
+    return subprocess.run(["ss", "-Hltn", f"sport >= :{port} and sport <= :{port + 2}"], capture_output=True,
+                          text=True).stdout
+
+
+def test_clusters_get_their_own_ports_and_up_down_up_runs_a_job(tmp_path: Path) -> None:
+    """Two clusters at once are given disjoint ports; `down` returns with no process of its cluster alive and
+    its ports free; `up` again in the same state dir gives a cluster that runs a two-node job."""
+    _need_root()
+    first, second = _new_cluster_env(), _new_cluster_env()
+    try:
+        _cluster("up", first)
+        _cluster("up", second)
+        ports = [_cluster_port(first), _cluster_port(second)]
+        assert abs(ports[0] - ports[1]) >= 3 and _listening(ports[0]) and _listening(ports[1])
+        state = first["GEN_DIST_SLURM_DIR"]
+        assert _tagged_processes(state)
+        _cluster("down", first)
+        assert not _tagged_processes(state) and not _listening(ports[0]) and not Path(state).exists()
+        _cluster("up", first)
+        out = tmp_path / "job.out"
+        job = subprocess.run(["sbatch", "--nodes=2", f"--output={out}", "--wrap", "srun printenv SLURMD_NODENAME"],
+                             env=first, capture_output=True, text=True, cwd=tmp_path)
+        job_id = re.search(r"Submitted batch job (\d+)", job.stdout).group(1)
+        _wait(lambda: _job_state(first, job_id) in ("COMPLETED", "FAILED", "CANCELLED", "GONE"), 120, "the job")
+        assert sorted(out.read_text().split()) == ["n1", "n2"]
+    finally:
+        for env in (first, second):
+            subprocess.run(["bash", str(CLUSTER), "down"], env=env, capture_output=True, timeout=120)
+    assert not _tagged_processes(state) and not _tagged_processes(second["GEN_DIST_SLURM_DIR"])

@@ -1,5 +1,6 @@
 """The real training loop, in-process (1 rank) and launched with accelerate (2 gloo ranks)."""
 
+import json
 import math
 from pathlib import Path
 
@@ -104,7 +105,17 @@ def test_resume_continues_with_the_same_state(tmp_path: Path, digits: Path) -> N
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_cli("train", *smoke_args("gan", straight, digits), "train.ckpt_every=100")
     run_cli("train", *smoke_args("gan", resumed, digits), "train.steps=3")
-    run_cli("train", *smoke_args("gan", resumed, digits))
+    # Pretend the checkpoint was written under another torch and Python: resuming warns, naming both.
+    meta_file = resumed / "checkpoints" / "step_00000003" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    assert set(meta["versions"]) == {"python", "torch", "accelerate", "deepspeed", "diffusers", "webdataset"}
+    now = dict(meta["versions"])
+    meta["versions"].update(torch="1.0.0", python="3.0.0")
+    meta_file.write_text(json.dumps(meta))
+    proc = run_cli("train", *smoke_args("gan", resumed, digits))
+    assert f"torch 1.0.0 -> {now['torch']}" in proc.stderr and f"python 3.0.0 -> {now['python']}" in proc.stderr
+    (changed,) = events(resumed, "versions_changed")
+    assert len(changed["changes"]) == 2
     (start,) = [e for e in events(resumed, "start") if e["resumed"]]
     assert start["step"] == 3
     assert [r["step"] for r in step_records(resumed)] == [2, 3, 4, 6]
