@@ -1,4 +1,10 @@
-"""Checkpoints: a directory per step, written under a temporary name and renamed once complete."""
+"""Checkpoints: a directory per step, written under a temporary name and renamed once complete, described by
+its meta file (read here only: `describe`).
+
+A checkpoint holds the modules, optimizers and LR schedules as Accelerate saves them under the strategy (per-rank
+files under ZeRO and FSDP), plus the state of each other part of a run as that part gives it (`state`: train
+counters, data position, EMA bookkeeping), consolidated files (`ema.safetensors`, and `weights.safetensors`
+where the saved state is sharded), the versions it was written under and a manifest of every file."""
 
 from __future__ import annotations
 
@@ -10,12 +16,13 @@ import platform
 import shutil
 import warnings
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from gen_dist import dist
 
@@ -40,9 +47,8 @@ def versions() -> dict[str, str]:
     return found
 
 
-def version_changes(meta: dict[str, Any]) -> list[str]:
+def version_changes(saved: dict[str, str]) -> list[str]:
     """"name saved -> now" for each recorded version that differs from this environment's."""
-    saved = meta.get("versions", {})
     return [f"{k} {saved[k]} -> {v}" for k, v in versions().items() if k in saved and saved[k] != v]
 
 
@@ -117,13 +123,60 @@ def check_safe(path: Path) -> None:
                                   f"to load it") from None
 
 
-def verify(path: Path) -> dict[str, Any]:
-    """The meta of a complete, intact, safe checkpoint; CheckpointError naming the first problem otherwise."""
+@dataclass
+class Description:
+    """What a checkpoint's meta file says: the one reader of it (resume, launch checks, sampling, export)."""
+
+    path: Path
+    step: int
+    strategy: str
+    world_size: int
+    modules: list[str]
+    """Trained modules, in the order Accelerate saved them."""
+    state: dict[str, dict[str, Any]]
+    """Each part's own state: train, data, ema."""
+    versions: dict[str, str]
+    files: dict[str, list[int]]
+
+    def module_file(self, name: str) -> Path:
+        """Accelerate's weights file of trained module `name` (whole weights unless the strategy shards them)."""
+        i = self.modules.index(name)
+        return self.path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+
+    @property
+    def ema_file(self) -> Path | None:
+        return self.path / EMA if EMA in self.files else None
+
+    @property
+    def weights_file(self) -> Path | None:
+        """Consolidated weights of the sampled module, where the saved state is sharded."""
+        return self.path / WEIGHTS if WEIGHTS in self.files else None
+
+
+def _state_of_flat_meta(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The per-part state of a checkpoint written before parts kept their own state."""
+    return {"train": {"step": meta["step"], "images": meta["images"], "nonfinite": meta["nonfinite"]},
+            "data": {"epoch": meta["epoch"], "batch": meta["batch"], "layout": meta["data_layout"],
+                     "done": meta["data_done"]},
+            "ema": {"updates": meta["ema_updates"]}}
+
+
+def describe(path: Path) -> Description:
+    """The description of the checkpoint in `path`; CheckpointError when its meta file is unreadable."""
     try:
         meta = json.loads((path / META).read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path / META} is unreadable: {e}") from None
-    for name, (size, crc) in meta.get("files", {}).items():
+        state = meta["state"] if "state" in meta else _state_of_flat_meta(meta)
+        return Description(path, meta["step"], meta.get("strategy", "ddp"), meta["world_size"], meta["modules"],
+                           state, meta.get("versions", {}), meta.get("files", {}))
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path / META} is unreadable: {type(e).__name__}: {e}") from None
+
+
+def verify(path: Path) -> Description:
+    """The description of a complete, intact, safe checkpoint; CheckpointError naming the first problem
+    otherwise."""
+    desc = describe(path)
+    for name, (size, crc) in desc.files.items():
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{path}: {name} is missing")
@@ -132,14 +185,14 @@ def verify(path: Path) -> dict[str, Any]:
         if _crc32(f) != crc:
             raise CheckpointError(f"{path}: {name} is corrupt (checksum mismatch)")
     check_safe(path)
-    return meta
+    return desc
 
 
-def latest_verified(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """(path, meta) of the newest checkpoint that verifies; broken newer ones are skipped with a warning."""
+def latest_verified(run_dir: Path) -> Description | None:
+    """The newest checkpoint that verifies; broken newer ones are skipped with a warning."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            return path, verify(path)
+            return verify(path)
         except CheckpointError as e:
             warnings.warn(f"skipping checkpoint {path.name}: {e}", stacklevel=3)
     return None
@@ -147,7 +200,7 @@ def latest_verified(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
 
 def latest(run_dir: Path) -> Path | None:
     found = latest_verified(run_dir)
-    return found[0] if found else None
+    return found.path if found else None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -158,10 +211,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save(acc: Accelerator, run_dir: Path, step: int, meta: dict[str, Any],
-         files: dict[str, dict[str, torch.Tensor]], keep: int) -> Path:
-    """Every rank writes its part of the state; the main rank adds `files` (name -> consolidated tensors) and
-    publishes the directory by renaming it."""
+def save(acc: Accelerator, run_dir: Path, step: int, strategy: str, modules: list[str],
+         state: dict[str, dict[str, Any]], files: dict[str, dict[str, torch.Tensor]], keep: int) -> Path:
+    """Every rank writes its part of the prepared modules, optimizers and schedules; the main rank adds `files`
+    (name -> consolidated tensors) and the meta file (the parts' `state`) and publishes the directory by renaming
+    it."""
+    meta = {"strategy": strategy, "world_size": acc.num_processes, "modules": modules, "state": state}
     root = ckpt_root(run_dir)
     final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
     if dist.is_main():
@@ -213,11 +268,7 @@ def _publish(tmp: Path, final: Path, step: int, meta: dict[str, Any],
     _fsync_dir(final.parent)
 
 
-def load(acc: Accelerator, path: Path, meta: dict[str, Any] | None = None
-         ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
-    """Restore prepared modules/optimizers/schedulers in place; return (meta, EMA tensors). `meta` is the
-    result of `verify(path)` when the caller already has it."""
-    meta = meta if meta is not None else verify(path)
-    acc.load_state(str(path))
-    ema = load_file(str(path / EMA)) if (path / EMA).exists() else None
-    return meta, ema
+def load(acc: Accelerator, desc: Description) -> None:
+    """Restore the prepared modules, optimizers and schedules in place from a verified checkpoint."""
+    acc.load_state(str(desc.path))
+

@@ -9,7 +9,10 @@ from pathlib import Path
 
 TRAIN_HELP = """Train CONFIG in the current process group (plain python, accelerate launch or torchrun).
 Overrides are dotted key=value pairs, e.g. train.steps=100 data.batch_size=32.
-An existing run directory is resumed from its latest checkpoint."""
+An existing run directory is resumed from its latest checkpoint.
+
+Model families (config key `task`; each has its config section of the same name):
+{families}"""
 
 LAUNCH_HELP = """Validate CONFIG, then start `gen-dist train` on --nproc local processes through accelerate launch
 (gloo on CPU, NCCL on GPUs). For several machines run it once per machine with --num-machines,
@@ -36,6 +39,20 @@ Example: gen-dist eval runs/x --metrics fid,kid,pr --n 10000 --extractors incept
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
+class _FamiliesHelp(argparse.RawDescriptionHelpFormatter):
+    """Lists the registered families where a description asks for them, when help is shown (reading the
+    registry imports torch, which plain parsing does not need)."""
+
+    def add_text(self, text: str | None) -> None:
+        if text and "{families}" in text:
+            from gen_dist.tasks import PLUGINS_ENV, families
+
+            rows = [f"  {f.name:<12} {f.help}" for f in families().values()]
+            rows.append(f"  (more from the modules named in {PLUGINS_ENV})")
+            text = text.replace("{families}", "\n".join(rows))
+        super().add_text(text)
+
+
 def _fail(msg: str) -> None:
     print(f"gen-dist: error: {msg}", file=sys.stderr)
     sys.exit(2)
@@ -60,7 +77,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_launch(args: argparse.Namespace) -> None:
     from gen_dist.config import load_config
-    from gen_dist.launch import LaunchSpec, launch_command, preflight, run
+    from gen_dist.launch import LaunchSpec, launch_command, run
+    from gen_dist.preflight import preflight
 
     cfg = load_config(args.config, args.overrides)
     preflight(cfg, world_size=max(1, args.nproc) * args.num_machines)
@@ -164,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a config in the current process group", description=TRAIN_HELP,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=_FamiliesHelp)
     t.add_argument("config", help="YAML config (configs/*.yaml)")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     t.set_defaults(func=cmd_train)

@@ -120,64 +120,6 @@ class WandbConfig:
 
 
 @dataclass
-class DiffusionConfig:
-    channels: list[int] = field(default_factory=lambda: [32, 64, 64])
-    """UNet channels per resolution level."""
-    attention: list[bool] = field(default_factory=lambda: [False, False, True])
-    """Self-attention at each level."""
-    layers_per_block: int = 1
-    """ResNet layers per UNet block."""
-    norm_groups: int = 8
-    """GroupNorm groups."""
-    num_classes: int = 10
-    """Class-conditional with this many classes; 0 = unconditional."""
-    train_timesteps: int = 1000
-    """DDPM training timesteps."""
-    beta_schedule: str = "squaredcos_cap_v2"
-    """DDPM beta schedule (diffusers name): linear, scaled_linear or squaredcos_cap_v2."""
-    sample_steps: int = 100
-    """DDIM steps when sampling."""
-    ddim_eta: float = 1.0
-    """DDIM noise: 1 = ancestral (DDPM-like, best for short-trained models), 0 = deterministic DDIM."""
-
-
-@dataclass
-class GANConfig:
-    z_dim: int = 64
-    """Latent size."""
-    channels: list[int] = field(default_factory=lambda: [128, 64])
-    """Generator channels per level, coarse to fine (each level doubles the resolution)."""
-    d_channels: list[int] = field(default_factory=lambda: [64, 128])
-    """Discriminator channels per level, fine to coarse (each level halves the resolution)."""
-    num_classes: int = 10
-    """Class-conditional with this many classes (projection discriminator); 0 = unconditional."""
-    loss: str = "nonsaturating"
-    """nonsaturating or hinge."""
-    r1_gamma: float = 0.0
-    """R1 penalty weight on real images; 0 disables it."""
-    r1_every: int = 16
-    """Run the R1 phase every this many steps (lazy regularisation)."""
-
-
-@dataclass
-class VAEConfig:
-    channels: list[int] = field(default_factory=lambda: [32, 64])
-    """Encoder channels per level (the decoder mirrors them)."""
-    latent_dim: int = 16
-    """Latent vector size."""
-    beta: float = 1.0
-    """Weight of the KL term."""
-
-
-@dataclass
-class ClassifierConfig:
-    channels: list[int] = field(default_factory=lambda: [32, 64, 128])
-    """Conv channels per level (each level halves the resolution); the last is the feature size."""
-    num_classes: int = 10
-    """Classes of the dataset it learns to tell apart."""
-
-
-@dataclass
 class EvalConfig:
     every: int = 0
     """Steps between evaluations during training (and one at the end); 0 = none."""
@@ -200,8 +142,12 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
+    """The sections every run has. The class a config is loaded into (`config_class()`) adds one section per
+    registered model family, named after it (`diffusion.*`, `gan.*`, ...)."""
+
     task: str = "diffusion"
-    """Model family: diffusion, gan or vae; classifier trains the domain feature extractor of eval."""
+    """Model family (`gen-dist train --help` lists the registered ones); classifier trains the domain feature
+    extractor of eval."""
     name: str = "run"
     """Run name (the W&B run name too)."""
     run_dir: str = ""
@@ -211,10 +157,6 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    gan: GANConfig = field(default_factory=GANConfig)
-    vae: VAEConfig = field(default_factory=VAEConfig)
-    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
@@ -222,22 +164,37 @@ class RunConfig:
         return Path(self.run_dir or f"runs/{self.name}")
 
 
-TASKS = ("diffusion", "gan", "vae", "classifier")
 METRICS = ("fid", "kid", "is", "pr")
 CHOICES = {
-    "task": TASKS,
     "optim.schedule": ("constant", "linear", "cosine"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "wandb.mode": ("auto", "online", "offline", "disabled"),
-    "parallel.strategy": ("ddp", "deepspeed", "fsdp"),
     "parallel.zero_stage": (1, 2, 3),
-    "gan.loss": ("nonsaturating", "hinge"),
-    "diffusion.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
 }
 POSITIVE = ("data.resolution", "data.batch_size", "train.steps", "train.grad_accum", "train.log_every",
             "train.sample_n", "train.ckpt_every", "train.max_nonfinite_steps", "train.keep_checkpoints",
-            "diffusion.sample_steps",
-            "gan.r1_every", "gan.z_dim", "vae.latent_dim", "classifier.num_classes", "eval.n", "eval.batch_size")
+            "eval.n", "eval.batch_size")
+
+
+def config_class() -> type[RunConfig]:
+    """RunConfig with a section for every registered family, made once per set of families."""
+    from gen_dist.tasks import families
+
+    found = families()
+    key = tuple((f.name, f.section) for f in found.values())
+    if key not in _CLASSES:
+        fields = [(f.name, f.section, field(default_factory=f.section)) for f in found.values()]
+        _CLASSES[key] = dataclasses.make_dataclass("RunConfig", fields, bases=(RunConfig,))
+    return _CLASSES[key]
+
+
+_CLASSES: dict[tuple, type[RunConfig]] = {}
+
+
+def check_divisible(cfg: RunConfig, key: str, factor: int, why: str) -> None:
+    """data.resolution must be divisible by `factor` (what `key` asks for: levels that halve the resolution)."""
+    if cfg.data.resolution % factor:
+        raise ConfigError(f"data.resolution {cfg.data.resolution} must be divisible by {factor} {why}")
 
 
 def _check_type(key: str, value: Any, tp: Any) -> Any:
@@ -307,42 +264,40 @@ def get_value(cfg: RunConfig, dotted: str) -> Any:
     return obj
 
 
-def validate(cfg: RunConfig) -> None:
-    """Checks across fields that types alone cannot express."""
-    for key, allowed in CHOICES.items():
+def _check_keys(cfg: RunConfig, choices: dict[str, tuple], positive: tuple[str, ...]) -> None:
+    for key, allowed in choices.items():
         value = get_value(cfg, key)
         if value not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, allowed))}, got {value!r}")
-    for key in POSITIVE:
+    for key in positive:
         if get_value(cfg, key) <= 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {get_value(cfg, key)!r}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks across fields that types alone cannot express: the core sections', every family's, the
+    strategy's and evaluation's."""
+    from gen_dist.tasks import families
+
+    found = families()
+    _check_keys(cfg, {"task": tuple(found), **CHOICES}, POSITIVE)
     if cfg.data.channels not in (1, 3):
         raise ConfigError(f"config key 'data.channels' must be 1 or 3, got {cfg.data.channels}")
     if cfg.data.num_workers < 0:
         raise ConfigError("config key 'data.num_workers' must be >= 0")
-    if len(cfg.diffusion.channels) != len(cfg.diffusion.attention):
-        raise ConfigError("config keys 'diffusion.channels' and 'diffusion.attention' must have the same length")
-    down = 2 ** (len(cfg.diffusion.channels) - 1)
-    if cfg.task == "diffusion" and cfg.data.resolution % down:
-        raise ConfigError(f"data.resolution {cfg.data.resolution} must be divisible by {down} for "
-                          f"{len(cfg.diffusion.channels)} UNet levels")
-    for key in ("gan.channels", "gan.d_channels", "vae.channels"):
-        levels = len(get_value(cfg, key))
-        if cfg.task == key.split(".")[0] and (levels == 0 or cfg.data.resolution % (2**levels)):
-            raise ConfigError(f"data.resolution {cfg.data.resolution} must be divisible by 2^len({key}) "
-                              f"= {2**levels}, and {key} must not be empty")
     if not 0 <= cfg.train.ema_decay < 1:
         raise ConfigError("config key 'train.ema_decay' must be in [0, 1)")
     if len(cfg.optim.betas) != 2:
         raise ConfigError("config key 'optim.betas' must have two values")
-    if cfg.train.mixed_precision == "fp16" and not cfg.train.loss_scaling and cfg.task == "gan":
-        raise ConfigError("train.mixed_precision=fp16 with train.loss_scaling=false cannot train a GAN: the "
-                          "adversarial gradients underflow in fp16; set train.loss_scaling=true or use bf16")
     _validate_parallel(cfg)
-    _validate_eval(cfg)
+    for f in found.values():
+        _check_keys(cfg, {f"{f.name}.{k}": v for k, v in f.choices.items()}, tuple(f"{f.name}.{k}" for k in f.positive))
+        if f.check is not None:
+            f.check(cfg)
+    _validate_eval(cfg, found[cfg.task].task.generates)
 
 
-def _validate_eval(cfg: RunConfig) -> None:
+def _validate_eval(cfg: RunConfig, generates: bool) -> None:
     e = cfg.eval
     unknown = sorted(set(e.metrics) - set(METRICS))
     if unknown or not e.metrics:
@@ -351,29 +306,19 @@ def _validate_eval(cfg: RunConfig) -> None:
         raise ConfigError("eval.extractors must name at least one extractor ('inception' or a classifier run)")
     if e.every < 0 or e.reference_n < 0:
         raise ConfigError("eval.every and eval.reference_n must be >= 0")
-    if e.every and cfg.task == "classifier":
+    if e.every and not generates:
         raise ConfigError("eval.every needs a generative task; a classifier run generates nothing to evaluate")
     if "pr" in e.metrics and e.n <= 3:
         raise ConfigError("eval.metrics 'pr' (k-NN precision/recall, k=3) needs eval.n > 3")
 
 
 def _validate_parallel(cfg: RunConfig) -> None:
-    p = cfg.parallel
-    if p.strategy != "deepspeed":
-        for key in ("offload_optimizer", "offload_params", "deepspeed_config"):
-            if getattr(p, key):
-                raise ConfigError(f"parallel.{key} needs parallel.strategy=deepspeed (got {p.strategy})")
-        return
-    if p.zero_stage == 3 and cfg.task == "gan" and cfg.gan.r1_gamma > 0:
-        raise ConfigError("gan.r1_gamma > 0 needs a double backward through D, which ZeRO-3 cannot run (it frees "
-                          "D's gathered weights after the first backward); use parallel.zero_stage 1 or 2, "
-                          "parallel.strategy=fsdp, or gan.r1_gamma=0")
-    if p.offload_params and p.zero_stage != 3:
-        raise ConfigError("parallel.offload_params needs parallel.zero_stage=3 (ZeRO 1/2 do not partition parameters)")
-    if cfg.train.mixed_precision == "fp16":
-        raise ConfigError("train.mixed_precision=fp16 is not supported with parallel.strategy=deepspeed: gen_dist "
-                          "runs DeepSpeed with fp32 master parameters under autocast, where ZeRO has no loss "
-                          "scaling; use bf16, or fp16 with parallel.strategy=ddp or fsdp")
+    from gen_dist.parallel import STRATEGIES
+
+    if cfg.parallel.strategy not in STRATEGIES:
+        raise ConfigError(f"config key 'parallel.strategy' must be one of {', '.join(STRATEGIES)}, got "
+                          f"{cfg.parallel.strategy!r}")
+    STRATEGIES[cfg.parallel.strategy].validate(cfg)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
@@ -389,7 +334,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 
 def config_from_yaml(text: str, source: str, overrides: list[str] = ()) -> RunConfig:
     """Build a RunConfig from YAML text (a file's, or one stored in an exported checkpoint)."""
-    cfg = RunConfig()
+    cfg = config_class()()
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:

@@ -21,6 +21,7 @@ import io
 import itertools
 import json
 import struct
+import sys
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -200,7 +201,7 @@ class Piece:
 
 
 @dataclass(frozen=True)
-class Layout:
+class ReadLayout:
     """How an epoch is read: ranks x loader workers per rank, batch size and shuffle buffer per worker."""
 
     world: int
@@ -216,8 +217,57 @@ class Layout:
 class Segment:
     """A finished part of an epoch: `consumed` batches per rank read under `layout`."""
 
-    layout: Layout
+    layout: ReadLayout
     consumed: int
+
+
+@dataclass
+class DataPosition:
+    """Where the stream of a run stands: epoch, batches consumed per rank in it since the read layout last
+    changed, and the earlier parts of the epoch read under other layouts. A checkpoint carries it."""
+
+    epoch: int = 0
+    batch: int = 0
+    done: tuple[Segment, ...] = ()
+
+    def state_dict(self, layout: ReadLayout) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batch": self.batch, "layout": layout.to_list(),
+                "done": [{"layout": d.layout.to_list(), "consumed": d.consumed} for d in self.done]}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], layout: ReadLayout) -> tuple[DataPosition, ReadLayout | None]:
+        """The position to continue from under `layout`, and the saved layout where it differs (then the rest
+        of the epoch is spread anew over the new ranks and workers)."""
+        done = tuple(Segment(ReadLayout(*d["layout"]), d["consumed"]) for d in state["done"])
+        saved = ReadLayout(*state["layout"])
+        if saved == layout:
+            return cls(state["epoch"], state["batch"], done), None
+        if state["batch"]:
+            done = (*done, Segment(saved, state["batch"]))
+        return cls(state["epoch"], 0, done), saved
+
+    def next_epoch(self) -> None:
+        self.epoch, self.batch, self.done = self.epoch + 1, 0, ()
+
+
+class BadSamples:
+    """Unusable samples met by this rank since the last log record: reported on stderr as they come, then
+    handed to the log record (counted over ranks, listed per rank)."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank, self.count, self.reports = rank, 0, []
+
+    def note(self, batch: dict[str, Any]) -> None:
+        if batch["bad_count"]:
+            self.count += batch["bad_count"]
+            self.reports += batch["bad"]
+            for message in batch["bad"]:
+                print(f"[rank {self.rank}] bad data: {message}", file=sys.stderr, flush=True)
+
+    def take(self) -> tuple[int, list[str]]:
+        out = self.count, self.reports
+        self.count, self.reports = 0, []
+        return out
 
 
 def batch_sizes(total: int, world: int, workers: int, batch: int) -> list[list[list[int]]]:
@@ -273,7 +323,7 @@ def to_pieces(positions: np.ndarray, ordered: list[tuple[str, int]], starts: np.
     return pieces
 
 
-def split_slots(avail: np.ndarray, layout: Layout) -> tuple[list[list[list[int]]], list[np.ndarray]]:
+def split_slots(avail: np.ndarray, layout: ReadLayout) -> tuple[list[list[list[int]]], list[np.ndarray]]:
     """(batch sizes [rank][worker], positions per (rank, worker) slot): `avail` cut into consecutive ranges."""
     sizes = batch_sizes(len(avail), layout.world, layout.workers, layout.batch)
     bounds = np.cumsum([0] + [sum(w) for r in sizes for w in r])
@@ -405,7 +455,7 @@ class ShardStream(IterableDataset):
         self.shards = [(s["file"], int(s["count"])) for s in entry["shards"]]
         self.total = int(entry["count"])
         self.num_classes = len(index.get("classes", []))
-        self.layout = Layout(world_size, self.workers, batch_size, shuffle_buffer)
+        self.layout = ReadLayout(world_size, self.workers, batch_size, shuffle_buffer)
         self.rank, self.seed, self.hflip, self.strict = rank, seed, hflip, strict
         self.resolution, self.channels = resolution, channels
         self.set_position(0, 0)

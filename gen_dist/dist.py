@@ -40,6 +40,13 @@ def mean_across_ranks(acc: Accelerator, stats: dict[str, float]) -> dict[str, fl
     return dict(zip(keys, t.tolist(), strict=True))
 
 
+def sum_across_ranks(acc: Accelerator, t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over ranks in place (and return it)."""
+    if acc.num_processes > 1:
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
+    return t
+
+
 def gather_cat(acc: Accelerator, t: torch.Tensor) -> torch.Tensor:
     """Concatenate a same-shaped tensor from every rank, in rank order."""
     return acc.gather(t.contiguous()) if acc.num_processes > 1 else t

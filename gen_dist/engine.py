@@ -22,11 +22,11 @@ from tqdm.auto import tqdm
 
 from gen_dist import checkpoint, dist, parallel
 from gen_dist.config import RunConfig, save_config, to_dict
-from gen_dist.data import Layout, Segment, ShardStream, make_loader
-from gen_dist.evaluation import Evaluator
-from gen_dist.images import grid, to_uint8
-from gen_dist.launch import preflight
-from gen_dist.tasks import TASKS, Phase, Task
+from gen_dist.data import BadSamples, DataPosition, ShardStream, make_loader
+from gen_dist.evaluation import Evaluator, generate, sample_chunk
+from gen_dist.images import grid, to_model_range
+from gen_dist.preflight import preflight
+from gen_dist.tasks import Phase, Task, family
 from gen_dist.track import Tracker, wandb_init_kwargs, wandb_mode
 
 PREEMPTED = "preempted.json"
@@ -77,27 +77,40 @@ class MetricWindow:
 
 @dataclass
 class TrainState:
+    """Counters of a run that a checkpoint carries (the data position is its own part)."""
+
     step: int = 0
-    epoch: int = 0
-    batch: int = 0
-    """Batches consumed on each rank in the current epoch since the data layout last changed."""
-    done: tuple[Segment, ...] = ()
-    """Earlier parts of the current epoch, read under other data layouts (other world sizes, workers...)."""
     images: int = 0
     """Training images consumed over all ranks."""
     nonfinite: int = 0
     """Consecutive steps with a phase skipped for a non-finite loss or gradient."""
 
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "images": self.images, "nonfinite": self.nonfinite}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step, self.images, self.nonfinite = state["step"], state["images"], state["nonfinite"]
+
 
 class Trainer:
+    """Trains one config, whatever its family, strategy and number of ranks.
+
+    Built from the config: the task (its trained and frozen modules, phases, sampling), the strategy's
+    Accelerator and wrapped modules with their optimizers and LR schedules, the data stream, EMA and tracker.
+    `train()` resumes from the run directory's newest good checkpoint and runs the one loop: every step each due
+    phase of the task is run over the micro-batches and its optimizer stepped, then the schedules, the task's
+    cross-rank update and the EMA; logging, sample grids, evaluation and checkpoints come at their intervals, and
+    a stop signal agreed on by all ranks ends the run with a checkpoint."""
+
     def __init__(self, cfg: RunConfig) -> None:
         parallel.adopt_launcher_strategy(cfg)
         preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         self.cfg, self.run_dir = cfg, cfg.out_dir
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.task: Task = TASKS[cfg.task](cfg)
-        self.trained = list(dict.fromkeys(p.module for p in self.task.phases))
-        self.acc = acc = parallel.make_accelerator(cfg, self.trained, "wandb" if wandb_mode(cfg) else None)
+        self.task: Task = family(cfg.task).task(cfg)
+        self.trained_names = list(dict.fromkeys(p.trains for p in self.task.phases))
+        self.strategy = parallel.strategy_for(cfg)
+        self.acc = acc = self.strategy.make_accelerator(self.trained_names, "wandb" if wandb_mode(cfg) else None)
         if dist.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -106,20 +119,20 @@ class Trainer:
             cfg.data.path, cfg.data.split, cfg.data.batch_size, acc.process_index, acc.num_processes,
             cfg.data.num_workers, cfg.train.seed, cfg.data.shuffle_buffer, cfg.data.resolution,
             cfg.data.channels, cfg.data.hflip, cfg.data.strict)
-        self.state = TrainState()
+        self.state, self.position = TrainState(), DataPosition()
         self.skipped_phases = 0
-        self.bad_samples: list[str] = []  # reports of unusable samples since the last log record
-        self.bad_count = 0
+        self.bad = BadSamples(acc.process_index)
         self.stopped = ""  # the signal that stopped the run early, if one did
         self.last_checkpoint: Path | None = None  # the newest checkpoint this run resumed from or wrote
         self.evaluator: Evaluator | None = None  # made at the first evaluation (reference features, extractors)
         # A whole copy of the sampled module: under sharding the trained one holds only this rank's part.
-        self.sample_net = copy.deepcopy(self.task.modules[self.task.ema_module]).to(acc.device).eval()
+        self.sample_net = copy.deepcopy(self.task.modules[self.task.sampled]).to(acc.device).eval()
         self.sample_net.requires_grad_(False)
+        self.frozen = {n: m.to(acc.device).eval().requires_grad_(False) for n, m in self.task.frozen.items()}
         self._prepare()
-        self.layout = parallel.layout_for(cfg, acc)
-        ema_of = self.modules[self.task.ema_module]
-        self.ema = parallel.EMA(ema_of, cfg.train.ema_decay, self.layout) if cfg.train.ema_decay > 0 else None
+        self.layout = self.strategy.weight_layout(acc)
+        sampled = self.modules[self.task.sampled]
+        self.ema = parallel.EMA(sampled, cfg.train.ema_decay, self.layout) if cfg.train.ema_decay > 0 else None
         self.tracker = Tracker(acc, cfg, self.run_dir)
 
     # ------------------------------------------------------------------------------------------ set-up
@@ -127,12 +140,12 @@ class Trainer:
     def _prepare(self) -> None:
         o = self.cfg.optim
         opts = {n: torch.optim.AdamW(self.task.modules[n].parameters(), lr=o.lr, betas=tuple(o.betas),
-                                     weight_decay=o.weight_decay) for n in self.trained}
+                                     weight_decay=o.weight_decay) for n in self.trained_names}
         factor = lr_factor(o.schedule, o.warmup_steps, self.cfg.train.steps)
         scheds = {n: torch.optim.lr_scheduler.LambdaLR(opt, factor) for n, opt in opts.items()}
-        self.wrapped = parallel.prepare(self.acc, self.cfg, self.task.modules, opts, scheds)
-        self.scheds = {n: w.sched for n, w in self.wrapped.items()}
-        self.modules = {n: w.module for n, w in self.wrapped.items()}
+        self.trained = self.strategy.prepare(self.acc, self.task.modules, opts, scheds)
+        self.scheds = {n: t.sched for n, t in self.trained.items()}
+        self.modules = {n: t.module for n, t in self.trained.items()}
 
     @property
     def global_batch(self) -> int:
@@ -140,90 +153,78 @@ class Trainer:
         return self.cfg.data.batch_size * self.cfg.train.grad_accum * self.acc.num_processes
 
     def _autocast(self, phase: Phase) -> Any:
-        return parallel.autocast(self.acc, self.cfg) if phase.autocast else nullcontext()
+        return self.strategy.autocast(self.acc) if phase.autocast else nullcontext()
 
     # ------------------------------------------------------------------------------------------ state
 
     def resume(self) -> bool:
         t0 = time.perf_counter()
-        found = checkpoint.latest_verified(self.run_dir)
-        if found is None:
+        desc = checkpoint.latest_verified(self.run_dir)
+        if desc is None:
             return False
-        path = self.last_checkpoint = found[0]
-        changed = checkpoint.version_changes(found[1])
+        self.last_checkpoint = desc.path
+        changed = checkpoint.version_changes(desc.versions)
         if changed:
             # Shown before anything is loaded, so that a load that fails on a format change is explained.
-            dist.print0(f"warning: {path} was written under other versions ({', '.join(changed)}); resuming "
+            dist.print0(f"warning: {desc.path} was written under other versions ({', '.join(changed)}); resuming "
                         f"with this environment's", file=sys.stderr)
-            self.tracker.event("versions_changed", checkpoint=str(path), changes=changed)
-        meta, ema = checkpoint.load(self.acc, *found)
-        done = tuple(Segment(Layout(*d["layout"]), d["consumed"]) for d in meta["data_done"])
-        batch = meta["batch"]
-        saved = Layout(*meta["data_layout"])
-        if saved != self.stream.layout:
+            self.tracker.event("versions_changed", checkpoint=str(desc.path), changes=changed)
+        checkpoint.load(self.acc, desc)
+        self.state.load_state_dict(desc.state["train"])
+        self.position, saved = DataPosition.from_state_dict(desc.state["data"], self.stream.layout)
+        if saved is not None:
             # Another world size (or workers, batch, buffer): the rest of the epoch is spread anew.
-            done, batch = ((*done, Segment(saved, batch)) if batch else done), 0
             self.tracker.event("data_layout_changed", saved=saved.to_list(), now=self.stream.layout.to_list())
-        self.state = TrainState(step=meta["step"], epoch=meta["epoch"], batch=batch, done=done,
-                                nonfinite=meta["nonfinite"], images=meta["images"])
-        if self.ema is not None and ema is not None:
-            self.ema.load_state_dict(ema, meta["ema_updates"])
-        self.tracker.event("resume", checkpoint=str(path), step=self.state.step,
+        if self.ema is not None and desc.ema_file is not None:
+            self.ema.load(desc.ema_file, desc.state["ema"])
+        self.tracker.event("resume", checkpoint=str(desc.path), step=self.state.step,
                            seconds=round(time.perf_counter() - t0, 3))
         return True
 
     def save(self) -> Path:
         t0 = time.perf_counter()
-        s = self.state
         files = {}  # consolidated on every rank (collectives), written by the main rank
         if self.ema is not None:
             files[checkpoint.EMA] = self.ema.state_dict()
-        if self.cfg.parallel.strategy != "ddp":
-            files[checkpoint.WEIGHTS] = parallel.full_state_dict(self.modules[self.task.ema_module], self.layout)
-        meta = {"epoch": s.epoch, "batch": s.batch, "nonfinite": s.nonfinite, "world_size": self.acc.num_processes,
-                "images": s.images, "data_layout": self.stream.layout.to_list(),
-                "data_done": [{"layout": d.layout.to_list(), "consumed": d.consumed} for d in s.done],
-                "modules": list(self.modules), "strategy": self.cfg.parallel.strategy,
-                "ema_updates": self.ema.updates if self.ema is not None else 0}
-        path = self.last_checkpoint = checkpoint.save(self.acc, self.run_dir, s.step, meta, files,
-                                                      self.cfg.train.keep_checkpoints)
-        self.tracker.event("checkpoint", step=s.step, path=str(path), seconds=round(time.perf_counter() - t0, 3))
+        if self.strategy.shards_state:
+            files[checkpoint.WEIGHTS] = parallel.full_state_dict(self.modules[self.task.sampled], self.layout)
+        state = {"train": self.state.state_dict(), "data": self.position.state_dict(self.stream.layout),
+                 "ema": self.ema.meta_state() if self.ema is not None else {"updates": 0}}
+        path = self.last_checkpoint = checkpoint.save(
+            self.acc, self.run_dir, self.state.step, self.cfg.parallel.strategy, list(self.modules), state, files,
+            self.cfg.train.keep_checkpoints)
+        self.tracker.event("checkpoint", step=self.state.step, path=str(path),
+                           seconds=round(time.perf_counter() - t0, 3))
         return path
 
     # ------------------------------------------------------------------------------------------ data
 
     def _batches(self):
-        """Endless stream of device batches; advances the epoch and keeps the position in self.state."""
+        """Endless stream of device batches; advances the epoch and keeps the position in self.position."""
+        pos = self.position
         while True:
-            self.stream.set_position(self.state.epoch, self.state.batch, self.state.done)
+            self.stream.set_position(pos.epoch, pos.batch, pos.done)
             if self.stream.dropped:
-                self.tracker.event("data_dropped", epoch=self.state.epoch, samples=self.stream.dropped,
+                self.tracker.event("data_dropped", epoch=pos.epoch, samples=self.stream.dropped,
                                    reason="fewer samples left in the epoch than ranks x workers")
             for batch in make_loader(self.stream, self.cfg.data.num_workers):
-                self.state.batch += 1
-                self._note_bad(batch)
+                pos.batch += 1
+                self.bad.note(batch)
                 yield {
-                    "x": batch["image"].to(self.acc.device, non_blocking=True).float() / 127.5 - 1,
+                    "x": to_model_range(batch["image"].to(self.acc.device, non_blocking=True)),
                     "label": batch["label"].to(self.acc.device, non_blocking=True),
                     "key": batch["key"],
                 }
-            self.state.epoch, self.state.batch, self.state.done = self.state.epoch + 1, 0, ()
-
-    def _note_bad(self, batch: dict[str, Any]) -> None:
-        if batch["bad_count"]:
-            self.bad_count += batch["bad_count"]
-            self.bad_samples += batch["bad"]
-            for message in batch["bad"]:
-                print(f"[rank {self.acc.process_index}] bad data: {message}", file=sys.stderr, flush=True)
+            pos.next_epoch()
 
     # ------------------------------------------------------------------------------------------ step
 
     def run_phase(self, index: int, micro: list[dict[str, Any]], step: int) -> dict[str, torch.Tensor]:
         phase = self.task.phases[index]
-        trained = self.wrapped[phase.module]
+        trained = self.trained[phase.trains]
         for name, m in self.modules.items():
-            m.requires_grad_(name == phase.module)
-        nets = {n: (trained.model if n == phase.module else m) for n, m in self.modules.items()}
+            m.requires_grad_(name == phase.trains)
+        nets = {**self.frozen, **{n: (trained.wrapper if n == phase.trains else m) for n, m in self.modules.items()}}
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.acc.device))
         with trained.double_backward() if phase.double_backward else nullcontext():
             self._micro_steps(phase, index, micro, step, nets, sums)
@@ -235,7 +236,7 @@ class Trainer:
 
     def _micro_steps(self, phase: Phase, index: int, micro: list[dict[str, Any]], step: int,
                      nets: dict[str, Any], sums: dict[str, torch.Tensor]) -> None:
-        trained = self.wrapped[phase.module]
+        trained = self.trained[phase.trains]
         for i, batch in enumerate(micro):
             # Seeded by the micro-batch's place in the global batch, not by rank: 1 process accumulating
             # k micro-batches draws the same noise as k processes with one each.
@@ -259,6 +260,8 @@ class Trainer:
         stats["nonfinite_skips"] = torch.tensor(float(self.skipped_phases))
         for sched in self.scheds.values():
             sched.step()
+        with torch.no_grad():
+            self.task.after_step({**self.frozen, **self.modules}, lambda t: dist.sum_across_ranks(self.acc, t), step)
         if self.ema is not None:
             self.ema.update()
         self.state.step += 1
@@ -287,22 +290,22 @@ class Trainer:
 
     @torch.no_grad()
     def sample(self, n: int, seed: int | None = None) -> torch.Tensor:
-        """`n` images from the EMA (or raw) model, generated in parts on every rank and gathered."""
-        per_rank = math.ceil(n / self.acc.num_processes)
+        """The first `n` images (uint8, N C H W, on every rank) of the sample set of `seed` (default
+        train.seed) from the EMA (or raw) model: made in chunks of eval.batch_size spread over the ranks, so the
+        same weights give the same images on any number of ranks and in `gen-dist sample`."""
         seed = self.cfg.train.seed if seed is None else seed
-        # A fixed seed per rank (not per step) makes successive grids comparable.
-        gen = torch.Generator().manual_seed(dist.derive_seed(seed, self.acc.process_index))
-        labels = self.task.sample_labels(per_rank * self.acc.num_processes, self.acc.device)
-        if labels is not None:
-            labels = labels[self.acc.process_index * per_rank : (self.acc.process_index + 1) * per_rank]
-        with parallel.autocast(self.acc, self.cfg):
-            images = self.task.sample(self._sampler(), labels, per_rank, gen).float()
-        return dist.gather_cat(self.acc, images)[:n]
+        net, device = self._sampler(), self.acc.device
+
+        def make(start: int, size: int) -> torch.Tensor:
+            return sample_chunk(self.task, net, seed, start, size, device, lambda: self.strategy.autocast(self.acc))
+
+        d = self.cfg.data
+        return generate(n, self.cfg.eval.batch_size, make, (d.channels, d.resolution, d.resolution), self.acc)
 
     def _sampler(self) -> torch.nn.Module:
         """The whole sampled module with the current EMA (or raw) weights, on every rank."""
         weights = (self.ema.state_dict() if self.ema is not None
-                   else parallel.full_state_dict(self.modules[self.task.ema_module], self.layout))
+                   else parallel.full_state_dict(self.modules[self.task.sampled], self.layout))
         self.sample_net.load_state_dict(weights)
         return self.sample_net
 
@@ -310,14 +313,14 @@ class Trainer:
         """eval.metrics of the EMA (or raw) model, logged at the current step."""
         if self.evaluator is None:
             self.evaluator = Evaluator(self.cfg, self.acc, self.run_dir)
-        scores = self.evaluator.run(self.task, self._sampler(), lambda: parallel.autocast(self.acc, self.cfg))
+        scores = self.evaluator.run(self.task, self._sampler(), lambda: self.strategy.autocast(self.acc))
         self.tracker.log(self.state.step, scores)
         self.tracker.event("eval", step=self.state.step, n=self.cfg.eval.n, seconds=round(scores["eval/seconds"], 2),
                            skipped=self.evaluator.skipped)
         return scores
 
     def write_samples(self) -> Path:
-        images = to_uint8(self.sample(self.cfg.train.sample_n))
+        images = self.sample(self.cfg.train.sample_n).cpu().permute(0, 2, 3, 1).numpy()
         path = self.run_dir / "samples" / f"step_{self.state.step:08d}.png"
         if dist.is_main():
             picture = grid(images, nrow=10 if self.task.num_classes else 0)
@@ -334,7 +337,7 @@ class Trainer:
         if wandb_mode(cfg) and dist.is_main():
             acc.init_trackers(cfg.wandb.project, config=to_dict(cfg),
                               init_kwargs={"wandb": wandb_init_kwargs(cfg, self.run_dir)})
-        params = {n: sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters()) for n, m in self.modules.items()}
+        params = {n: sum(map(self.strategy.numel, m.parameters())) for n, m in self.modules.items()}
         self.tracker.event(
             "start", task=cfg.task, world_size=acc.num_processes, distributed_type=str(acc.distributed_type),
             backend=str(acc.state.backend), device=str(acc.device), mixed_precision=cfg.train.mixed_precision,
@@ -345,14 +348,14 @@ class Trainer:
     def _log(self, window: MetricWindow, bar: tqdm) -> None:
         metrics = window.summary(self.global_batch)
         metrics.update({f"lr/{n}": s.get_last_lr()[0] for n, s in self.scheds.items()})
-        metrics["data/bad_samples"] = float(self.bad_count) * self.acc.num_processes  # the mean becomes the sum
+        bad_count, bad_reports = self.bad.take()
+        metrics["data/bad_samples"] = float(bad_count) * self.acc.num_processes  # the mean becomes the sum
         metrics = dist.mean_across_ranks(self.acc, metrics)
-        metrics.update(epoch=self.state.epoch, images_seen=self.state.images)
+        metrics.update(epoch=self.position.epoch, images_seen=self.state.images)
         if metrics["data/bad_samples"]:
-            for rank, reports in enumerate(dist.all_objects(self.acc, self.bad_samples)):
+            for rank, reports in enumerate(dist.all_objects(self.acc, bad_reports)):
                 if reports:
                     self.tracker.event("bad_data", step=self.state.step, rank=rank, samples=reports[:20])
-        self.bad_samples, self.bad_count = [], 0
         self.tracker.log(self.state.step, metrics)
         bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k.endswith("/loss")})
         window.reset()
@@ -361,20 +364,27 @@ class Trainer:
         t = self.cfg.train
         resumed = self.resume()
         self._start_event(resumed)
-        batches = self._batches()
-        window = MetricWindow()
+        saved_at = self.state.step if resumed else -1
         bar = tqdm(total=t.steps, initial=self.state.step, dynamic_ncols=True,
                    disable=not (t.progress and dist.is_main()))
-        saved_at = self.state.step if resumed else -1
         stop = dist.StopRequest()
         try:
-            self._loop(batches, window, bar, saved_at, stop)
+            signum, saved_at = self._loop(bar, saved_at, stop)
         finally:
             stop.restore()
+            bar.close()
+        if signum:
+            self._stop(signum, saved=saved_at == self.state.step)
+        else:
+            self._finish(saved_at)
         return self.state
 
-    def _loop(self, batches, window: MetricWindow, bar: tqdm, saved_at: int, stop: dist.StopRequest) -> None:
+    def _loop(self, bar: tqdm, saved_at: int, stop: dist.StopRequest) -> tuple[int, int]:
+        """Steps until train.steps or until all ranks agree to stop; returns (the stop signal or 0, the step of
+        the last checkpoint written)."""
         t = self.cfg.train
+        batches = self._batches()
+        window = MetricWindow()
         while self.state.step < t.steps:
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(t.grad_accum)]
@@ -396,9 +406,10 @@ class Trainer:
                 saved_at = step
             signum = stop.agreed(self.acc)
             if signum:
-                self._stop(signum, saved=saved_at == step)
-                return
-        bar.close()
+                return signum, saved_at
+        return 0, saved_at
+
+    def _finish(self, saved_at: int) -> None:
         if saved_at != self.state.step:
             self.save()
         if self.task.generates:

@@ -25,7 +25,7 @@ from torch import nn
 from gen_dist import dist, metrics
 from gen_dist.config import ConfigError, RunConfig
 from gen_dist.data import Piece, decode_image, load_index, read_pieces
-from gen_dist.images import quantize
+from gen_dist.images import quantize, to_model_range
 from gen_dist.tasks.base import Task
 
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
@@ -135,7 +135,7 @@ class DomainClassifier(Extractor):
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if images.shape[1] != self.channels:
             raise ConfigError(f"the domain classifier takes {self.channels}-channel images, got {images.shape[1]}")
-        x = images.to(self.device, torch.float32) / 127.5 - 1
+        x = to_model_range(images.to(self.device))
         if x.shape[-1] != self.resolution:
             x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", antialias=True)
         h = self.net.features(x)
@@ -155,15 +155,47 @@ def build_extractors(specs: list[str], device: torch.device) -> list[Extractor]:
 # ------------------------------------------------------------------------------------------- embedding
 
 
+def sample_chunk(task: Task, net: nn.Module, seed: int, start: int, size: int, device: torch.device,
+                 autocast: Callable[[], AbstractContextManager]) -> torch.Tensor:
+    """Images [start, start + size) of the sample set of `seed` (uint8, N C H W). Each chunk has its own seed and
+    the labels of its positions, so a set made in chunks of one size is the same however the chunks are spread
+    over ranks: grids, `gen-dist sample` and evaluation all make their samples this way."""
+    gen = torch.Generator().manual_seed(dist.derive_seed(seed, start))
+    labels = task.sample_labels(start + size, device)
+    with autocast():
+        images = task.sample(net, None if labels is None else labels[start:], size, gen).float()
+    return quantize(images)
+
+
+def rank_chunks(n: int, chunk: int, acc: Accelerator) -> tuple[range, int]:
+    """This rank's contiguous run of the ceil(n / chunk) chunks, and the most chunks any rank takes."""
+    chunks = math.ceil(n / chunk)
+    per_rank = math.ceil(chunks / acc.num_processes)
+    first = acc.process_index * per_rank
+    return range(first, min(chunks, first + per_rank)), per_rank
+
+
+def generate(n: int, chunk: int, make: Callable[[int, int], torch.Tensor], shape: tuple[int, ...],
+             acc: Accelerator) -> torch.Tensor:
+    """`n` images made by `make(start, size)` (uint8, `shape` each) in chunks spread over the ranks, gathered on
+    every rank in image order."""
+    mine, per_rank = rank_chunks(n, chunk, acc)
+    padded = torch.zeros((per_rank * chunk, *shape), dtype=torch.uint8, device=acc.device)
+    done = 0
+    for c in mine:
+        images = make(c * chunk, min(chunk, n - c * chunk))
+        padded[done : done + len(images)] = images.to(acc.device)
+        done += len(images)
+    return dist.gather_cat(acc, padded)[:n]
+
+
 def embed(n: int, chunk: int, make: Callable[[int, int], torch.Tensor], extractors: list[Extractor],
           acc: Accelerator) -> Embedding:
     """Embed `n` images made by `make(start, size)` (uint8, N C H W) in chunks of `chunk`, each rank taking a
     contiguous run of chunks; the gathered rows come back in image order."""
-    chunks = math.ceil(n / chunk)
-    per_rank = math.ceil(chunks / acc.num_processes)
-    first = acc.process_index * per_rank
+    mine, per_rank = rank_chunks(n, chunk, acc)
     parts: dict[str, list[list[torch.Tensor]]] = {e.name: [[], []] for e in extractors}
-    for c in range(first, min(chunks, first + per_rank)):
+    for c in mine:
         images = make(c * chunk, min(chunk, n - c * chunk))
         for e in extractors:
             feats, logits = e(images)
@@ -297,11 +329,7 @@ class Evaluator:
         e = self.cfg.eval
 
         def make(start: int, size: int) -> torch.Tensor:
-            gen = torch.Generator().manual_seed(dist.derive_seed(e.seed, start))
-            labels = task.sample_labels(start + size, self.acc.device)
-            with autocast():
-                images = task.sample(net, None if labels is None else labels[start:], size, gen).float()
-            return quantize(images)
+            return sample_chunk(task, net, e.seed, start, size, self.acc.device, autocast)
 
         fake = embed(e.n, e.batch_size, make, self.extractors, self.acc)
         out: dict[str, float] = {}
@@ -337,11 +365,11 @@ def evaluate_checkpoint(path: Path, overrides: list[str], use_ema: bool, cpu: bo
     if path.is_file():
         run_dir, out = path.parent, path.with_suffix(".eval.json")
     else:
-        ckpt = resolve(path)
+        ckpt = resolve(path).path
         run_dir = ckpt.parent.parent
         out = run_dir / "eval" / f"{ckpt.name}.json"
     evaluator = Evaluator(cfg, acc, run_dir)
-    scores = evaluator.run(task, net, lambda: parallel.autocast(acc, cfg))
+    scores = evaluator.run(task, net, lambda: parallel.strategy_for(cfg).autocast(acc))
     report = {"checkpoint": str(path), "n": cfg.eval.n, "reference": f"{cfg.eval.reference_split}:"
               f"{evaluator.reference_n}", "world_size": acc.num_processes, "skipped": evaluator.skipped,
               "scores": scores}

@@ -10,6 +10,11 @@ import torch
 from PIL import Image
 
 
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> floats in [-1, 1], the range models train and sample in (the inverse of `quantize`)."""
+    return images.float() / 127.5 - 1
+
+
 def quantize(images: torch.Tensor) -> torch.Tensor:
     """(N,C,H,W) floats in [-1, 1] -> uint8 of the same shape, on the same device."""
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

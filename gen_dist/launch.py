@@ -1,64 +1,16 @@
-"""Before and at launch: the checks that need the dataset or the machine, and the command lines that start
-`gen-dist train` on N local processes (and M machines) with accelerate launch. Kept free of model imports so
-that a bad config fails in a second."""
+"""The command lines that start `gen-dist train` on N local processes (and M machines) with accelerate launch."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from gen_dist import checkpoint
-from gen_dist.config import ConfigError, RunConfig, check_same_model, load_config
-from gen_dist.data import check_split
-
-
-def preflight(cfg: RunConfig, world_size: int) -> None:
-    """Checks that need the dataset or the machine; run before any process is launched."""
-    index = check_split(Path(cfg.data.path), cfg.data.split, world_size, max(1, cfg.data.num_workers),
-                        cfg.data.batch_size)
-    have = len(index.get("classes", []))
-    want = getattr(cfg, cfg.task).__dict__.get("num_classes", 0)
-    if want > have:
-        raise ConfigError(f"{cfg.task}.num_classes={want} but {cfg.data.path} has {have} classes; "
-                          f"set {cfg.task}.num_classes={have}")
-    saved = cfg.out_dir / "config.yaml"
-    found = checkpoint.list_checkpoints(cfg.out_dir)
-    if saved.exists() and found:
-        check_same_model(load_config(saved), cfg)
-        _check_resumable(found[-1], cfg, world_size)
-    if cfg.train.mixed_precision == "fp16" and (cfg.train.cpu or not torch.cuda.is_available()):
-        raise ConfigError("train.mixed_precision=fp16 needs a GPU (CPU autocast ignores it); use bf16 or no")
-    if cfg.parallel.strategy == "deepspeed":
-        from gen_dist.parallel import check_deepspeed
-
-        check_deepspeed(cfg)
-    if cfg.eval.every:
-        from gen_dist.evaluation import check_eval
-
-        check_eval(cfg)
-
-
-def _check_resumable(ckpt: Path, cfg: RunConfig, world_size: int) -> None:
-    """A checkpoint resumes under the strategy that wrote it; a ZeRO one also only on as many ranks."""
-    try:
-        meta = json.loads((ckpt / checkpoint.META).read_text())
-    except (OSError, ValueError):
-        return  # broken: resume skips it with a warning
-    then, now = meta.get("strategy"), cfg.parallel.strategy
-    if then != now:
-        raise ConfigError(f"{ckpt} was written with parallel.strategy={then}, its optimizer state cannot be "
-                          f"loaded under {now}; resume with parallel.strategy={then} or use a new run_dir")
-    if now == "deepspeed" and meta["world_size"] != world_size:
-        raise ConfigError(f"{ckpt} holds DeepSpeed ZeRO partitions of {meta['world_size']} ranks, which load only "
-                          f"on {meta['world_size']} ranks (not {world_size}); resume on {meta['world_size']} "
-                          f"ranks (ddp and fsdp checkpoints resume on any number)")
+from gen_dist.parallel import STRATEGIES
 
 
 @dataclass
@@ -90,7 +42,8 @@ def launch_command(spec: LaunchSpec, args: list[str], command: str = "train") ->
     world-size-1 runs; `--multi_gpu` together with ACCELERATE_USE_CPU=1 gives one gloo group. DeepSpeed runs
     name the gloo backend themselves and must not get ACCELERATE_USE_CPU."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    env = {"ACCELERATE_USE_CPU": "1"} if use_cpu(spec) and spec.strategy != "deepspeed" else {}
+    strategy = STRATEGIES[spec.strategy]
+    env = {"ACCELERATE_USE_CPU": "1"} if use_cpu(spec) and strategy.cpu_flag else {}
     if spec.accelerate_config:
         cmd += ["--config_file", spec.accelerate_config]
         if spec.nproc == 0:
@@ -105,7 +58,7 @@ def launch_command(spec: LaunchSpec, args: list[str], command: str = "train") ->
         cmd += ["--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // nproc))]
     cmd += ["--num_processes", str(total), "--num_machines", str(spec.num_machines),
             "--machine_rank", str(spec.machine_rank),
-            "--mixed_precision", "no" if spec.strategy == "deepspeed" else spec.mixed_precision,
+            "--mixed_precision", "no" if strategy.own_precision else spec.mixed_precision,
             "--dynamo_backend", "no"]
     if total > 1:
         cmd += ["--main_process_ip", spec.main_ip, "--main_process_port", str(spec.port or 29500)]

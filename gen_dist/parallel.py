@@ -1,9 +1,11 @@
 """How trained modules are spread over ranks and stepped: DDP, DeepSpeed ZeRO 1/2/3 or FSDP2.
 
-The engine holds one `Wrapped` per trained module and an `EMA`; neither the loop nor the tasks know which
-strategy runs. DeepSpeed gets one engine per trained module (a GAN has two), each from its own plugin of the
-same Accelerator. Under every strategy the parameters stay fp32 and mixed precision is autocast, so the
-numerics of a ZeRO or FSDP run match the DDP run."""
+`parallel.strategy` selects one `Strategy` (STRATEGIES); it answers every question whose answer depends on the
+strategy: the checks of its settings, the launcher and Accelerator settings, autocast, how modules are wrapped,
+where a rank's part of a weight lives and what a checkpoint holds. The engine holds one `TrainedModule` per
+trained module and an `EMA`; neither the loop nor the tasks know which strategy runs. DeepSpeed gets one engine
+per trained module (a GAN has two), each from its own plugin of the same Accelerator. Under every strategy the
+parameters stay fp32 and mixed precision is autocast, so the numerics of a ZeRO or FSDP run match DDP's."""
 
 from __future__ import annotations
 
@@ -14,15 +16,16 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.distributed as torch_dist
-from accelerate import Accelerator
-from accelerate.utils import GradScalerKwargs, InitProcessGroupKwargs
 from torch import nn
 
 from gen_dist.config import ConfigError, RunConfig, validate
+
+if TYPE_CHECKING:  # Accelerate is imported where it is used: the launcher's checks do not pay for it
+    from accelerate import Accelerator
 
 
 class NonFiniteError(RuntimeError):
@@ -36,20 +39,8 @@ OWNED = ("optimizer", "scheduler")
 def adopt_launcher_strategy(cfg: RunConfig) -> None:
     """`accelerate launch --use_deepspeed ...` / `--use_fsdp` (or an accelerate config saying so) selects the
     strategy as well as the config file does."""
-    env = os.environ
-    p = cfg.parallel
-    if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        p.strategy = "fsdp"
-    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        p.strategy = "deepspeed"
-        config_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
-        if config_file != "none":
-            p.deepspeed_config = config_file
-            p.zero_stage = _read_json(config_file).get("zero_optimization", {}).get("stage", p.zero_stage)
-        elif "ACCELERATE_DEEPSPEED_ZERO_STAGE" in env:
-            p.zero_stage = int(env["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
-        p.offload_optimizer |= env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") == "cpu"
-        p.offload_params |= env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none") == "cpu"
+    for cls in (FSDP, DeepSpeed):  # DeepSpeed's flag wins where a launcher sets both
+        cls.adopt_launcher_env(cfg, os.environ)
     validate(cfg)
 
 
@@ -125,86 +116,22 @@ def _ensure_process_group_env() -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
 
 
-# ---------------------------------------------------------------------------------------------- accelerator
-
-
-def make_accelerator(cfg: RunConfig, trained: list[str], log_with: str | None) -> Accelerator:
-    """One Accelerator for the run. `trained` names the modules that get an optimizer (one DeepSpeed engine
-    each)."""
-    strategy = cfg.parallel.strategy
-    cpu = cfg.train.cpu or not torch.cuda.is_available()
-    if strategy != "ddp":
-        _ensure_process_group_env()
-    # Name the backend only for a real group (or DeepSpeed, which always makes one).
-    grouped = int(os.environ.get("WORLD_SIZE", "1")) > 1 or strategy != "ddp"
-    pg = InitProcessGroupKwargs(backend=("gloo" if cpu else "nccl") if grouped else None,
-                                timeout=timedelta(minutes=30))
-    kwargs: dict[str, Any] = {}
-    precision = cfg.train.mixed_precision
-    if strategy == "deepspeed":
-        from accelerate.utils import DeepSpeedPlugin
-
-        world = int(os.environ["WORLD_SIZE"])
-        kwargs["deepspeed_plugins"] = {n: DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world)) for n in trained}
-        precision = "no"  # autocast is applied per phase by `autocast` below
-    else:
-        kwargs["cpu"] = cpu
-    if strategy == "fsdp":
-        kwargs["fsdp_plugin"] = _fsdp_plugin()
-    handlers: list[Any] = [pg]
-    if precision == "fp16" and not cfg.train.loss_scaling:
-        handlers.append(GradScalerKwargs(enabled=False))
-    acc = Accelerator(mixed_precision=precision, log_with=log_with, project_dir=str(cfg.out_dir),
-                      step_scheduler_with_optimizer=False, kwargs_handlers=handlers, **kwargs)
-    if strategy == "fsdp" and acc.device.type == "cpu":
-        _select_fsdp_on_cpu(acc, kwargs["fsdp_plugin"])
-    return acc
-
-
-def _fsdp_plugin() -> Any:
-    from accelerate import FullyShardedDataParallelPlugin
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    # fp32 parameters and reductions; train.mixed_precision is autocast, as under the other strategies.
-    return FullyShardedDataParallelPlugin(
-        fsdp_version=2, reshard_after_forward=True,
-        mixed_precision_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
-
-
-def _select_fsdp_on_cpu(acc: Accelerator, plugin: Any) -> None:
-    """Accelerate picks FSDP only for accelerator devices and otherwise falls back to DDP without a word;
-    FSDP2 itself runs on CPU with gloo. Both state objects must say FSDP or the next prepare() resets it."""
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType
-
-    acc.state.distributed_type = DistributedType.FSDP
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-    acc.state.fsdp_plugin = plugin
-
-
-def autocast(acc: Accelerator, cfg: RunConfig) -> AbstractContextManager:
-    if cfg.train.mixed_precision == "no":
-        return nullcontext()
-    if cfg.parallel.strategy == "deepspeed":
-        return torch.autocast(acc.device.type, dtype=torch.bfloat16)
-    return acc.autocast()
-
-
 # ---------------------------------------------------------------------------------------------- stepping
 
 
-class Wrapped:
-    """A trained module as the strategy wraps it (DDP or FSDP through Accelerate)."""
+class TrainedModule:
+    """A trained module with its optimizer and LR schedule, as the strategy wraps it: `wrapper` is what the
+    loss calls (DDP, an FSDP root, a DeepSpeed engine), `module` the plain module inside."""
 
-    def __init__(self, acc: Accelerator, model: nn.Module, opt: Any, sched: Any) -> None:
-        self.acc, self.model, self.opt, self.sched = acc, model, opt, sched
+    def __init__(self, acc: Accelerator, wrapper: nn.Module, opt: Any, sched: Any) -> None:
+        self.acc, self.wrapper, self.opt, self.sched = acc, wrapper, opt, sched
         # keep_fp32_wrapper=False drops the autocast that prepare() patches into forward: autocast is applied
         # per phase instead, so that an fp32 regulariser can opt out.
-        self.module: nn.Module = acc.unwrap_model(model, keep_fp32_wrapper=False)
+        self.module: nn.Module = acc.unwrap_model(wrapper, keep_fp32_wrapper=False)
 
     def sync(self, last: bool) -> AbstractContextManager:
         """Gradient all-reduce only on the last micro-batch of an accumulation."""
-        return nullcontext() if last else self.acc.no_sync(self.model)
+        return nullcontext() if last else self.acc.no_sync(self.wrapper)
 
     def backward(self, loss: torch.Tensor, n_micro: int) -> None:
         self.acc.backward(loss / n_micro)
@@ -218,7 +145,7 @@ class Wrapped:
 
         The norm is of the reduced gradients, so a non-finite loss or gradient on any rank makes it non-finite
         on every rank: all ranks skip the same step without another collective."""
-        norm = self.acc.clip_grad_norm_(self.model.parameters(), clip or float("inf")).detach().float()
+        norm = self.acc.clip_grad_norm_(self.wrapper.parameters(), clip or float("inf")).detach().float()
         finite = bool(torch.isfinite(norm))
         if finite or (self.acc.scaler is not None and self.acc.scaler.is_enabled()):
             self.opt.step()  # under fp16 loss scaling the scaler skips a non-finite step and lowers its scale
@@ -226,7 +153,7 @@ class Wrapped:
         return norm, finite
 
 
-class DeepSpeedWrapped(Wrapped):
+class DeepSpeedTrainedModule(TrainedModule):
     """A DeepSpeed engine: it reduces, clips and steps by itself at the accumulation boundary."""
 
     skipped = False
@@ -246,27 +173,27 @@ class DeepSpeedWrapped(Wrapped):
                                      "cannot drop the micro-batches it has taken; resume from the last checkpoint")
             self.skipped = True
             return
-        self.model.backward(loss)  # scaled by 1/gradient_accumulation_steps inside
-        self.model.step()  # a no-op until the last micro-batch
+        self.wrapper.backward(loss)  # scaled by 1/gradient_accumulation_steps inside
+        self.wrapper.step()  # a no-op until the last micro-batch
 
     def step(self, clip: float) -> tuple[torch.Tensor, bool]:
         if self.skipped:
             self.skipped = False
             return torch.tensor(float("nan")), False
-        norm = torch.as_tensor(self.model.get_global_grad_norm() or 0.0, dtype=torch.float32).detach()
+        norm = torch.as_tensor(self.wrapper.get_global_grad_norm() or 0.0, dtype=torch.float32).detach()
         if not bool(torch.isfinite(norm)):
             raise NonFiniteError("non-finite gradient norm under DeepSpeed after the engine stepped (the weights "
                                  "are no longer usable); resume from the last checkpoint")
         return norm, True
 
 
-class FSDPWrapped(Wrapped):
+class FSDPTrainedModule(TrainedModule):
     @contextmanager
     def double_backward(self) -> Iterator[None]:
         # FSDP2 frees the unsharded weights after the first backward; the second needs them again.
         from torch.distributed.fsdp import FSDPModule
 
-        shards = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        shards = [m for m in self.wrapper.modules() if isinstance(m, FSDPModule)]
         for m in shards:
             m.set_reshard_after_backward(False)
         try:
@@ -277,25 +204,7 @@ class FSDPWrapped(Wrapped):
                 m.set_reshard_after_backward(True)
 
 
-def prepare(acc: Accelerator, cfg: RunConfig, modules: dict[str, nn.Module], opts: dict[str, Any],
-            scheds: dict[str, Any]) -> dict[str, Wrapped]:
-    """Wrap every trained module with its optimizer and schedule."""
-    strategy = cfg.parallel.strategy
-    if strategy in ("deepspeed", "fsdp"):  # one module per prepare(): one DeepSpeed engine / FSDP root each
-        out = {}
-        for name in opts:
-            if strategy == "deepspeed":
-                acc.state.select_deepspeed_plugin(name)
-            model, opt, sched = acc.prepare(modules[name], opts[name], scheds[name])
-            out[name] = (DeepSpeedWrapped if strategy == "deepspeed" else FSDPWrapped)(acc, model, opt, sched)
-        return out
-    names = list(opts)
-    n = len(names)
-    prepared = acc.prepare(*[modules[k] for k in names], *opts.values(), *scheds.values())
-    return {k: Wrapped(acc, prepared[i], prepared[n + i], prepared[2 * n + i]) for i, k in enumerate(names)}
-
-
-# ---------------------------------------------------------------------------------------------- layouts
+# ---------------------------------------------------------------------------------------------- weight layouts
 
 
 class Replicated:
@@ -311,7 +220,7 @@ class Replicated:
         return full
 
 
-class Zero3:
+class Zero3Partitions:
     """ZeRO-3: each rank holds a flat, end-padded 1/world slice of every parameter (`p.ds_tensor`)."""
 
     def __init__(self, device: torch.device) -> None:
@@ -341,7 +250,7 @@ class Zero3:
         return parts
 
 
-class FSDP2:
+class FSDP2Shards:
     """FSDP2: parameters are DTensors sharded on dim 0; this rank's shard is `to_local()`."""
 
     def local(self, p: torch.Tensor) -> torch.Tensor:
@@ -360,18 +269,11 @@ class FSDP2:
                 for p, f in zip(params, full, strict=True)]
 
 
-Layout = Replicated | Zero3 | FSDP2
+WeightLayout = Replicated | Zero3Partitions | FSDP2Shards
+"""Where a rank's part of each weight lives, and how the whole weights are gathered from the parts."""
 
 
-def layout_for(cfg: RunConfig, acc: Accelerator) -> Layout:
-    if cfg.parallel.strategy == "fsdp":
-        return FSDP2()
-    if cfg.parallel.strategy == "deepspeed" and cfg.parallel.zero_stage == 3:
-        return Zero3(acc.device)
-    return Replicated()
-
-
-def full_state_dict(module: nn.Module, layout: Layout) -> dict[str, torch.Tensor]:
+def full_state_dict(module: nn.Module, layout: WeightLayout) -> dict[str, torch.Tensor]:
     """Whole fp32 weights and buffers of `module` on every rank (a collective under sharding)."""
     names, params = zip(*module.named_parameters(), strict=True)
     full = layout.gather(list(params), [layout.local(p) for p in params])
@@ -384,7 +286,7 @@ class EMA:
     """Exponential moving average of a module's parameters, held in fp32 in the layout the strategy stores them
     in (this rank's partition under ZeRO-3), so it costs no more memory per rank than the weights."""
 
-    def __init__(self, module: nn.Module, decay: float, layout: Layout) -> None:
+    def __init__(self, module: nn.Module, decay: float, layout: WeightLayout) -> None:
         self.module, self.decay, self.layout = module, decay, layout
         self.names = [n for n, _ in module.named_parameters()]
         self.params = [p for _, p in module.named_parameters()]
@@ -408,6 +310,15 @@ class EMA:
         out.update({n: b.cpu().clone() for n, b in self.buffers.items()})
         return out
 
+    def meta_state(self) -> dict[str, int]:
+        """What a checkpoint's meta file keeps of the EMA (its weights go to their own file)."""
+        return {"updates": self.updates}
+
+    def load(self, weights_file: Path, meta_state: dict[str, int]) -> None:
+        from safetensors.torch import load_file
+
+        self.load_state_dict(load_file(str(weights_file)), meta_state["updates"])
+
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor], updates: int) -> None:
         missing = [n for n in [*self.names, *self.buffers] if n not in state]
@@ -419,3 +330,230 @@ class EMA:
         for n, b in self.buffers.items():
             b.copy_(state[n].to(b.device))
         self.updates = updates
+
+
+# ---------------------------------------------------------------------------------------------- strategies
+
+
+class Strategy:
+    """One value of parallel.strategy. Subclasses answer for theirs; adding a strategy is one subclass here and
+    its entry in STRATEGIES."""
+
+    name: ClassVar[str]
+    shards_state: ClassVar[bool] = False
+    """A rank's checkpoint files hold only its part: consolidated weights are written beside them."""
+    any_world_size: ClassVar[bool] = True
+    """Its checkpoints resume on any number of ranks."""
+    own_precision: ClassVar[bool] = False
+    """It applies autocast itself: the launcher and Accelerate are told `mixed_precision=no`."""
+    cpu_flag: ClassVar[bool] = True
+    """CPU launches may set ACCELERATE_USE_CPU (DeepSpeed turns itself off under it)."""
+    always_grouped: ClassVar[bool] = False
+    """It needs a process group even for one process started without a launcher."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+
+    @classmethod
+    def validate(cls, cfg: RunConfig) -> None:
+        """Config checks that need no imports; the DeepSpeed-only keys are errors elsewhere."""
+        p = cfg.parallel
+        for key in ("offload_optimizer", "offload_params", "deepspeed_config"):
+            if getattr(p, key):
+                raise ConfigError(f"parallel.{key} needs parallel.strategy=deepspeed (got {p.strategy})")
+
+    @classmethod
+    def adopt_launcher_env(cls, cfg: RunConfig, env: Any) -> None:
+        """Select this strategy in `cfg` when the launcher's environment asks for it."""
+
+    @classmethod
+    def double_backward_ok(cls, cfg: RunConfig) -> bool:
+        """Whether a loss may differentiate through a gradient (R1)."""
+        return True
+
+    def preflight(self) -> None:
+        """Checks that need the strategy's package, before any process is launched."""
+
+    # -- the process group and Accelerate
+
+    def _accelerator_kwargs(self, trained: list[str], cpu: bool) -> dict[str, Any]:
+        return {"cpu": cpu}
+
+    def make_accelerator(self, trained: list[str], log_with: str | None) -> Accelerator:
+        """One Accelerator for the run. `trained` names the modules that get an optimizer."""
+        from accelerate import Accelerator
+        from accelerate.utils import GradScalerKwargs, InitProcessGroupKwargs
+
+        cfg = self.cfg
+        cpu = cfg.train.cpu or not torch.cuda.is_available()
+        if self.always_grouped:
+            _ensure_process_group_env()
+        grouped = int(os.environ.get("WORLD_SIZE", "1")) > 1 or self.always_grouped
+        # Name the backend only for a real group (or a strategy that always makes one).
+        pg = InitProcessGroupKwargs(backend=("gloo" if cpu else "nccl") if grouped else None,
+                                    timeout=timedelta(minutes=30))
+        kwargs = self._accelerator_kwargs(trained, cpu)
+        precision = "no" if self.own_precision else cfg.train.mixed_precision
+        handlers: list[Any] = [pg]
+        if precision == "fp16" and not cfg.train.loss_scaling:
+            handlers.append(GradScalerKwargs(enabled=False))
+        acc = Accelerator(mixed_precision=precision, log_with=log_with, project_dir=str(cfg.out_dir),
+                          step_scheduler_with_optimizer=False, kwargs_handlers=handlers, **kwargs)
+        self._after_accelerator(acc, kwargs)
+        return acc
+
+    def _after_accelerator(self, acc: Accelerator, kwargs: dict[str, Any]) -> None:
+        pass
+
+    def autocast(self, acc: Accelerator) -> AbstractContextManager:
+        """Mixed precision for a forward pass (train.mixed_precision)."""
+        return nullcontext() if self.cfg.train.mixed_precision == "no" else acc.autocast()
+
+    # -- modules
+
+    def prepare(self, acc: Accelerator, modules: dict[str, nn.Module], opts: dict[str, Any],
+                scheds: dict[str, Any]) -> dict[str, TrainedModule]:
+        """Wrap every trained module (a key of `opts`) with its optimizer and schedule."""
+        names = list(opts)
+        n = len(names)
+        prepared = acc.prepare(*[modules[k] for k in names], *opts.values(), *scheds.values())
+        return {k: TrainedModule(acc, prepared[i], prepared[n + i], prepared[2 * n + i]) for i, k in enumerate(names)}
+
+    def weight_layout(self, acc: Accelerator) -> WeightLayout:
+        return Replicated()
+
+    def numel(self, p: torch.Tensor) -> int:
+        """Elements of the whole parameter `p`, however little of it this rank holds."""
+        return p.numel()
+
+
+class DDP(Strategy):
+    """Every rank holds the whole modules and optimizer state; gradients are all-reduced."""
+
+    name = "ddp"
+
+
+class DeepSpeed(Strategy):
+    """ZeRO 1/2/3: optimizer state, then gradients, then parameters partitioned over ranks; one engine per
+    trained module."""
+
+    name = "deepspeed"
+    shards_state = True
+    any_world_size = False
+    own_precision = True
+    cpu_flag = False
+    always_grouped = True
+
+    @classmethod
+    def validate(cls, cfg: RunConfig) -> None:
+        p = cfg.parallel
+        if p.offload_params and p.zero_stage != 3:
+            raise ConfigError("parallel.offload_params needs parallel.zero_stage=3 (ZeRO 1/2 do not partition "
+                              "parameters)")
+        if cfg.train.mixed_precision == "fp16":
+            raise ConfigError("train.mixed_precision=fp16 is not supported with parallel.strategy=deepspeed: "
+                              "gen_dist runs DeepSpeed with fp32 master parameters under autocast, where ZeRO has no "
+                              "loss scaling; use bf16, or fp16 with parallel.strategy=ddp or fsdp")
+
+    @classmethod
+    def adopt_launcher_env(cls, cfg: RunConfig, env: Any) -> None:
+        if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+            return
+        p = cfg.parallel
+        p.strategy = cls.name
+        config_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+        if config_file != "none":
+            p.deepspeed_config = config_file
+            p.zero_stage = _read_json(config_file).get("zero_optimization", {}).get("stage", p.zero_stage)
+        elif "ACCELERATE_DEEPSPEED_ZERO_STAGE" in env:
+            p.zero_stage = int(env["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
+        p.offload_optimizer |= env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") == "cpu"
+        p.offload_params |= env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none") == "cpu"
+
+    @classmethod
+    def double_backward_ok(cls, cfg: RunConfig) -> bool:
+        # ZeRO-3 frees the gathered weights after the first backward.
+        return cfg.parallel.zero_stage != 3
+
+    def preflight(self) -> None:
+        check_deepspeed(self.cfg)
+
+    def _accelerator_kwargs(self, trained: list[str], cpu: bool) -> dict[str, Any]:
+        from accelerate.utils import DeepSpeedPlugin
+
+        world = int(os.environ["WORLD_SIZE"])
+        return {"deepspeed_plugins": {n: DeepSpeedPlugin(hf_ds_config=deepspeed_config(self.cfg, world))
+                                      for n in trained}}
+
+    def autocast(self, acc: Accelerator) -> AbstractContextManager:
+        if self.cfg.train.mixed_precision == "no":
+            return nullcontext()
+        return torch.autocast(acc.device.type, dtype=torch.bfloat16)
+
+    def prepare(self, acc: Accelerator, modules: dict[str, nn.Module], opts: dict[str, Any],
+                scheds: dict[str, Any]) -> dict[str, TrainedModule]:
+        out: dict[str, TrainedModule] = {}
+        for name in opts:  # one prepare() per module: one engine each, from the module's own plugin
+            acc.state.select_deepspeed_plugin(name)
+            wrapper, opt, sched = acc.prepare(modules[name], opts[name], scheds[name])
+            out[name] = DeepSpeedTrainedModule(acc, wrapper, opt, sched)
+        return out
+
+    def weight_layout(self, acc: Accelerator) -> WeightLayout:
+        return Zero3Partitions(acc.device) if self.cfg.parallel.zero_stage == 3 else Replicated()
+
+    def numel(self, p: torch.Tensor) -> int:
+        return getattr(p, "ds_numel", p.numel())
+
+
+class FSDP(Strategy):
+    """FSDP2 (`fully_shard` per trained module) through Accelerate, fp32 parameters and reductions."""
+
+    name = "fsdp"
+    shards_state = True
+    always_grouped = True
+
+    @classmethod
+    def adopt_launcher_env(cls, cfg: RunConfig, env: Any) -> None:
+        if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            cfg.parallel.strategy = cls.name
+
+    def _accelerator_kwargs(self, trained: list[str], cpu: bool) -> dict[str, Any]:
+        from accelerate import FullyShardedDataParallelPlugin
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        # fp32 parameters and reductions; train.mixed_precision is autocast, as under the other strategies.
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2, reshard_after_forward=True,
+            mixed_precision_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
+        return {"cpu": cpu, "fsdp_plugin": plugin}
+
+    def _after_accelerator(self, acc: Accelerator, kwargs: dict[str, Any]) -> None:
+        """Accelerate picks FSDP only for accelerator devices and otherwise falls back to DDP without a word;
+        FSDP2 itself runs on CPU with gloo. Both state objects must say FSDP or the next prepare() resets it."""
+        if acc.device.type != "cpu":
+            return
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType
+
+        acc.state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        acc.state.fsdp_plugin = kwargs["fsdp_plugin"]
+
+    def prepare(self, acc: Accelerator, modules: dict[str, nn.Module], opts: dict[str, Any],
+                scheds: dict[str, Any]) -> dict[str, TrainedModule]:
+        out: dict[str, TrainedModule] = {}
+        for name in opts:  # one prepare() per module: one FSDP root each
+            wrapper, opt, sched = acc.prepare(modules[name], opts[name], scheds[name])
+            out[name] = FSDPTrainedModule(acc, wrapper, opt, sched)
+        return out
+
+    def weight_layout(self, acc: Accelerator) -> WeightLayout:
+        return FSDP2Shards()
+
+
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (DDP, DeepSpeed, FSDP)}
+
+
+def strategy_for(cfg: RunConfig) -> Strategy:
+    return STRATEGIES[cfg.parallel.strategy](cfg)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -11,33 +11,31 @@ from safetensors.torch import load_file, save_file
 
 from gen_dist import checkpoint
 from gen_dist.config import ConfigError, RunConfig, config_from_yaml
-from gen_dist.images import save_images, to_uint8
-from gen_dist.tasks import TASKS, Task
+from gen_dist.evaluation import sample_chunk
+from gen_dist.images import save_images
+from gen_dist.tasks import Task, family
 
 
-def resolve(path: Path) -> Path:
+def resolve(path: Path) -> checkpoint.Description:
     """A checkpoint directory, or the latest checkpoint of a run directory."""
     if (path / checkpoint.META).is_file():
-        return path
-    found = checkpoint.latest(path)
+        return checkpoint.describe(path)
+    found = checkpoint.latest_verified(path)
     if found is None:
         raise ConfigError(f"{path} is neither a checkpoint nor a run directory with checkpoints")
     return found
 
 
-def module_weights(ckpt: Path, name: str, use_ema: bool) -> dict[str, torch.Tensor]:
-    """Consolidated weights of module `name` (its EMA when asked and kept) from a checkpoint directory."""
-    if use_ema and (ckpt / checkpoint.EMA).exists():
-        return load_file(str(ckpt / checkpoint.EMA))
-    if (ckpt / checkpoint.WEIGHTS).exists():  # written when the saved state itself is sharded
-        return load_file(str(ckpt / checkpoint.WEIGHTS))
-    i = json.loads((ckpt / checkpoint.META).read_text())["modules"].index(name)
-    return load_file(str(ckpt / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")))
+def module_weights(ckpt: checkpoint.Description, name: str, use_ema: bool) -> dict[str, torch.Tensor]:
+    """Consolidated weights of module `name` (its EMA when asked and kept) from a checkpoint."""
+    if use_ema and ckpt.ema_file is not None:
+        return load_file(str(ckpt.ema_file))
+    return load_file(str(ckpt.weights_file or ckpt.module_file(name)))
 
 
-def run_config(ckpt: Path, overrides: list[str] = ()) -> tuple[str, RunConfig]:
-    """The YAML text and the config (with `overrides`) of the run a checkpoint directory belongs to."""
-    path = ckpt.parent.parent / "config.yaml"
+def run_config(ckpt: checkpoint.Description, overrides: list[str] = ()) -> tuple[str, RunConfig]:
+    """The YAML text and the config (with `overrides`) of the run a checkpoint belongs to."""
+    path = ckpt.path.parent.parent / "config.yaml"
     text = path.read_text()
     return text, config_from_yaml(text, str(path), list(overrides))
 
@@ -47,14 +45,13 @@ def export(path: Path, out: Path) -> Path:
     config in its metadata; `gen-dist sample` reads it without the run directory."""
     ckpt = resolve(path)
     text, cfg = run_config(ckpt)
-    name = TASKS[cfg.task].ema_module
+    name = family(cfg.task).task.sampled
     tensors = {f"model.{k}": v for k, v in module_weights(ckpt, name, use_ema=False).items()}
-    if (ckpt / checkpoint.EMA).exists():
-        tensors.update({f"ema.{k}": v for k, v in load_file(str(ckpt / checkpoint.EMA)).items()})
-    step = json.loads((ckpt / checkpoint.META).read_text())["step"]
+    if ckpt.ema_file is not None:
+        tensors.update({f"ema.{k}": v for k, v in load_file(str(ckpt.ema_file)).items()})
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out),
-              metadata={"config": text, "step": str(step), "module": name})
+              metadata={"config": text, "step": str(ckpt.step), "module": name})
     return out
 
 
@@ -76,26 +73,29 @@ def load_weights(path: Path, use_ema: bool, overrides: list[str] = ()) -> tuple[
         return _load_export(path, use_ema, list(overrides))
     ckpt = resolve(path)
     _, cfg = run_config(ckpt, overrides)
-    return cfg, module_weights(ckpt, TASKS[cfg.task].ema_module, use_ema)
+    return cfg, module_weights(ckpt, family(cfg.task).task.sampled, use_ema)
 
 
 def load_model(path: Path, use_ema: bool, device: torch.device, overrides: list[str] = ()
                ) -> tuple[RunConfig, Task, torch.nn.Module]:
     """The task and its sampled module, loaded and in eval mode on `device`."""
     cfg, weights = load_weights(path, use_ema, overrides)
-    task = TASKS[cfg.task](cfg)
+    task = family(cfg.task).task(cfg)
     if not task.generates:
         raise ConfigError(f"{path} is a {cfg.task} run: it generates no images")
-    net = task.modules[task.ema_module]
+    net = task.modules[task.sampled]
     net.load_state_dict(weights)
     return cfg, task, net.to(device).eval()
 
 
 @torch.no_grad()
 def sample_checkpoint(path: Path, n: int, out: Path, seed: int = 0, use_ema: bool = True) -> Path:
-    """`n` images from a checkpoint directory, a run directory or an exported .safetensors file."""
+    """`n` images from a checkpoint directory, a run directory or an exported .safetensors file: the sample set
+    of `seed` that training's grids (with train.seed) and evaluation (with eval.seed) make."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    _, task, net = load_model(path, use_ema, device)
-    images = task.sample(net, task.sample_labels(n, device), n, torch.Generator().manual_seed(seed))
-    save_images(to_uint8(images), out, nrow=10 if task.num_classes else 0)
+    cfg, task, net = load_model(path, use_ema, device)
+    chunk = cfg.eval.batch_size
+    images = torch.cat([sample_chunk(task, net, seed, start, min(chunk, n - start), device, nullcontext)
+                        for start in range(0, n, chunk)])
+    save_images(images.cpu().permute(0, 2, 3, 1).numpy(), out, nrow=10 if task.num_classes else 0)
     return out

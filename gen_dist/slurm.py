@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gen_dist.config import ConfigError, load_config
-from gen_dist.launch import preflight
+from gen_dist.preflight import preflight
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "slurm" / "train.sbatch"

@@ -10,8 +10,8 @@ from PIL import Image
 
 from gen_dist.data import (
     DataError,
-    Layout,
     Piece,
+    ReadLayout,
     Segment,
     ShardStream,
     batch_sizes,
@@ -199,7 +199,7 @@ def test_stream_rejects_too_little_data(digits: Path) -> None:
         ShardStream(digits, "test", 256, 0, 2, 1, 0, 10, 8, 1, False)
 
 
-def _rank_batches(root: Path, layout: Layout, rank: int, epoch: int, start: int, done: tuple[Segment, ...],
+def _rank_batches(root: Path, layout: ReadLayout, rank: int, epoch: int, start: int, done: tuple[Segment, ...],
                   stop: int | None = None, **kw) -> list[dict]:
     from torch.utils.data import DataLoader
 
@@ -216,10 +216,10 @@ def _rank_batches(root: Path, layout: Layout, rank: int, epoch: int, start: int,
 
 # Layouts a run passes through within one epoch, and the batches per rank it consumes under each.
 LAYOUT_CHANGES = [
-    [(Layout(2, 2, 8, 10), 5), (Layout(1, 1, 16, 20), None)],
-    [(Layout(1, 1, 8, 10), 7), (Layout(2, 1, 8, 10), None)],
-    [(Layout(2, 2, 8, 10), 5), (Layout(1, 1, 16, 20), 3), (Layout(3, 2, 4, 5), None)],
-    [(Layout(1, 2, 6, 10), 4), (Layout(1, 2, 6, 10), 3), (Layout(4, 1, 5, 30), None)],
+    [(ReadLayout(2, 2, 8, 10), 5), (ReadLayout(1, 1, 16, 20), None)],
+    [(ReadLayout(1, 1, 8, 10), 7), (ReadLayout(2, 1, 8, 10), None)],
+    [(ReadLayout(2, 2, 8, 10), 5), (ReadLayout(1, 1, 16, 20), 3), (ReadLayout(3, 2, 4, 5), None)],
+    [(ReadLayout(1, 2, 6, 10), 4), (ReadLayout(1, 2, 6, 10), 3), (ReadLayout(4, 1, 5, 30), None)],
 ]
 
 
@@ -275,7 +275,7 @@ def test_bad_samples_are_reported_counted_and_replaced(tmp_path: Path) -> None:
     keys = _pack_shards(tmp_path / "clean", [40, 35, 50, 33])
     _pack_shards(tmp_path / "bad", [40, 35, 50, 33])
     bad = _corrupt(tmp_path / "bad")
-    layout = Layout(2, 2, 8, 10)
+    layout = ReadLayout(2, 2, 8, 10)
     parts = [_rank_batches(tmp_path / "bad", layout, r, 0, 0, ()) for r in range(2)]
     planned = [_rank_batches(tmp_path / "clean", layout, r, 0, 0, ()) for r in range(2)]
     sizes = [[len(b["key"]) for b in p] for p in parts]
@@ -295,4 +295,4 @@ def test_strict_mode_fails_naming_shard_and_key(tmp_path: Path, fault: str) -> N
     _pack_shards(tmp_path, [40, 35, 50, 33])
     bad = _corrupt(tmp_path, (fault,))
     with pytest.raises(DataError, match=bad[fault]):
-        _rank_batches(tmp_path, Layout(1, 1, 8, 10), 0, 0, 0, (), strict=True)
+        _rank_batches(tmp_path, ReadLayout(1, 1, 8, 10), 0, 0, 0, (), strict=True)

@@ -1,27 +1,47 @@
-"""Model families, as a registry of constructors imported on first use: a GAN run does not pay for importing
-diffusers."""
+"""The registry of model families. Each family is one module that registers itself on import: its config
+section, its checks and its task. The built-in ones are imported here; GEN_DIST_PLUGINS (comma-separated module
+names) adds others, in every process of a run. Family modules import heavy libraries (diffusers) where they use
+them, so that reading the registry stays cheap."""
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator, Mapping
+import os
 
-from gen_dist.tasks.base import Phase, Task
+from gen_dist.tasks.base import Family, Phase, Reduce, Task
 
-_WHERE = {"diffusion": "DiffusionTask", "gan": "GANTask", "vae": "VAETask", "classifier": "ClassifierTask"}
+BUILTIN = ("diffusion", "gan", "vae", "classifier")
+PLUGINS_ENV = "GEN_DIST_PLUGINS"
 
-
-class _Registry(Mapping[str, type[Task]]):
-    def __getitem__(self, name: str) -> type[Task]:
-        return getattr(importlib.import_module(f"gen_dist.tasks.{name}"), _WHERE[name])
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(_WHERE)
-
-    def __len__(self) -> int:
-        return len(_WHERE)
+_FAMILIES: dict[str, Family] = {}
+_loaded = False
 
 
-TASKS: Mapping[str, type[Task]] = _Registry()
+def register(family: Family) -> Family:
+    """Called by a family module when it is imported."""
+    _FAMILIES[family.name] = family
+    return family
 
-__all__ = ["TASKS", "Phase", "Task"]
+
+def families() -> dict[str, Family]:
+    """Every registered family, by name: the built-in ones, then those of the modules in GEN_DIST_PLUGINS."""
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for name in BUILTIN:
+            importlib.import_module(f"gen_dist.tasks.{name}")
+        for module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                from gen_dist.config import ConfigError
+
+                raise ConfigError(f"{PLUGINS_ENV} names {module!r}, which cannot be imported: {e}") from None
+    return _FAMILIES
+
+
+def family(name: str) -> Family:
+    return families()[name]
+
+
+__all__ = ["Family", "Phase", "Reduce", "Task", "families", "family", "register"]

@@ -1,24 +1,34 @@
-"""What a task declares to the engine: its modules, its phases, and how to sample."""
+"""The task contract: what a model family declares to the engine (its modules, trained and frozen, its phases,
+an optional cross-rank update after each step, and how to sample), and how the family registers itself with its
+config section."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from gen_dist.config import RunConfig
+
 Batch = Mapping[str, torch.Tensor]
 Nets = Mapping[str, nn.Module]
 LossFn = Callable[[Nets, Batch, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-"""(nets, batch, step) -> (loss to minimise, detached stats). `nets[phase.module]` is the wrapped trained module."""
+"""(nets, batch, step) -> (loss to minimise, detached stats). `nets` holds every module of the task: the one the
+phase trains as the strategy wraps it, the other trained ones and the frozen ones as plain modules."""
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a tensor over all ranks (in place, and returns it); the identity in a single process."""
 
 
 @dataclass
 class Phase:
     name: str
     """Name used in metrics (e.g. 'D', 'G', 'D_r1')."""
-    module: str
+    trains: str
     """The module this phase trains; its optimizer steps and it alone has requires_grad."""
     loss: LossFn
     every: int = 1
@@ -30,19 +40,30 @@ class Phase:
 
 
 class Task:
-    """A model family. Subclasses fill `modules`, `phases` and `ema_module`, and implement `sample`."""
+    """A model family. Subclasses fill `modules`, `phases` and `sampled` (and `frozen` where they use
+    pretrained networks), and implement `sample` when they generate."""
 
     modules: dict[str, nn.Module]
+    """Trained modules: each gets an optimizer, is wrapped by the strategy and is checkpointed."""
+    frozen: Mapping[str, nn.Module] = MappingProxyType({})
+    """Modules that are not trained (a pretrained first stage, a feature network): the task loads them (from a
+    path in its config section), the engine moves them to the device in eval mode and passes them to every loss;
+    they get no optimizer, no wrapping and are never saved."""
     phases: list[Phase]
-    ema_module: str
+    sampled: str
+    """The module that generates (or, for the classifier, that evaluation uses): sample grids, EMA, export."""
     num_classes: int = 0
     generates: bool = True
     """False for the classifier that evaluation uses: nothing to sample."""
 
+    def after_step(self, nets: Nets, reduce: Reduce, step: int) -> None:
+        """Called on every rank after each step's optimizer steps, e.g. for an update kept outside autograd
+        (an EMA codebook); `reduce` sums over ranks so that every rank holds the same result."""
+
     @torch.no_grad()
     def sample(self, net: nn.Module, labels: torch.Tensor | None, n: int,
                generator: torch.Generator) -> torch.Tensor:
-        """`n` images in [-1, 1] from `net` (the EMA or raw copy of `ema_module`)."""
+        """`n` images in [-1, 1] from `net` (the EMA or raw copy of the sampled module)."""
         raise NotImplementedError
 
     def sample_labels(self, n: int, device: torch.device) -> torch.Tensor | None:
@@ -50,3 +71,22 @@ class Task:
         if not self.num_classes:
             return None
         return torch.arange(n, device=device) % self.num_classes
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family as the registry knows it. Its config section is the dataclass `section` under the key
+    `name`; task names, the config schema, `gen-dist train --help` and config errors all come from here."""
+
+    name: str
+    section: type
+    """Dataclass of the family's config keys, one docstring per field."""
+    task: type[Task]
+    help: str
+    """One line for `gen-dist train --help`."""
+    choices: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    """Allowed values of section keys (relative names)."""
+    positive: tuple[str, ...] = ()
+    """Section keys that must be > 0."""
+    check: Callable[[RunConfig], None] | None = None
+    """Checks across keys; run for every registered family (`cfg.task` tells whether it is the one trained)."""

@@ -3,12 +3,23 @@ evaluation gets a fast domain feature extractor (its pooled penultimate layer) a
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gen_dist.config import RunConfig
-from gen_dist.tasks.base import Batch, Nets, Phase, Task
+from gen_dist.tasks import register
+from gen_dist.tasks.base import Batch, Family, Nets, Phase, Task
+
+
+@dataclass
+class ClassifierConfig:
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+    """Conv channels per level (each level halves the resolution); the last is the feature size."""
+    num_classes: int = 10
+    """Classes of the dataset it learns to tell apart."""
 
 
 class ConvClassifier(nn.Module):
@@ -31,7 +42,7 @@ class ConvClassifier(nn.Module):
 
 
 class ClassifierTask(Task):
-    ema_module = "classifier"
+    sampled = "classifier"
     generates = False
 
     def __init__(self, cfg: RunConfig) -> None:
@@ -45,3 +56,8 @@ class ClassifierTask(Task):
         loss = F.cross_entropy(logits, batch["label"])
         accuracy = (logits.argmax(dim=1) == batch["label"]).float().mean()
         return loss, {"loss": loss.detach(), "accuracy": accuracy.detach()}
+
+
+register(Family("classifier", ClassifierConfig, ClassifierTask,
+                "CNN classifier of the data: the domain feature extractor of evaluation (generates nothing)",
+                positive=("num_classes",)))

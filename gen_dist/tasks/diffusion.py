@@ -2,15 +2,53 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
-from gen_dist.config import RunConfig
-from gen_dist.tasks.base import Batch, Nets, Phase, Task
+from gen_dist.config import ConfigError, RunConfig, check_divisible
+from gen_dist.tasks import register
+from gen_dist.tasks.base import Batch, Family, Nets, Phase, Task
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DModel
+
+
+@dataclass
+class DiffusionConfig:
+    channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    """UNet channels per resolution level."""
+    attention: list[bool] = field(default_factory=lambda: [False, False, True])
+    """Self-attention at each level."""
+    layers_per_block: int = 1
+    """ResNet layers per UNet block."""
+    norm_groups: int = 8
+    """GroupNorm groups."""
+    num_classes: int = 10
+    """Class-conditional with this many classes; 0 = unconditional."""
+    train_timesteps: int = 1000
+    """DDPM training timesteps."""
+    beta_schedule: str = "squaredcos_cap_v2"
+    """DDPM beta schedule (diffusers name): linear, scaled_linear or squaredcos_cap_v2."""
+    sample_steps: int = 100
+    """DDIM steps when sampling."""
+    ddim_eta: float = 1.0
+    """DDIM noise: 1 = ancestral (DDPM-like, best for short-trained models), 0 = deterministic DDIM."""
+
+
+def check(cfg: RunConfig) -> None:
+    d = cfg.diffusion
+    if len(d.channels) != len(d.attention):
+        raise ConfigError("config keys 'diffusion.channels' and 'diffusion.attention' must have the same length")
+    if cfg.task == "diffusion":
+        check_divisible(cfg, "diffusion.channels", 2 ** (len(d.channels) - 1), f"for {len(d.channels)} UNet levels")
 
 
 def build_unet(cfg: RunConfig) -> UNet2DModel:
+    from diffusers import UNet2DModel
+
     d = cfg.diffusion
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in d.attention)
     up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(d.attention))
@@ -23,9 +61,11 @@ def build_unet(cfg: RunConfig) -> UNet2DModel:
 
 
 class DiffusionTask(Task):
-    ema_module = "denoiser"
+    sampled = "denoiser"
 
     def __init__(self, cfg: RunConfig) -> None:
+        from diffusers import DDPMScheduler
+
         d = cfg.diffusion
         self.num_classes = d.num_classes
         self.sample_steps, self.eta = d.sample_steps, d.ddim_eta
@@ -47,6 +87,8 @@ class DiffusionTask(Task):
     @torch.no_grad()
     def sample(self, net: torch.nn.Module, labels: torch.Tensor | None, n: int,
                generator: torch.Generator) -> torch.Tensor:
+        from diffusers import DDIMScheduler
+
         device = next(net.parameters()).device
         ddim = DDIMScheduler.from_config(self.scheduler.config)
         ddim.set_timesteps(self.sample_steps)
@@ -56,3 +98,8 @@ class DiffusionTask(Task):
             eps = net(x, t.to(device), class_labels=labels).sample
             x = ddim.step(eps, t, x, eta=self.eta, generator=generator).prev_sample
         return x.clamp(-1, 1)
+
+
+register(Family("diffusion", DiffusionConfig, DiffusionTask, "denoising diffusion (DDPM, epsilon) of a diffusers UNet",
+                choices={"beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2")},
+                positive=("sample_steps",), check=check))

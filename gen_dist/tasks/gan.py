@@ -2,12 +2,52 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gen_dist.config import RunConfig
-from gen_dist.tasks.base import Batch, Nets, Phase, Task
+from gen_dist.config import ConfigError, RunConfig, check_divisible
+from gen_dist.tasks import register
+from gen_dist.tasks.base import Batch, Family, Nets, Phase, Task
+
+
+@dataclass
+class GANConfig:
+    z_dim: int = 64
+    """Latent size."""
+    channels: list[int] = field(default_factory=lambda: [128, 64])
+    """Generator channels per level, coarse to fine (each level doubles the resolution)."""
+    d_channels: list[int] = field(default_factory=lambda: [64, 128])
+    """Discriminator channels per level, fine to coarse (each level halves the resolution)."""
+    num_classes: int = 10
+    """Class-conditional with this many classes (projection discriminator); 0 = unconditional."""
+    loss: str = "nonsaturating"
+    """nonsaturating or hinge."""
+    r1_gamma: float = 0.0
+    """R1 penalty weight on real images; 0 disables it."""
+    r1_every: int = 16
+    """Run the R1 phase every this many steps (lazy regularisation)."""
+
+
+def check(cfg: RunConfig) -> None:
+    if cfg.task != "gan":
+        return
+    g = cfg.gan
+    for key, levels in (("gan.channels", len(g.channels)), ("gan.d_channels", len(g.d_channels))):
+        if not levels:
+            raise ConfigError(f"config key '{key}' must not be empty")
+        check_divisible(cfg, key, 2**levels, f"(2^len({key}))")
+    if cfg.train.mixed_precision == "fp16" and not cfg.train.loss_scaling:
+        raise ConfigError("train.mixed_precision=fp16 with train.loss_scaling=false cannot train a GAN: the "
+                          "adversarial gradients underflow in fp16; set train.loss_scaling=true or use bf16")
+    from gen_dist.parallel import STRATEGIES
+
+    if g.r1_gamma > 0 and not STRATEGIES[cfg.parallel.strategy].double_backward_ok(cfg):
+        raise ConfigError("gan.r1_gamma > 0 needs a double backward through D, which ZeRO-3 cannot run (it frees "
+                          "D's gathered weights after the first backward); use parallel.zero_stage 1 or 2, "
+                          "parallel.strategy=fsdp, or gan.r1_gamma=0")
 
 
 def _act() -> nn.Module:
@@ -71,7 +111,7 @@ class Discriminator(nn.Module):
 
 
 class GANTask(Task):
-    ema_module = "G"
+    sampled = "G"
 
     def __init__(self, cfg: RunConfig) -> None:
         g = cfg.gan
@@ -131,3 +171,7 @@ class GANTask(Task):
         device = next(net.parameters()).device
         z = torch.randn((n, self.z_dim), generator=generator).to(device)
         return net(z, labels).float().clamp(-1, 1)
+
+
+register(Family("gan", GANConfig, GANTask, "GAN: DCGAN-style G and D, non-saturating or hinge loss, lazy R1",
+                choices={"loss": ("nonsaturating", "hinge")}, positive=("r1_every", "z_dim"), check=check))

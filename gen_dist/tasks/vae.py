@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gen_dist.config import RunConfig
-from gen_dist.tasks.base import Batch, Nets, Phase, Task
+from gen_dist.config import ConfigError, RunConfig, check_divisible
+from gen_dist.tasks import register
+from gen_dist.tasks.base import Batch, Family, Nets, Phase, Task
+
+
+@dataclass
+class VAEConfig:
+    channels: list[int] = field(default_factory=lambda: [32, 64])
+    """Encoder channels per level (the decoder mirrors them)."""
+    latent_dim: int = 16
+    """Latent vector size."""
+    beta: float = 1.0
+    """Weight of the KL term."""
+
+
+def check(cfg: RunConfig) -> None:
+    if cfg.task == "vae":
+        if not cfg.vae.channels:
+            raise ConfigError("config key 'vae.channels' must not be empty")
+        check_divisible(cfg, "vae.channels", 2 ** len(cfg.vae.channels), "(2^len(vae.channels))")
 
 
 class ConvVAE(nn.Module):
@@ -42,7 +62,7 @@ class ConvVAE(nn.Module):
 
 
 class VAETask(Task):
-    ema_module = "vae"
+    sampled = "vae"
 
     def __init__(self, cfg: RunConfig) -> None:
         v = cfg.vae
@@ -65,3 +85,7 @@ class VAETask(Task):
         device = next(net.parameters()).device
         z = torch.randn((n, net.latent_dim), generator=generator).to(device)
         return (torch.sigmoid(net.decode(z).float()) * 2 - 1).clamp(-1, 1)
+
+
+register(Family("vae", VAEConfig, VAETask, "convolutional VAE: Bernoulli likelihood + beta x KL",
+                positive=("latent_dim",), check=check))

@@ -1,0 +1,52 @@
+"""Checks that need the dataset, the run directory or the machine, run before any process is launched (and
+again by every trainer). Free of model imports, so that a bad config fails in a second."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gen_dist import checkpoint
+from gen_dist.config import ConfigError, RunConfig, check_same_model, load_config
+from gen_dist.data import check_split
+from gen_dist.parallel import STRATEGIES, strategy_for
+
+
+def preflight(cfg: RunConfig, world_size: int) -> None:
+    """Checks that need the dataset or the machine; run before any process is launched."""
+    index = check_split(Path(cfg.data.path), cfg.data.split, world_size, max(1, cfg.data.num_workers),
+                        cfg.data.batch_size)
+    have = len(index.get("classes", []))
+    want = getattr(cfg, cfg.task).__dict__.get("num_classes", 0)
+    if want > have:
+        raise ConfigError(f"{cfg.task}.num_classes={want} but {cfg.data.path} has {have} classes; "
+                          f"set {cfg.task}.num_classes={have}")
+    saved = cfg.out_dir / "config.yaml"
+    found = checkpoint.list_checkpoints(cfg.out_dir)
+    if saved.exists() and found:
+        check_same_model(load_config(saved), cfg)
+        _check_resumable(found[-1], cfg, world_size)
+    if cfg.train.mixed_precision == "fp16" and (cfg.train.cpu or not torch.cuda.is_available()):
+        raise ConfigError("train.mixed_precision=fp16 needs a GPU (CPU autocast ignores it); use bf16 or no")
+    strategy_for(cfg).preflight()
+    if cfg.eval.every:
+        from gen_dist.evaluation import check_eval
+
+        check_eval(cfg)
+
+
+def _check_resumable(ckpt: Path, cfg: RunConfig, world_size: int) -> None:
+    """A checkpoint resumes under the strategy that wrote it; a ZeRO one also only on as many ranks."""
+    try:
+        desc = checkpoint.describe(ckpt)
+    except checkpoint.CheckpointError:
+        return  # broken: resume skips it with a warning
+    then, now = desc.strategy, cfg.parallel.strategy
+    if then != now:
+        raise ConfigError(f"{ckpt} was written with parallel.strategy={then}, its optimizer state cannot be "
+                          f"loaded under {now}; resume with parallel.strategy={then} or use a new run_dir")
+    if not STRATEGIES[now].any_world_size and desc.world_size != world_size:
+        raise ConfigError(f"{ckpt} holds DeepSpeed ZeRO partitions of {desc.world_size} ranks, which load only "
+                          f"on {desc.world_size} ranks (not {world_size}); resume on {desc.world_size} "
+                          f"ranks (ddp and fsdp checkpoints resume on any number)")
