@@ -11,7 +11,7 @@ import time
 
 from torch.utils.data import DataLoader
 
-from gen_dist.data import Layout, Segment, ShardStream
+from gen_dist.data import ReadLayout, Segment, ShardStream
 
 
 def _stream(args: argparse.Namespace, world: int) -> ShardStream:
@@ -47,7 +47,7 @@ def main() -> None:
     rows = [("epoch start", ds, 0, ())]
     rows.append((f"restart at batch {args.at}, same layout", ds, args.at, ()))
     other = _stream(args, 1 if args.world > 1 else 2)
-    then = Layout(args.world, ds.workers, args.batch, args.buffer)
+    then = ReadLayout(args.world, ds.workers, args.batch, args.buffer)
     rows.append((f"restart after batch {args.at} of {args.world} ranks on {other.layout.world}", other, 0,
                  (Segment(then, args.at),)))
     print(f"{'':45} {'set_position s':>14} {'first batch s':>13} {'images/s':>9}")

@@ -191,10 +191,19 @@ def config_class() -> type[RunConfig]:
 _CLASSES: dict[tuple, type[RunConfig]] = {}
 
 
-def check_divisible(cfg: RunConfig, key: str, factor: int, why: str) -> None:
-    """data.resolution must be divisible by `factor` (what `key` asks for: levels that halve the resolution)."""
+def check_divisible(cfg: RunConfig, factor: int, why: str) -> None:
+    """data.resolution must be divisible by `factor` (levels that halve the resolution ask for it)."""
     if cfg.data.resolution % factor:
         raise ConfigError(f"data.resolution {cfg.data.resolution} must be divisible by {factor} {why}")
+
+
+def check_halving_levels(cfg: RunConfig, key: str) -> None:
+    """`key` lists one entry per level that halves the resolution: it must not be empty, and data.resolution
+    must be divisible by 2^len."""
+    levels = len(get_value(cfg, key))
+    if not levels:
+        raise ConfigError(f"config key '{key}' must not be empty")
+    check_divisible(cfg, 2**levels, f"(2^len({key}))")
 
 
 def _check_type(key: str, value: Any, tp: Any) -> Any:

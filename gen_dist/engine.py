@@ -24,7 +24,7 @@ from gen_dist import checkpoint, dist, parallel
 from gen_dist.config import RunConfig, save_config, to_dict
 from gen_dist.data import BadSamples, DataPosition, ShardStream, make_loader
 from gen_dist.evaluation import Evaluator, generate, sample_chunk
-from gen_dist.images import grid, to_model_range
+from gen_dist.images import grid, to_hwc, to_model_range
 from gen_dist.preflight import preflight
 from gen_dist.tasks import Phase, Task, family
 from gen_dist.track import Tracker, wandb_init_kwargs, wandb_mode
@@ -191,7 +191,7 @@ class Trainer:
         state = {"train": self.state.state_dict(), "data": self.position.state_dict(self.stream.layout),
                  "ema": self.ema.meta_state() if self.ema is not None else {"updates": 0}}
         path = self.last_checkpoint = checkpoint.save(
-            self.acc, self.run_dir, self.state.step, self.cfg.parallel.strategy, list(self.modules), state, files,
+            self.acc, self.run_dir, self.state.step, self.strategy.name, list(self.modules), state, files,
             self.cfg.train.keep_checkpoints)
         self.tracker.event("checkpoint", step=self.state.step, path=str(path),
                            seconds=round(time.perf_counter() - t0, 3))
@@ -320,7 +320,7 @@ class Trainer:
         return scores
 
     def write_samples(self) -> Path:
-        images = self.sample(self.cfg.train.sample_n).cpu().permute(0, 2, 3, 1).numpy()
+        images = to_hwc(self.sample(self.cfg.train.sample_n))
         path = self.run_dir / "samples" / f"step_{self.state.step:08d}.png"
         if dist.is_main():
             picture = grid(images, nrow=10 if self.task.num_classes else 0)

@@ -20,9 +20,9 @@ def quantize(images: torch.Tensor) -> torch.Tensor:
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N,C,H,W) floats in [-1, 1] -> (N,H,W,C) uint8."""
-    return quantize(images).cpu().permute(0, 2, 3, 1).numpy()
+def to_hwc(images: torch.Tensor) -> np.ndarray:
+    """(N,C,H,W) uint8 tensor (from `quantize`) -> (N,H,W,C) uint8 array, as grids and .npz files hold them."""
+    return images.cpu().permute(0, 2, 3, 1).numpy()
 
 
 def grid(images: np.ndarray, nrow: int = 0, pad: int = 2) -> Image.Image:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from gen_dist import checkpoint
 from gen_dist.config import ConfigError, RunConfig, config_from_yaml
 from gen_dist.evaluation import sample_chunk
-from gen_dist.images import save_images
+from gen_dist.images import save_images, to_hwc
 from gen_dist.tasks import Task, family
 
 
@@ -97,5 +97,5 @@ def sample_checkpoint(path: Path, n: int, out: Path, seed: int = 0, use_ema: boo
     chunk = cfg.eval.batch_size
     images = torch.cat([sample_chunk(task, net, seed, start, min(chunk, n - start), device, nullcontext)
                         for start in range(0, n, chunk)])
-    save_images(images.cpu().permute(0, 2, 3, 1).numpy(), out, nrow=10 if task.num_classes else 0)
+    save_images(to_hwc(images), out, nrow=10 if task.num_classes else 0)
     return out

@@ -46,8 +46,8 @@ install_packages() {
         || { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null; }
 }
 
-# Live (not zombie) pids among "$@", the processes carrying $TAG (or $1's tag with tag_of), and all their
-# descendants (tasks that lost their slurmstepd are found by the tag their prolog gave them).
+# Live (not zombie) pids among "${@:2}", the processes carrying the tag $1, and all their descendants (tasks that
+# lost their slurmstepd are found by the tag their prolog gave them).
 cluster_pids() {
     local tag=$1 f line pid ppid rest todo=()
     shift
@@ -90,9 +90,11 @@ alive() { # pid: running, not a zombie (nothing reaps orphans on some machines)
     [[ -n $state && $state != Z ]]
 }
 
+DAEMONS=(munged slurmctld slurmd-n1 slurmd-n2) # names of their pid files in the state dir
+
 running() {
     local name
-    for name in munged slurmctld slurmd-n1 slurmd-n2; do
+    for name in "${DAEMONS[@]}"; do
         [[ -s $DIR/$name.pid ]] && alive "$(cat "$DIR/$name.pid")" || return 1
     done
 }
@@ -125,10 +127,11 @@ claim_ports() {
     die "no free ports for the cluster between $first and $last"
 }
 
-release_ports() {
+# The first ports of the claims this cluster holds, one a line.
+owned_ports() {
     local f
     for f in "$CLAIMS"/[0-9]*; do
-        [[ -f $f && $(cat "$f") == "$DIR" ]] && rm -f "$f"
+        [[ -f $f && $(cat "$f") == "$DIR" ]] && echo "${f##*/}"
     done
     return 0
 }
@@ -205,7 +208,7 @@ start_munge() {
 # True when a daemon wrote its pid file and is gone since: it will not come back.
 daemon_died() {
     local name
-    for name in munged slurmctld slurmd-n1 slurmd-n2; do
+    for name in "${DAEMONS[@]}"; do
         [[ -s $DIR/$name.pid ]] && ! alive "$(cat "$DIR/$name.pid")" && return 0
     done
     return 1
@@ -249,10 +252,8 @@ up() {
 # Returns once no process of the cluster is alive and none of its ports is in use, having released them and
 # removed the state dir; fails (keeping both) naming what is left when that does not happen within 30 s.
 down() {
-    local i f pids="" busy="" ports=()
-    for f in "$CLAIMS"/[0-9]*; do
-        [[ -f $f && $(cat "$f") == "$DIR" ]] && ports+=("${f##*/}")
-    done
+    local i f pids="" busy="" ports
+    mapfile -t ports < <(owned_ports)
     if [[ -f $SLURM_CONF ]] && running; then
         timeout 10 scancel --partition=debug 2>/dev/null || true
         for ((i = 0; i < 50; i++)); do
@@ -274,7 +275,7 @@ down() {
     if [[ -n $pids || -n $busy ]]; then
         die "the cluster in $DIR did not stop within 30 s; still alive: ${pids//$'\n'/ }; ports in use: ${busy:-none}"
     fi
-    release_ports
+    for f in "${ports[@]}"; do rm -f "$CLAIMS/$f"; done
     rm -rf "$DIR"
 }
 

@@ -43,7 +43,7 @@ def check(cfg: RunConfig) -> None:
     if len(d.channels) != len(d.attention):
         raise ConfigError("config keys 'diffusion.channels' and 'diffusion.attention' must have the same length")
     if cfg.task == "diffusion":
-        check_divisible(cfg, "diffusion.channels", 2 ** (len(d.channels) - 1), f"for {len(d.channels)} UNet levels")
+        check_divisible(cfg, 2 ** (len(d.channels) - 1), f"for {len(d.channels)} UNet levels")
 
 
 def build_unet(cfg: RunConfig) -> UNet2DModel:

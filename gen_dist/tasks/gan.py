@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gen_dist.config import ConfigError, RunConfig, check_divisible
+from gen_dist.config import ConfigError, RunConfig, check_halving_levels
 from gen_dist.tasks import register
 from gen_dist.tasks.base import Batch, Family, Nets, Phase, Task
 
@@ -35,10 +35,8 @@ def check(cfg: RunConfig) -> None:
     if cfg.task != "gan":
         return
     g = cfg.gan
-    for key, levels in (("gan.channels", len(g.channels)), ("gan.d_channels", len(g.d_channels))):
-        if not levels:
-            raise ConfigError(f"config key '{key}' must not be empty")
-        check_divisible(cfg, key, 2**levels, f"(2^len({key}))")
+    check_halving_levels(cfg, "gan.channels")
+    check_halving_levels(cfg, "gan.d_channels")
     if cfg.train.mixed_precision == "fp16" and not cfg.train.loss_scaling:
         raise ConfigError("train.mixed_precision=fp16 with train.loss_scaling=false cannot train a GAN: the "
                           "adversarial gradients underflow in fp16; set train.loss_scaling=true or use bf16")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gen_dist.config import ConfigError, RunConfig, check_divisible
+from gen_dist.config import RunConfig, check_halving_levels
 from gen_dist.tasks import register
 from gen_dist.tasks.base import Batch, Family, Nets, Phase, Task
 
@@ -25,9 +25,7 @@ class VAEConfig:
 
 def check(cfg: RunConfig) -> None:
     if cfg.task == "vae":
-        if not cfg.vae.channels:
-            raise ConfigError("config key 'vae.channels' must not be empty")
-        check_divisible(cfg, "vae.channels", 2 ** len(cfg.vae.channels), "(2^len(vae.channels))")
+        check_halving_levels(cfg, "vae.channels")
 
 
 class ConvVAE(nn.Module):
