@@ -1,5 +1,6 @@
 """Checks that need the dataset, the run directory or the machine, run before any process is launched (and
-again by every trainer). Free of model imports, so that a bad config fails in a second."""
+again by every trainer). They import no model library (diffusers, DeepSpeed's engine), so that a bad config
+fails in seconds."""
 
 from __future__ import annotations
 
