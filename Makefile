@@ -9,7 +9,7 @@ CONSTRAINTS := constraints.txt
 FASHION := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data demo test lint lock clean
+.PHONY: setup data demo test test-gpu lint lock clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	python3 -m venv $(VENV)
@@ -37,6 +37,11 @@ demo: setup data
 test: setup
 	$(VENV)/bin/ruff check gen_dist tests
 	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup --durations=15 tests
+
+# The single-GPU tests (tests/test_gpu.py; `make test` skips them without CUDA). TORCH must name a CUDA build.
+test-gpu: setup
+	$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu needs a GPU and a CUDA build of torch (TORCH=...)')"
+	$(PY) -m pytest -q -m gpu --durations=10 tests/test_gpu.py
 
 # Resolve the newest releases the ranges allow in a scratch venv and record them; run `make test` after it.
 lock:

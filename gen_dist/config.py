@@ -17,6 +17,13 @@ class ConfigError(ValueError):
     """A configuration problem, reported before any training starts."""
 
 
+class Switch(str):
+    """Type of a fast-path switch (the config holds the plain string): auto (gen_dist decides from the device
+    and strategy), on or off. YAML's true/false (and on/off, which YAML reads as booleans) are accepted."""
+
+    VALUES = ("auto", "on", "off")
+
+
 @dataclass
 class DataConfig:
     path: str = "data/fashion_mnist"
@@ -35,6 +42,8 @@ class DataConfig:
     """Samples held in each worker's shuffle buffer (on top of a per-epoch shard shuffle)."""
     hflip: bool = False
     """Random horizontal flips."""
+    prefetch: int = 4
+    """Batches each loader worker prepares ahead (on GPUs they are copied from pinned memory)."""
     strict: bool = False
     """Stop at the first unreadable shard, undecodable image or sample without image or label, naming shard and
     key. Otherwise such a sample is logged, counted in the data/bad_samples metric and replaced in its batch
@@ -89,6 +98,14 @@ class TrainConfig:
     """Train on CPU even when a GPU is present."""
     progress: bool = True
     """Show a progress bar on the main process."""
+    compile: Switch = "auto"
+    """torch.compile each trained module (DDP and FSDP; DeepSpeed refuses it). auto = on for CUDA devices."""
+    channels_last: Switch = "auto"
+    """Channels-last memory format for the trained modules and image batches. auto = on for CUDA devices."""
+    tf32: bool = True
+    """Allow TF32 matmuls and convolutions (GPUs that have them) for the fp32 parts of the computation."""
+    activation_checkpointing: bool = False
+    """Recompute activations in backward instead of keeping them: less memory, about one more forward."""
 
 
 @dataclass
@@ -171,7 +188,7 @@ CHOICES = {
     "wandb.mode": ("auto", "online", "offline", "disabled"),
     "parallel.zero_stage": (1, 2, 3),
 }
-POSITIVE = ("data.resolution", "data.batch_size", "train.steps", "train.grad_accum", "train.log_every",
+POSITIVE = ("data.resolution", "data.batch_size", "data.prefetch", "train.steps", "train.grad_accum", "train.log_every",
             "train.sample_n", "train.ckpt_every", "train.max_nonfinite_steps", "train.keep_checkpoints",
             "eval.n", "eval.batch_size")
 
@@ -214,6 +231,11 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
         (item,) = typing.get_args(tp)
         return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if tp is Switch:
+        value = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+        if value not in Switch.VALUES:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(Switch.VALUES)}, got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"config key '{key}': union types are not supported")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):

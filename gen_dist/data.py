@@ -542,6 +542,8 @@ def _fill(batch: dict[str, Any], size: int, spare: dict[str, Any] | None, pieces
     }
 
 
-def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
-    return DataLoader(stream, batch_size=None, num_workers=num_workers,
-                      prefetch_factor=4 if num_workers > 0 else None)
+def make_loader(stream: ShardStream, num_workers: int, prefetch: int = 4, pin_memory: bool = False) -> DataLoader:
+    """Batches of `stream`, read by `num_workers` processes each `prefetch` batches ahead; `pin_memory` puts
+    them in page-locked memory so that their copy to the GPU does not block the training process."""
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                      prefetch_factor=prefetch if num_workers > 0 else None)

@@ -40,6 +40,16 @@ def mean_across_ranks(acc: Accelerator, stats: dict[str, float]) -> dict[str, fl
     return dict(zip(keys, t.tolist(), strict=True))
 
 
+def max_across_ranks(acc: Accelerator, stats: dict[str, float]) -> dict[str, float]:
+    """The largest value of each scalar stat over ranks (e.g. peak memory: the rank closest to running out)."""
+    if acc.num_processes == 1 or not stats:
+        return stats
+    keys = sorted(stats)
+    t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=acc.device)
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
 def sum_across_ranks(acc: Accelerator, t: torch.Tensor) -> torch.Tensor:
     """Sum `t` over ranks in place (and return it)."""
     if acc.num_processes > 1:

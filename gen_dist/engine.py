@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gen_dist import checkpoint, dist, parallel
-from gen_dist.config import RunConfig, save_config, to_dict
+from gen_dist import checkpoint, dist, parallel, perf
+from gen_dist.config import ConfigError, RunConfig, save_config, to_dict
 from gen_dist.data import BadSamples, DataPosition, ShardStream, make_loader
 from gen_dist.evaluation import Evaluator, generate, sample_chunk
 from gen_dist.images import grid, to_hwc, to_model_range
@@ -129,18 +129,46 @@ class Trainer:
         self.sample_net = copy.deepcopy(self.task.modules[self.task.sampled]).to(acc.device).eval()
         self.sample_net.requires_grad_(False)
         self.frozen = {n: m.to(acc.device).eval().requires_grad_(False) for n, m in self.task.frozen.items()}
+        self._fast_path()
         self._prepare()
+        if self.compiled:
+            perf.before_compile()
+            for t in self.trained.values():
+                self.strategy.compile(t)
         self.layout = self.strategy.weight_layout(acc)
         sampled = self.modules[self.task.sampled]
         self.ema = parallel.EMA(sampled, cfg.train.ema_decay, self.layout) if cfg.train.ema_decay > 0 else None
         self.tracker = Tracker(acc, cfg, self.run_dir)
+        self.clock = perf.StepClock(acc.device)
 
     # ------------------------------------------------------------------------------------------ set-up
 
+    def _fast_path(self) -> None:
+        """FLOPs are counted on the plain modules; then the switches that change how the modules run."""
+        cfg, device, d = self.cfg, self.acc.device, self.cfg.data
+        perf.configure_device(cfg, device)
+        self.flops_per_image = perf.flops_per_image(self.task, self.task.frozen, (d.channels, d.resolution,
+                                                                                    d.resolution))
+        if cfg.train.activation_checkpointing:
+            for name, m in self.task.modules.items():
+                if not hasattr(m, "enable_gradient_checkpointing"):
+                    raise ConfigError(f"train.activation_checkpointing: module '{name}' of task {cfg.task} has no "
+                                      f"enable_gradient_checkpointing() (derive it from tasks.base.Checkpointable)")
+                m.enable_gradient_checkpointing()
+
+        def on(switch: str) -> bool:
+            return self.strategy.allows(switch) and perf.switch_on(getattr(cfg.train, switch), device)
+
+        self.channels_last, self.compiled = on("channels_last"), on("compile")
+        if self.channels_last:
+            for m in [*self.task.modules.values(), *self.frozen.values()]:
+                perf.to_channels_last(m)
+
     def _prepare(self) -> None:
         o = self.cfg.optim
+        kwargs = perf.optimizer_kwargs(self.cfg, self.acc.device)
         opts = {n: torch.optim.AdamW(self.task.modules[n].parameters(), lr=o.lr, betas=tuple(o.betas),
-                                     weight_decay=o.weight_decay) for n in self.trained_names}
+                                     weight_decay=o.weight_decay, **kwargs) for n in self.trained_names}
         factor = lr_factor(o.schedule, o.warmup_steps, self.cfg.train.steps)
         scheds = {n: torch.optim.lr_scheduler.LambdaLR(opt, factor) for n, opt in opts.items()}
         self.trained = self.strategy.prepare(self.acc, self.task.modules, opts, scheds)
@@ -207,11 +235,13 @@ class Trainer:
             if self.stream.dropped:
                 self.tracker.event("data_dropped", epoch=pos.epoch, samples=self.stream.dropped,
                                    reason="fewer samples left in the epoch than ranks x workers")
-            for batch in make_loader(self.stream, self.cfg.data.num_workers):
+            for batch in make_loader(self.stream, self.cfg.data.num_workers, self.cfg.data.prefetch,
+                                     pin_memory=self.acc.device.type == "cuda"):
                 pos.batch += 1
                 self.bad.note(batch)
+                x = to_model_range(batch["image"].to(self.acc.device, non_blocking=True))
                 yield {
-                    "x": to_model_range(batch["image"].to(self.acc.device, non_blocking=True)),
+                    "x": x.contiguous(memory_format=torch.channels_last) if self.channels_last else x,
                     "label": batch["label"].to(self.acc.device, non_blocking=True),
                     "key": batch["key"],
                 }
@@ -228,7 +258,9 @@ class Trainer:
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.acc.device))
         with trained.double_backward() if phase.double_backward else nullcontext():
             self._micro_steps(phase, index, micro, step, nets, sums)
+        self.clock.mark("fwd_bwd")
         norm, stepped = trained.step(self.cfg.optim.grad_clip)
+        self.clock.mark("optimizer")
         sums[f"{phase.name}/grad_norm"] = norm.to(self.acc.device)
         if not stepped:
             self.skipped_phases += 1
@@ -262,8 +294,10 @@ class Trainer:
             sched.step()
         with torch.no_grad():
             self.task.after_step({**self.frozen, **self.modules}, lambda t: dist.sum_across_ranks(self.acc, t), step)
+        self.clock.mark("collectives")
         if self.ema is not None:
             self.ema.update()
+        self.clock.mark("ema")
         self.state.step += 1
         self.state.images += self.global_batch
         return stats
@@ -338,19 +372,27 @@ class Trainer:
             acc.init_trackers(cfg.wandb.project, config=to_dict(cfg),
                               init_kwargs={"wandb": wandb_init_kwargs(cfg, self.run_dir)})
         params = {n: sum(map(self.strategy.numel, m.parameters())) for n, m in self.modules.items()}
+        self.peak_tflops, device_name = perf.peak_tflops(cfg, acc.device)
         self.tracker.event(
             "start", task=cfg.task, world_size=acc.num_processes, distributed_type=str(acc.distributed_type),
             backend=str(acc.state.backend), device=str(acc.device), mixed_precision=cfg.train.mixed_precision,
             step=self.state.step, resumed=resumed, params=params,
             batches_per_epoch=self.stream.batches_per_epoch,
-            global_batch=self.global_batch)
+            global_batch=self.global_batch, flops_per_image=self.flops_per_image,
+            peak_tflops=self.peak_tflops or f"unknown ({device_name} is not in gen_dist.perf.PEAK_TFLOPS)",
+            compile=self.compiled, channels_last=self.channels_last,
+            activation_checkpointing=cfg.train.activation_checkpointing,
+            optimizer=perf.optimizer_kwargs(cfg, acc.device))
 
     def _log(self, window: MetricWindow, bar: tqdm) -> None:
         metrics = window.summary(self.global_batch)
+        metrics.update(self.clock.take(window.steps))
         metrics.update({f"lr/{n}": s.get_last_lr()[0] for n, s in self.scheds.items()})
         bad_count, bad_reports = self.bad.take()
         metrics["data/bad_samples"] = float(bad_count) * self.acc.num_processes  # the mean becomes the sum
         metrics = dist.mean_across_ranks(self.acc, metrics)
+        metrics.update(dist.max_across_ranks(self.acc, perf.peak_memory(self.acc.device)))
+        metrics.update(self._utilisation(metrics["images_per_s"]))
         metrics.update(epoch=self.position.epoch, images_seen=self.state.images)
         if metrics["data/bad_samples"]:
             for rank, reports in enumerate(dist.all_objects(self.acc, bad_reports)):
@@ -359,6 +401,14 @@ class Trainer:
         self.tracker.log(self.state.step, metrics)
         bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k.endswith("/loss")})
         window.reset()
+
+    def _utilisation(self, images_per_s: float) -> dict[str, float]:
+        """Model TFLOP/s per device, and MFU where the device's peak is known."""
+        tflops = self.flops_per_image * images_per_s / self.acc.num_processes / 1e12
+        out = {"perf/tflops_per_device": tflops}
+        if self.peak_tflops:
+            out["perf/mfu"] = tflops / self.peak_tflops
+        return out
 
     def train(self) -> TrainState:
         t = self.cfg.train
@@ -387,11 +437,15 @@ class Trainer:
         window = MetricWindow()
         while self.state.step < t.steps:
             t0 = time.perf_counter()
+            self.clock.start()
             micro = [next(batches) for _ in range(t.grad_accum)]
             t1 = time.perf_counter()
+            self.clock.mark("data")
             if t.log_keys:
                 self._log_keys(micro)
             stats = self.train_step(micro)
+            signum = stop.agreed(self.acc)
+            self.clock.mark("collectives")
             window.add(stats, wait=t1 - t0, elapsed=time.perf_counter() - t0)
             bar.update(1)
             step = self.state.step
@@ -404,7 +458,6 @@ class Trainer:
             if step % t.ckpt_every == 0:
                 self.save()
                 saved_at = step
-            signum = stop.agreed(self.acc)
             if signum:
                 return signum, saved_at
         return 0, saved_at

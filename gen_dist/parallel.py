@@ -350,6 +350,8 @@ class Strategy:
     """CPU launches may set ACCELERATE_USE_CPU (DeepSpeed turns itself off under it)."""
     always_grouped: ClassVar[bool] = False
     """It needs a process group even for one process started without a launcher."""
+    refuses: ClassVar[dict[str, str]] = {}
+    """train.* switches it cannot honour, with why: `on` is an error, `auto` means off."""
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -361,6 +363,18 @@ class Strategy:
         for key in ("offload_optimizer", "offload_params", "deepspeed_config"):
             if getattr(p, key):
                 raise ConfigError(f"parallel.{key} needs parallel.strategy=deepspeed (got {p.strategy})")
+        cls.check_switches(cfg)
+
+    @classmethod
+    def check_switches(cls, cfg: RunConfig) -> None:
+        for key, why in cls.refuses.items():
+            if getattr(cfg.train, key) == "on":
+                raise ConfigError(f"train.{key}=on is not supported with parallel.strategy={cls.name}: {why}; use "
+                                  f"train.{key}=auto (off here) or another parallel.strategy")
+
+    def allows(self, switch: str) -> bool:
+        """Whether train.<switch> may be on under this strategy (auto is decided by the device)."""
+        return switch not in self.refuses
 
     @classmethod
     def adopt_launcher_env(cls, cfg: RunConfig, env: Any) -> None:
@@ -422,6 +436,11 @@ class Strategy:
     def weight_layout(self, acc: Accelerator) -> WeightLayout:
         return Replicated()
 
+    def compile(self, trained: TrainedModule) -> None:
+        """torch.compile in place (parameter names unchanged). The wrapper is compiled, so that under DDP
+        dynamo splits the graph at the gradient buckets and their all-reduce still overlaps the backward."""
+        trained.wrapper.compile()
+
     def numel(self, p: torch.Tensor) -> int:
         """Elements of the whole parameter `p`, however little of it this rank holds."""
         return p.numel()
@@ -443,9 +462,15 @@ class DeepSpeed(Strategy):
     own_precision = True
     cpu_flag = False
     always_grouped = True
+    refuses: ClassVar[dict[str, str]] = {
+        "compile": "gen_dist does not compile DeepSpeed engines (ZeRO's parameter hooks and partitioned weights "
+                   "are outside what it tests)",
+        "channels_last": "ZeRO keeps parameters as views of flat buffers, whose memory format is contiguous",
+    }
 
     @classmethod
     def validate(cls, cfg: RunConfig) -> None:
+        cls.check_switches(cfg)
         p = cfg.parallel
         if p.offload_params and p.zero_stage != 3:
             raise ConfigError("parallel.offload_params needs parallel.zero_stage=3 (ZeRO 1/2 do not partition "
@@ -512,6 +537,8 @@ class FSDP(Strategy):
     name = "fsdp"
     shards_state = True
     always_grouped = True
+    refuses: ClassVar[dict[str, str]] = {
+        "channels_last": "FSDP2 shards each parameter on dim 0 and gathers it into contiguous buffers"}
 
     @classmethod
     def adopt_launcher_env(cls, cfg: RunConfig, env: Any) -> None:
@@ -550,6 +577,10 @@ class FSDP(Strategy):
 
     def weight_layout(self, acc: Accelerator) -> WeightLayout:
         return FSDP2Shards()
+
+    def compile(self, trained: TrainedModule) -> None:
+        """Only the module's own forward: FSDP2's all-gather and reshard hooks around it stay eager."""
+        trained.module.forward = torch.compile(trained.module.forward)
 
 
 STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (DDP, DeepSpeed, FSDP)}

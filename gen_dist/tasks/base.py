@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint_sequential
 
 if TYPE_CHECKING:
     from gen_dist.config import RunConfig
@@ -90,3 +91,20 @@ class Family:
     """Section keys that must be > 0."""
     check: Callable[[RunConfig], None] | None = None
     """Checks across keys; run for every registered family (`cfg.task` tells whether it is the one trained)."""
+
+
+class Checkpointable(nn.Module):
+    """A module whose nn.Sequential stacks can be recomputed in backward instead of kept
+    (train.activation_checkpointing), switched on by the method diffusers models have for the same thing."""
+
+    gradient_checkpointing = False
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.gradient_checkpointing = True
+
+    def stack(self, layers: nn.Sequential, x: torch.Tensor, segments: int) -> torch.Tensor:
+        """`layers(x)`; when checkpointing and building a graph, in `segments` pieces of which all but the last
+        keep only their input."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint_sequential(layers, segments, x, use_reentrant=False)
+        return layers(x)

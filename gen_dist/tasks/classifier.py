@@ -11,7 +11,7 @@ from torch import nn
 
 from gen_dist.config import RunConfig
 from gen_dist.tasks import register
-from gen_dist.tasks.base import Batch, Family, Nets, Phase, Task
+from gen_dist.tasks.base import Batch, Checkpointable, Family, Nets, Phase, Task
 
 
 @dataclass
@@ -22,7 +22,7 @@ class ClassifierConfig:
     """Classes of the dataset it learns to tell apart."""
 
 
-class ConvClassifier(nn.Module):
+class ConvClassifier(Checkpointable):
     def __init__(self, channels: list[int], image_channels: int, num_classes: int) -> None:
         super().__init__()
         layers: list[nn.Module] = []
@@ -33,12 +33,13 @@ class ConvClassifier(nn.Module):
             prev = c
         self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Linear(prev, num_classes)
+        self.levels = len(channels)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        return self.stack(self.body, x, self.levels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
+        return self.head(self.features(x))
 
 
 class ClassifierTask(Task):

@@ -10,7 +10,7 @@ from torch import nn
 
 from gen_dist.config import ConfigError, RunConfig, check_halving_levels
 from gen_dist.tasks import register
-from gen_dist.tasks.base import Batch, Family, Nets, Phase, Task
+from gen_dist.tasks.base import Batch, Checkpointable, Family, Nets, Phase, Task
 
 
 @dataclass
@@ -52,11 +52,11 @@ def _act() -> nn.Module:
     return nn.LeakyReLU(0.2)
 
 
-class Generator(nn.Module):
+class Generator(Checkpointable):
     def __init__(self, z_dim: int, channels: list[int], out_channels: int, resolution: int,
                  num_classes: int) -> None:
         super().__init__()
-        self.z_dim, self.start = z_dim, resolution // 2 ** len(channels)
+        self.z_dim, self.start, self.levels = z_dim, resolution // 2 ** len(channels), len(channels)
         self.embed = nn.Embedding(num_classes, z_dim) if num_classes else None
         in_dim = z_dim * (2 if num_classes else 1)
         self.fc = nn.Linear(in_dim, channels[0] * self.start**2)
@@ -72,7 +72,7 @@ class Generator(nn.Module):
         if self.embed is not None:
             z = torch.cat([z, self.embed(labels)], dim=1)
         h = self.fc(z).view(z.shape[0], -1, self.start, self.start)
-        return self.net(h)
+        return self.stack(self.net, h, self.levels)
 
 
 def minibatch_std(h: torch.Tensor, group: int = 4) -> torch.Tensor:
@@ -83,7 +83,7 @@ def minibatch_std(h: torch.Tensor, group: int = 4) -> torch.Tensor:
     return torch.cat([h, std.to(h.dtype).view(1, -1, 1, 1, 1).expand(g, -1, 1, hh, ww).reshape(n, 1, hh, ww)], 1)
 
 
-class Discriminator(nn.Module):
+class Discriminator(Checkpointable):
     """Strided convolutions, a minibatch-std channel, and a projection term for the class condition."""
 
     def __init__(self, channels: list[int], in_channels: int, resolution: int, num_classes: int) -> None:
@@ -94,6 +94,7 @@ class Discriminator(nn.Module):
             layers += [nn.Conv2d(prev, c, 4, stride=2, padding=1), _act()]
             prev = c
         self.net = nn.Sequential(*layers)
+        self.levels = len(channels)
         end = resolution // 2 ** len(channels)
         # A full-size convolution is the dense head; unlike Linear(…, 1) its weight gradient has the strides
         # DDP's gradient buckets expect.
@@ -101,7 +102,7 @@ class Discriminator(nn.Module):
         self.embed = nn.Embedding(num_classes, prev) if num_classes else None
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.net(x)
+        h = self.stack(self.net, x, self.levels)
         logit = self.out(minibatch_std(h)).flatten()
         if self.embed is not None:
             logit = logit + (self.embed(labels) * h.sum(dim=(2, 3))).sum(dim=1)

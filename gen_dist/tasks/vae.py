@@ -10,7 +10,7 @@ from torch import nn
 
 from gen_dist.config import RunConfig, check_halving_levels
 from gen_dist.tasks import register
-from gen_dist.tasks.base import Batch, Family, Nets, Phase, Task
+from gen_dist.tasks.base import Batch, Checkpointable, Family, Nets, Phase, Task
 
 
 @dataclass
@@ -28,10 +28,10 @@ def check(cfg: RunConfig) -> None:
         check_halving_levels(cfg, "vae.channels")
 
 
-class ConvVAE(nn.Module):
+class ConvVAE(Checkpointable):
     def __init__(self, channels: list[int], image_channels: int, resolution: int, latent_dim: int) -> None:
         super().__init__()
-        self.latent_dim, self.end = latent_dim, resolution // 2 ** len(channels)
+        self.latent_dim, self.end, self.levels = latent_dim, resolution // 2 ** len(channels), len(channels)
         enc: list[nn.Module] = []
         prev = image_channels
         for c in channels:
@@ -51,10 +51,10 @@ class ConvVAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Logits of the pixel intensities in [0, 1]."""
         h = self.from_latent(z).view(z.shape[0], self.top, self.end, self.end)
-        return self.decoder(h)
+        return self.stack(self.decoder, h, self.levels)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        mu, logvar = self.to_stats(self.encoder(x)).chunk(2, dim=1)
+        mu, logvar = self.to_stats(self.stack(self.encoder, x, self.levels)).chunk(2, dim=1)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
         return self.decode(z), mu, logvar
 

@@ -1,0 +1,186 @@
+"""The fast path and what a user watches of it: device settings (TF32, cuDNN autotuning, channels-last, fused
+optimizers), model FLOPs per image and MFU, peak memory, and the breakdown of a step's time."""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+if TYPE_CHECKING:
+    from gen_dist.config import RunConfig
+    from gen_dist.tasks.base import Task
+
+# Dense peak TFLOP/s per device (vendor data sheets, no sparsity): tensor-core half precision (bf16/fp16),
+# TF32, and plain fp32. Looked up by substring of torch.cuda.get_device_name, first match wins.
+PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("B200", {"half": 2250.0, "tf32": 1100.0, "fp32": 75.0}),
+    ("H200", {"half": 989.0, "tf32": 494.0, "fp32": 67.0}),
+    ("H100 PCIe", {"half": 756.0, "tf32": 378.0, "fp32": 51.0}),
+    ("H100 NVL", {"half": 835.0, "tf32": 418.0, "fp32": 60.0}),
+    ("H100", {"half": 989.0, "tf32": 494.0, "fp32": 67.0}),
+    ("A100", {"half": 312.0, "tf32": 156.0, "fp32": 19.5}),
+    ("L40S", {"half": 362.0, "tf32": 183.0, "fp32": 91.6}),
+    ("RTX 4090", {"half": 165.2, "tf32": 82.6, "fp32": 82.6}),
+    ("A10", {"half": 125.0, "tf32": 62.5, "fp32": 31.2}),
+    ("L4", {"half": 121.0, "tf32": 60.0, "fp32": 30.3}),
+    ("V100", {"half": 125.0, "fp32": 15.7}),
+)
+
+
+def switch_on(value: str, device: torch.device) -> bool:
+    """A train.* switch resolved for `device`: auto means on for CUDA devices."""
+    return value == "on" or (value == "auto" and device.type == "cuda")
+
+
+def configure_device(cfg: RunConfig, device: torch.device) -> None:
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+    torch.backends.cudnn.benchmark = True  # shapes are fixed: each convolution's fastest kernel is found once
+
+
+def optimizer_kwargs(cfg: RunConfig, device: torch.device) -> dict[str, bool]:
+    """One fused kernel per step on CUDA; multi-tensor (foreach) updates otherwise (torch's CPU default is a
+    loop over the parameters)."""
+    if device.type == "cuda" and not cfg.parallel.offload_optimizer:
+        return {"fused": True}
+    return {"foreach": True}
+
+
+def before_compile() -> None:
+    """Random draws inside compiled code are the eager ones (inductor's own generator would draw others), so a
+    run trains the same with train.compile on and off, and a resume across the switch stays exact."""
+    import torch._inductor.config
+
+    torch._inductor.config.fallback_random = True
+
+
+def to_channels_last(module: nn.Module) -> nn.Module:
+    return module.to(memory_format=torch.channels_last)
+
+
+# ---------------------------------------------------------------------------------------------- FLOPs and MFU
+
+
+def flops_per_image(task: Task, frozen: Mapping[str, nn.Module], shape: tuple[int, int, int]) -> float:
+    """Model FLOPs of one training image in one step: every phase's forward and backward (weighted by how often
+    it runs), counted with torch's FLOP counter on a small CPU batch of the task's own modules. Attention is
+    counted in its math form (the fused CPU kernel has no FLOP formula). RNG, buffers and gradients are left as
+    they were, so the run is the same with or without the count."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    n = 4
+    batch = {"x": torch.zeros(n, *shape), "label": torch.zeros(n, dtype=torch.long), "key": [""] * n}
+    nets = {**task.modules, **frozen}
+    buffers = {(name, b): b.clone() for name, m in nets.items() for b in m.buffers()}
+    rng = torch.random.get_rng_state()
+    total = 0.0
+    try:
+        for phase in task.phases:
+            for name, m in task.modules.items():
+                m.requires_grad_(name == phase.trains)
+            counter = _FlopCounter()
+            with counter, sdpa_kernel(SDPBackend.MATH):
+                loss, _ = phase.loss(nets, batch, 0)
+                loss.backward()
+            total += counter.total / phase.every
+    finally:
+        torch.random.set_rng_state(rng)
+        for m in task.modules.values():
+            m.requires_grad_(True)
+            m.zero_grad(set_to_none=True)
+        for (_, b), saved in buffers.items():
+            b.copy_(saved)
+    return total / n
+
+
+class _FlopCounter(TorchDispatchMode):
+    """Sums the FLOPs of every op that torch's FLOP counter has a formula for. FlopCounterMode itself also
+    tracks modules with backward hooks, which a loss that calls autograd.grad (R1) cannot run under."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **(kwargs or {}), out_val=out)
+        return out
+
+
+def peak_tflops(cfg: RunConfig, device: torch.device) -> tuple[float | None, str]:
+    """The device's dense peak TFLOP/s at the run's precision, and the device's name; None when unknown."""
+    if device.type != "cuda":
+        return None, "cpu"
+    name = torch.cuda.get_device_name(device)
+    if cfg.train.mixed_precision != "no":
+        kind = "half"
+    else:
+        tf32 = cfg.train.tf32 and torch.cuda.get_device_capability(device)[0] >= 8
+        kind = "tf32" if tf32 else "fp32"
+    for key, peaks in PEAK_TFLOPS:
+        if key in name:
+            return peaks.get(kind), name
+    return None, name
+
+
+# ---------------------------------------------------------------------------------------------- memory and time
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak memory of this rank since the last call: allocated and reserved device memory on CUDA (then reset);
+    on CPU the process's peak resident set (it never goes down)."""
+    if device.type == "cuda":
+        out = {"memory/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+               "memory/peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+        torch.cuda.reset_peak_memory_stats(device)
+        return out
+    return {"memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+class StepClock:
+    """Time of each part of the steps of a logging window. On CUDA the parts are bounded by events recorded on
+    the current stream, so nothing waits inside a step and each part is the device time it took (the data part
+    is the device standing idle for the next batch); on CPU by the host clock."""
+
+    PARTS = ("data", "fwd_bwd", "optimizer", "collectives", "ema")
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.spans: list[tuple[str, Any, Any]] = []
+        self.last: Any = None
+
+    def _now(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self.last = self._now()
+
+    def mark(self, part: str) -> None:
+        """The time since the last mark (or start) was spent on `part`."""
+        now = self._now()
+        self.spans.append((part, self.last, now))
+        self.last = now
+
+    def take(self, steps: int) -> dict[str, float]:
+        """Milliseconds per step of each part since the last take."""
+        totals = dict.fromkeys(self.PARTS, 0.0)
+        if self.cuda and self.spans:
+            self.spans[-1][2].synchronize()
+        for part, a, b in self.spans:
+            totals[part] += a.elapsed_time(b) if self.cuda else 1000 * (b - a)
+        self.spans = []
+        return {f"time/{p}_ms": v / max(1, steps) for p, v in totals.items()}
