@@ -215,6 +215,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
     p.add_argument("--steps", type=int, help="timed steps per repeat (default: the case's)")
     p.add_argument("--checkpointing", action="store_true", help="also gen_dist with activation checkpointing")
+    p.add_argument("--loops", default="gen_dist,plain,diffusers", help="which loops to time (comma-separated)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides for every loop")
     args = p.parse_args()
     case = dict(CASES[args.case])
@@ -231,6 +232,7 @@ def main() -> None:
         }
         if probe.task == "diffusion":
             loops["diffusers"] = lambda r: run_diffusers(config(case, data, tmp / "d", args.overrides), case)
+        loops = {k: v for k, v in loops.items() if k in args.loops.split(",")}
         if args.checkpointing:
             loops["gen_dist+ckpt"] = lambda r: run_gen_dist(config(
                 case, data, tmp / f"c{r}", [*args.overrides, "train.activation_checkpointing=true"]))
@@ -255,9 +257,9 @@ def report(args: argparse.Namespace, cfg: RunConfig, case: dict, results: dict[s
     for k, v in results.items():
         ips = [r["images_per_s"] for r in v]
         other = {m: round(statistics.median(r[m] for r in v), 4) for m in v[-1] if m != "images_per_s"}
-        print(f"{k:14s} {medians[k]:18.1f} {min(ips):8.1f}-{max(ips):<8.1f}  {medians[k] / medians['plain']:8.3f}  "
-              f"{other}")
-    if "diffusers" in medians:
+        ratio = f"{medians[k] / medians['plain']:8.3f}" if "plain" in medians else f"{'-':>8s}"
+        print(f"{k:14s} {medians[k]:18.1f} {min(ips):8.1f}-{max(ips):<8.1f}  {ratio}  {other}")
+    if {"diffusers", "gen_dist"} <= set(medians):
         print(f"gen_dist / diffusers recipe: {medians['gen_dist'] / medians['diffusers']:.3f}")
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
@@ -119,12 +119,24 @@ def _ensure_process_group_env() -> None:
 # ---------------------------------------------------------------------------------------------- stepping
 
 
+@contextmanager
+def _swapped(obj: Any, attr: str, value: Any) -> Iterator[None]:
+    old = getattr(obj, attr)
+    setattr(obj, attr, value)
+    try:
+        yield
+    finally:
+        setattr(obj, attr, old)
+
+
 class TrainedModule:
     """A trained module with its optimizer and LR schedule, as the strategy wraps it: `wrapper` is what the
     loss calls (DDP, an FSDP root, a DeepSpeed engine), `module` the plain module inside."""
 
     def __init__(self, acc: Accelerator, wrapper: nn.Module, opt: Any, sched: Any) -> None:
         self.acc, self.wrapper, self.opt, self.sched = acc, wrapper, opt, sched
+        self.uncompiled: Callable[[], AbstractContextManager] = nullcontext
+        """Runs the module eagerly within it (set by Strategy.compile)."""
         # keep_fp32_wrapper=False drops the autocast that prepare() patches into forward: autocast is applied
         # per phase instead, so that an fp32 regulariser can opt out.
         self.module: nn.Module = acc.unwrap_model(wrapper, keep_fp32_wrapper=False)
@@ -137,8 +149,9 @@ class TrainedModule:
         self.acc.backward(loss / n_micro)
 
     def double_backward(self) -> AbstractContextManager:
-        """Around a phase that differentiates through a gradient (R1)."""
-        return nullcontext()
+        """Around a phase that differentiates through a gradient (R1). It runs eagerly: AOTAutograd refuses the
+        double backward of many compiled graphs."""
+        return self.uncompiled()
 
     def step(self, clip: float) -> tuple[torch.Tensor, bool]:
         """Clip, step, zero; returns the gradient norm before clipping and whether the optimizer stepped.
@@ -197,7 +210,8 @@ class FSDPTrainedModule(TrainedModule):
         for m in shards:
             m.set_reshard_after_backward(False)
         try:
-            yield
+            with self.uncompiled():
+                yield
         finally:
             for m in shards:
                 m.reshard()
@@ -439,7 +453,9 @@ class Strategy:
     def compile(self, trained: TrainedModule) -> None:
         """torch.compile in place (parameter names unchanged). The wrapper is compiled, so that under DDP
         dynamo splits the graph at the gradient buckets and their all-reduce still overlaps the backward."""
-        trained.wrapper.compile()
+        wrapper = trained.wrapper
+        wrapper.compile()
+        trained.uncompiled = lambda: _swapped(wrapper, "_compiled_call_impl", None)
 
     def numel(self, p: torch.Tensor) -> int:
         """Elements of the whole parameter `p`, however little of it this rank holds."""
@@ -580,7 +596,9 @@ class FSDP(Strategy):
 
     def compile(self, trained: TrainedModule) -> None:
         """Only the module's own forward: FSDP2's all-gather and reshard hooks around it stay eager."""
-        trained.module.forward = torch.compile(trained.module.forward)
+        module, forward = trained.module, trained.module.forward
+        module.forward = torch.compile(forward)
+        trained.uncompiled = lambda: _swapped(module, "forward", forward)
 
 
 STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (DDP, DeepSpeed, FSDP)}

@@ -24,6 +24,8 @@ class DiffusionConfig:
     """Self-attention at each level."""
     layers_per_block: int = 1
     """ResNet layers per UNet block."""
+    head_dim: int = 8
+    """Channels per attention head (fewer, wider heads run faster on CPUs)."""
     norm_groups: int = 8
     """GroupNorm groups."""
     num_classes: int = 10
@@ -56,7 +58,7 @@ def build_unet(cfg: RunConfig) -> UNet2DModel:
         sample_size=cfg.data.resolution, in_channels=cfg.data.channels, out_channels=cfg.data.channels,
         block_out_channels=tuple(d.channels), down_block_types=down, up_block_types=up,
         layers_per_block=d.layers_per_block, norm_num_groups=d.norm_groups,
-        num_class_embeds=d.num_classes or None,
+        num_class_embeds=d.num_classes or None, attention_head_dim=d.head_dim,
     )
 
 
@@ -102,4 +104,4 @@ class DiffusionTask(Task):
 
 register(Family("diffusion", DiffusionConfig, DiffusionTask, "denoising diffusion (DDPM, epsilon) of a diffusers UNet",
                 choices={"beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2")},
-                positive=("sample_steps",), check=check))
+                positive=("sample_steps", "head_dim"), check=check))
