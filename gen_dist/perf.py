@@ -172,7 +172,8 @@ class StepClock:
     def mark(self, part: str) -> None:
         """The time since the last mark (or start) was spent on `part`."""
         now = self._now()
-        self.spans.append((part, self.last, now))
+        if self.last is not None:  # a step run outside the loop (no start) is not timed
+            self.spans.append((part, self.last, now))
         self.last = now
 
     def take(self, steps: int) -> dict[str, float]:
