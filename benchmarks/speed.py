@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gen_dist import perf
 from gen_dist.config import RunConfig, load_config
 from gen_dist.data import ShardStream, make_loader, pack_digits
 from gen_dist.images import to_model_range
@@ -191,11 +192,8 @@ def run_diffusers(cfg: RunConfig, case: dict) -> dict[str, float]:
 
 
 def peak(device: torch.device) -> dict[str, float]:
-    if device.type != "cuda":
-        return {}
-    out = {"memory/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30}
-    torch.cuda.reset_peak_memory_stats(device)
-    return out
+    """Peak device memory since the last call (the CPU's resident-set peak never goes down: not reported)."""
+    return perf.peak_memory(device) if device.type == "cuda" else {}
 
 
 def data_dir(arg: str, tmp: Path) -> Path:

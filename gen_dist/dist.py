@@ -31,23 +31,23 @@ def derive_seed(*parts: int) -> int:
 
 
 def mean_across_ranks(acc: Accelerator, stats: dict[str, float]) -> dict[str, float]:
-    """Average scalar stats over ranks (one all-reduce for all keys, in sorted key order)."""
-    if not stats:
-        return {}
-    keys = sorted(stats)
-    t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=acc.device)
-    t = acc.reduce(t, reduction="mean") if acc.num_processes > 1 else t
-    return dict(zip(keys, t.tolist(), strict=True))
+    """Average scalar stats over ranks (one all-reduce for all keys)."""
+    return _reduce_stats(acc, stats, torch_dist.ReduceOp.SUM, divisor=acc.num_processes)
 
 
 def max_across_ranks(acc: Accelerator, stats: dict[str, float]) -> dict[str, float]:
     """The largest value of each scalar stat over ranks (e.g. peak memory: the rank closest to running out)."""
+    return _reduce_stats(acc, stats, torch_dist.ReduceOp.MAX)
+
+
+def _reduce_stats(acc: Accelerator, stats: dict[str, float], op: Any, divisor: int = 1) -> dict[str, float]:
+    """One all-reduce of every stat (in sorted key order, the same on every rank), divided by `divisor`."""
     if acc.num_processes == 1 or not stats:
-        return stats
+        return dict(stats)
     keys = sorted(stats)
     t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=acc.device)
-    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
-    return dict(zip(keys, t.tolist(), strict=True))
+    torch_dist.all_reduce(t, op=op)
+    return dict(zip(keys, (t / divisor).tolist(), strict=True))
 
 
 def sum_across_ranks(acc: Accelerator, t: torch.Tensor) -> torch.Tensor:

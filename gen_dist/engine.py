@@ -160,6 +160,7 @@ class Trainer:
             return self.strategy.allows(switch) and perf.switch_on(getattr(cfg.train, switch), device)
 
         self.channels_last, self.compiled = on("channels_last"), on("compile")
+        self.peak_tflops, self.device_name = perf.peak_tflops(cfg, device)
         if self.channels_last:
             for m in [*self.task.modules.values(), *self.frozen.values()]:
                 perf.to_channels_last(m)
@@ -372,14 +373,13 @@ class Trainer:
             acc.init_trackers(cfg.wandb.project, config=to_dict(cfg),
                               init_kwargs={"wandb": wandb_init_kwargs(cfg, self.run_dir)})
         params = {n: sum(map(self.strategy.numel, m.parameters())) for n, m in self.modules.items()}
-        self.peak_tflops, device_name = perf.peak_tflops(cfg, acc.device)
         self.tracker.event(
             "start", task=cfg.task, world_size=acc.num_processes, distributed_type=str(acc.distributed_type),
             backend=str(acc.state.backend), device=str(acc.device), mixed_precision=cfg.train.mixed_precision,
             step=self.state.step, resumed=resumed, params=params,
             batches_per_epoch=self.stream.batches_per_epoch,
             global_batch=self.global_batch, flops_per_image=self.flops_per_image,
-            peak_tflops=self.peak_tflops or f"unknown ({device_name} is not in gen_dist.perf.PEAK_TFLOPS)",
+            peak_tflops=self.peak_tflops or f"unknown ({self.device_name} is not in gen_dist.perf.PEAK_TFLOPS)",
             compile=self.compiled, channels_last=self.channels_last,
             activation_checkpointing=cfg.train.activation_checkpointing,
             optimizer=perf.optimizer_kwargs(cfg, acc.device))
