@@ -128,6 +128,10 @@ class Trainer:
         # A whole copy of the sampled module: under sharding the trained one holds only this rank's part.
         self.sample_net = copy.deepcopy(self.task.modules[self.task.sampled]).to(acc.device).eval()
         self.sample_net.requires_grad_(False)
+        d = cfg.data
+        # On the plain modules, still on the CPU with the count's batch: before anything is moved or wrapped.
+        self.flops_per_image = perf.flops_per_image(self.task, self.task.frozen, (d.channels, d.resolution,
+                                                                                    d.resolution))
         self.frozen = {n: m.to(acc.device).eval().requires_grad_(False) for n, m in self.task.frozen.items()}
         self._fast_path()
         self._prepare()
@@ -144,11 +148,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ set-up
 
     def _fast_path(self) -> None:
-        """FLOPs are counted on the plain modules; then the switches that change how the modules run."""
-        cfg, device, d = self.cfg, self.acc.device, self.cfg.data
+        """The switches that change how the modules run."""
+        cfg, device = self.cfg, self.acc.device
         perf.configure_device(cfg, device)
-        self.flops_per_image = perf.flops_per_image(self.task, self.task.frozen, (d.channels, d.resolution,
-                                                                                    d.resolution))
         if cfg.train.activation_checkpointing:
             for name, m in self.task.modules.items():
                 if not hasattr(m, "enable_gradient_checkpointing"):
