@@ -114,10 +114,24 @@ def cmd_data(args: argparse.Namespace) -> None:
         print(f"{split}: {entry['count']} samples in {len(entry['shards'])} shards -> {out}")
 
 
+def _sampler_overrides(args: argparse.Namespace) -> list[str]:
+    """--guidance, --sampler and --steps as diffusion.* overrides."""
+    named = {"guidance": "diffusion.guidance", "sampler": "diffusion.sampler", "steps": "diffusion.sample_steps"}
+    return [f"{key}={getattr(args, opt)}" for opt, key in named.items() if getattr(args, opt) is not None]
+
+
+def _add_sampler_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--guidance", type=float, help="diffusion: classifier-free guidance scale (1 = none)")
+    p.add_argument("--sampler", help="diffusion: ddim, dpm++, euler, euler_a or heun")
+    p.add_argument("--steps", type=int, help="diffusion: sampler steps")
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     from gen_dist.sampling import sample_checkpoint
 
-    out = sample_checkpoint(Path(args.checkpoint), args.n, Path(args.out), seed=args.seed, use_ema=not args.raw)
+    overrides = [*_sampler_overrides(args), *args.overrides]
+    out = sample_checkpoint(Path(args.checkpoint), args.n, Path(args.out), seed=args.seed, use_ema=not args.raw,
+                            overrides=overrides, only_class=args.class_)
     print(f"wrote {out}")
 
 
@@ -136,7 +150,7 @@ def _eval_overrides(args: argparse.Namespace) -> list[str]:
         value = getattr(args, opt)
         if value is not None:
             out.append(f"{key}=[{value}]" if opt in ("metrics", "extractors") else f"{key}={value}")
-    return [*out, *args.overrides]
+    return [*out, *_sampler_overrides(args), *args.overrides]
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -217,9 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "latest checkpoint, or a file written by `gen-dist export`)."
                                    " --out x.png writes a grid, "
                                    "--out x.npz a uint8 array "
-                                   "(N,H,W,C) under the key 'images'.")
+                                   "(N,H,W,C) under the key 'images'. A conditional model's grid has one "
+                                   "class per column; --class K makes every image class K.")
     s.add_argument("checkpoint")
+    s.add_argument("overrides", nargs="*", help="dotted key=value overrides of the sampling (diffusion.*)")
     s.add_argument("--n", type=int, default=64)
+    s.add_argument("--class", dest="class_", type=int, help="conditional models: only this class")
+    _add_sampler_options(s)
     s.add_argument("--out", default="samples.png")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
@@ -246,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int)
     ev.add_argument("--batch-size", type=int, help="images generated and embedded at once per process")
     ev.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    _add_sampler_options(ev)
     ev.add_argument("--nproc", type=int, default=1, help="local processes (accelerate launch)")
     ev.add_argument("--port", type=int, default=0, help="rendezvous port with --nproc (default 29500)")
     ev.add_argument("--cpu", action="store_true", help="run on CPU (gloo) even with GPUs present")

@@ -106,6 +106,10 @@ class TrainConfig:
     """Allow TF32 matmuls and convolutions (GPUs that have them) for the fp32 parts of the computation."""
     activation_checkpointing: bool = False
     """Recompute activations in backward instead of keeping them: less memory, about one more forward."""
+    init_from: str = ""
+    """Start a new run from trained weights: a run directory (its latest checkpoint), a checkpoint or a file of
+    `gen-dist export`. Matching tensors are loaded (the sampled module's EMA where kept), the rest are reported;
+    optimizers, schedules and the step start fresh. Ignored once the run has its own checkpoints."""
 
 
 @dataclass

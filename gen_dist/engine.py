@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gen_dist import checkpoint, dist, parallel, perf
+from gen_dist import checkpoint, dist, parallel, perf, sampling
 from gen_dist.config import ConfigError, RunConfig, save_config, to_dict
 from gen_dist.data import BadSamples, DataPosition, ShardStream, make_loader
 from gen_dist.evaluation import Evaluator, generate, sample_chunk
@@ -108,6 +108,7 @@ class Trainer:
         self.cfg, self.run_dir = cfg, cfg.out_dir
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.task: Task = family(cfg.task).task(cfg)
+        self.init_report = self._init_from()
         self.trained_names = list(dict.fromkeys(p.trains for p in self.task.phases))
         self.strategy = parallel.strategy_for(cfg)
         self.acc = acc = self.strategy.make_accelerator(self.trained_names, "wandb" if wandb_mode(cfg) else None)
@@ -143,9 +144,28 @@ class Trainer:
         sampled = self.modules[self.task.sampled]
         self.ema = parallel.EMA(sampled, cfg.train.ema_decay, self.layout) if cfg.train.ema_decay > 0 else None
         self.tracker = Tracker(acc, cfg, self.run_dir)
+        if self.init_report:
+            self.tracker.event("init_from", source=cfg.train.init_from,
+                               modules={n: {k: len(v) for k, v in r.items()} for n, r in self.init_report.items()})
         self.clock = perf.StepClock(acc.device)
 
     # ------------------------------------------------------------------------------------------ set-up
+
+    def _init_from(self) -> dict[str, dict[str, list[str]]]:
+        """train.init_from into a run that has no checkpoint yet: per module, what was loaded and what not."""
+        src = self.cfg.train.init_from
+        if not src or checkpoint.list_checkpoints(self.cfg.out_dir):
+            return {}
+        weights = sampling.init_weights(Path(src), self.task.sampled)
+        report = {name: sampling.load_partial(m, weights.get(name, {})) for name, m in self.task.modules.items()}
+        if not any(r["loaded"] for r in report.values()):
+            raise ConfigError(f"train.init_from: no tensor of {src} fits a module of this {self.cfg.task} model")
+        for name, r in report.items():
+            lost = "; ".join(f"{why} {len(keys)}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
+                             for why, keys in r.items() if why != "loaded" and keys)
+            lost = f"; {lost}" if lost else ""
+            dist.print0(f"train.init_from {src}: {name}: {len(r['loaded'])} tensors loaded{lost}")
+        return report
 
     def _fast_path(self) -> None:
         """The switches that change how the modules run."""
@@ -170,8 +190,11 @@ class Trainer:
     def _prepare(self) -> None:
         o = self.cfg.optim
         kwargs = perf.optimizer_kwargs(self.cfg, self.acc.device)
-        opts = {n: torch.optim.AdamW(self.task.modules[n].parameters(), lr=o.lr, betas=tuple(o.betas),
-                                     weight_decay=o.weight_decay, **kwargs) for n in self.trained_names}
+        opts = {}
+        for n in self.trained_names:
+            own = {"lr": o.lr, "betas": o.betas, **self.task.optim.get(n, {})}
+            opts[n] = torch.optim.AdamW(self.task.modules[n].parameters(), lr=own["lr"], betas=tuple(own["betas"]),
+                                        weight_decay=o.weight_decay, **kwargs)
         factor = lr_factor(o.schedule, o.warmup_steps, self.cfg.train.steps)
         scheds = {n: torch.optim.lr_scheduler.LambdaLR(opt, factor) for n, opt in opts.items()}
         self.trained = self.strategy.prepare(self.acc, self.task.modules, opts, scheds)
@@ -202,6 +225,7 @@ class Trainer:
             self.tracker.event("versions_changed", checkpoint=str(desc.path), changes=changed)
         checkpoint.load(self.acc, desc)
         self.state.load_state_dict(desc.state["train"])
+        self.task.load_state_dict(desc.state.get("task", {}))
         self.position, saved = DataPosition.from_state_dict(desc.state["data"], self.stream.layout)
         if saved is not None:
             # Another world size (or workers, batch, buffer): the rest of the epoch is spread anew.
@@ -220,7 +244,8 @@ class Trainer:
         if self.strategy.shards_state:
             files[checkpoint.WEIGHTS] = parallel.full_state_dict(self.modules[self.task.sampled], self.layout)
         state = {"train": self.state.state_dict(), "data": self.position.state_dict(self.stream.layout),
-                 "ema": self.ema.meta_state() if self.ema is not None else {"updates": 0}}
+                 "ema": self.ema.meta_state() if self.ema is not None else {"updates": 0},
+                 "task": self.task.state_dict()}
         path = self.last_checkpoint = checkpoint.save(
             self.acc, self.run_dir, self.state.step, self.strategy.name, list(self.modules), state, files,
             self.cfg.train.keep_checkpoints)

@@ -31,6 +31,10 @@ def preflight(cfg: RunConfig, world_size: int) -> None:
     if cfg.train.mixed_precision == "fp16" and (cfg.train.cpu or not torch.cuda.is_available()):
         raise ConfigError("train.mixed_precision=fp16 needs a GPU (CPU autocast ignores it); use bf16 or no")
     strategy_for(cfg).preflight()
+    if cfg.train.init_from and not found:
+        from gen_dist.sampling import init_weights
+
+        init_weights(Path(cfg.train.init_from), "")  # readable, a gen_dist checkpoint or export
     if cfg.eval.every:
         from gen_dist.evaluation import check_eval
 

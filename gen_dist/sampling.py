@@ -76,6 +76,35 @@ def load_weights(path: Path, use_ema: bool, overrides: list[str] = ()) -> tuple[
     return cfg, module_weights(ckpt, family(cfg.task).task.sampled, use_ema)
 
 
+def init_weights(path: Path, sampled: str) -> dict[str, dict[str, torch.Tensor]]:
+    """train.init_from: the weights per module of a run directory, a checkpoint or an export (the `sampled`
+    module's EMA where kept). Modules whose consolidated weights a sharded checkpoint lacks are left out."""
+    if not path.exists():
+        raise ConfigError(f"train.init_from: {path} does not exist")
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            name = (f.metadata() or {}).get("module", sampled)
+        return {name: _load_export(path, True, [])[1]}
+    ckpt = resolve(path)
+    found = {}
+    for name in ckpt.modules:
+        if name == sampled and (ckpt.ema_file or ckpt.weights_file):
+            found[name] = module_weights(ckpt, name, use_ema=True)
+        elif ckpt.module_file(name).is_file():
+            found[name] = load_file(str(ckpt.module_file(name)))
+    return found
+
+
+def load_partial(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Load the tensors of `weights` whose names and shapes match `module`'s; what was not loaded, by why."""
+    own = module.state_dict()
+    fits = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    module.load_state_dict(fits, strict=False)
+    return {"loaded": sorted(fits), "missing": sorted(set(own) - set(weights)),
+            "unexpected": sorted(set(weights) - set(own)),
+            "shape_mismatch": sorted(k for k in weights if k in own and own[k].shape != weights[k].shape)}
+
+
 def load_model(path: Path, use_ema: bool, device: torch.device, overrides: list[str] = ()
                ) -> tuple[RunConfig, Task, torch.nn.Module]:
     """The task and its sampled module, loaded and in eval mode on `device`."""
@@ -89,11 +118,17 @@ def load_model(path: Path, use_ema: bool, device: torch.device, overrides: list[
 
 
 @torch.no_grad()
-def sample_checkpoint(path: Path, n: int, out: Path, seed: int = 0, use_ema: bool = True) -> Path:
+def sample_checkpoint(path: Path, n: int, out: Path, seed: int = 0, use_ema: bool = True,
+                      overrides: list[str] = (), only_class: int | None = None) -> Path:
     """`n` images from a checkpoint directory, a run directory or an exported .safetensors file: the sample set
     of `seed` that training's grids (with train.seed) and evaluation (with eval.seed) make."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg, task, net = load_model(path, use_ema, device)
+    cfg, task, net = load_model(path, use_ema, device, overrides)
+    if only_class is not None:
+        if not 0 <= only_class < task.num_classes:
+            raise ConfigError(f"--class {only_class}: the model has {task.num_classes} classes"
+                              + (f" (0 .. {task.num_classes - 1})" if task.num_classes else " (unconditional)"))
+        task.only_class = only_class
     chunk = cfg.eval.batch_size
     images = torch.cat([sample_chunk(task, net, seed, start, min(chunk, n - start), device, nullcontext)
                         for start in range(0, n, chunk)])

@@ -56,6 +56,19 @@ class Task:
     num_classes: int = 0
     generates: bool = True
     """False for the classifier that evaluation uses: nothing to sample."""
+    optim: Mapping[str, Mapping[str, Any]] = MappingProxyType({})
+    """Per trained module, optimizer settings that replace optim.* for it (`lr`, `betas`): e.g. a GAN's two
+    time-scale update rule."""
+    only_class: int | None = None
+    """When set, every sample is of this class (`gen-dist sample --class K`)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State kept outside the modules that a resume must restore (e.g. an adaptive augmentation
+        probability): plain JSON data, written into the checkpoint's meta file."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
 
     def after_step(self, nets: Nets, reduce: Reduce, step: int) -> None:
         """Called on every rank after each step's optimizer steps, e.g. for an update kept outside autograd
@@ -68,9 +81,11 @@ class Task:
         raise NotImplementedError
 
     def sample_labels(self, n: int, device: torch.device) -> torch.Tensor | None:
-        """Grid labels: one class per row of ten when conditional."""
+        """Grid labels: one class per column of a ten-wide grid when conditional (all `only_class` if set)."""
         if not self.num_classes:
             return None
+        if self.only_class is not None:
+            return torch.full((n,), self.only_class, device=device)
         return torch.arange(n, device=device) % self.num_classes
 
 
