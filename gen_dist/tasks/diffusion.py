@@ -48,8 +48,8 @@ class DiffusionConfig:
     """Classifier-free guidance scale w of samples (grids, `gen-dist sample` and eval): the prediction is
     uncond + w (cond - uncond), costing a second network pass per step; 1 = the conditional model alone."""
     sampler: str = "dpm++"
-    """Sampler (a diffusers scheduler): ddim, dpm++ (DPM-Solver++ multistep, 2nd order), euler, euler_a
-    (ancestral) or heun (2nd order: two network passes per step)."""
+    """Sampler (a diffusers scheduler): ddim, dpm++ (DPM-Solver++ 2M), dpm++_sde (its stochastic form), euler,
+    euler_a (ancestral) or heun (2nd order: two network passes per step)."""
     sample_steps: int = 20
     """Sampler steps; the timesteps are spaced to end at the last training timestep ('trailing')."""
     ddim_eta: float = 1.0
@@ -59,6 +59,7 @@ class DiffusionConfig:
 SAMPLERS = {
     "ddim": ("DDIMScheduler", {}),
     "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpm++_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
@@ -172,7 +173,7 @@ class DiffusionTask(Task):
         device = next(net.parameters()).device
         sched = self.make_sampler()
         step_kwargs: dict[str, Any] = {"eta": self.cfg.ddim_eta} if self.cfg.sampler == "ddim" else {}
-        if self.cfg.sampler in ("ddim", "euler_a", "dpm++"):
+        if self.cfg.sampler in ("ddim", "euler_a", "dpm++", "dpm++_sde"):
             step_kwargs["generator"] = generator
         size = net.config.sample_size
         x = torch.randn((n, net.config.in_channels, size, size), generator=generator).to(device)
