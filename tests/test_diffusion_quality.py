@@ -120,8 +120,9 @@ def test_guided_run_samples_by_class_and_initialises_a_new_run(tmp_path, digits)
     """A v-prediction, Min-SNR, guided run trains; `gen-dist sample --class` draws one class with another
     sampler; a second run started from it with lr 0 keeps exactly the first run's EMA weights."""
     first, second = tmp_path / "first", tmp_path / "second"
-    run_cli("train", *smoke_args("diffusion", first, digits, "diffusion.num_classes=10", "diffusion.prediction=v_prediction",
-                                 "diffusion.snr_gamma=5", "diffusion.guidance=2", "diffusion.sampler=euler"))
+    run_cli("train", *smoke_args("diffusion", first, digits, "diffusion.num_classes=10",
+                                 "diffusion.prediction=v_prediction", "diffusion.snr_gamma=5", "diffusion.guidance=2",
+                                 "diffusion.sampler=euler"))
     out = tmp_path / "sevens.npz"
     run_cli("sample", str(first), "--n", "6", "--class", "7", "--sampler", "heun", "--steps", "3",
             "--guidance", "1.5", "--out", str(out))
