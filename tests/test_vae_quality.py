@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIGS, run_cli, smoke_args, step_records
+from conftest import CONFIGS, run_cli, smoke_args, step_records, train_command
+from safetensors.torch import load_file
 
 from gen_dist.config import ConfigError, load_config
 from gen_dist.tasks.vae import LIKELIHOODS, VAETask, discretised_log_prob, kl_penalty, kl_weight
@@ -121,9 +122,15 @@ def test_bad_vae_settings_name_the_key(override: str, needle: str) -> None:
 
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
 def test_each_likelihood_trains_and_logs_bits_per_dim(likelihood: str, tmp_path: Path, digits: Path) -> None:
-    run_dir = tmp_path / likelihood
-    run_cli("train", *smoke_args("vae", run_dir, digits, f"vae.likelihood={likelihood}", "vae.kl_warmup_steps=4",
-                                 "vae.free_bits=0.1", "vae.res_blocks=1"))
+    """The logistic run is on 2 ranks with the fitted prior, whose statistics reach the checkpoint."""
+    run_dir, fitted = tmp_path / likelihood, likelihood == "logistic"
+    extra = ["vae.prior=fitted"] if fitted else []
+    run_cli(*train_command(2 if fitted else 1, *smoke_args(
+        "vae", run_dir, digits, f"vae.likelihood={likelihood}", "vae.kl_warmup_steps=4", "vae.free_bits=0.1",
+        "vae.res_blocks=1", *extra)))
+    if fitted:
+        ema = load_file(str(sorted((run_dir / "checkpoints").iterdir())[-1] / "ema.safetensors"))
+        assert ema["agg_mean"].abs().sum() > 0 and not torch.equal(ema["agg_moment"], torch.eye(4))
     logged = step_records(run_dir)
     assert [r["step"] for r in logged] == [2, 4, 6]
     for key in ("elbo/loss", "elbo/recon", "elbo/kl", "elbo/bits_per_dim"):
@@ -143,3 +150,26 @@ def test_sample_temperature_scales_the_prior_draws() -> None:
     assert torch.allclose(got, task.decode_mean(net.decode(z)).clamp(-1, 1))
     with pytest.raises(ConfigError, match="'vae.sample_temperature' must be > 0"):
         load_config(CONFIGS / "smoke_vae.yaml", ["vae.sample_temperature=0"])
+
+
+def test_fitted_prior_tracks_the_aggregate_posterior_and_samples_from_it() -> None:
+    """prior=fitted: after_step folds the step's posterior moments (summed over ranks) into the model's buffers,
+    and samples are drawn from the Gaussian with those moments."""
+    task = _task("vae.prior=fitted", "vae.prior_decay=0.5")
+    net = task.modules["vae"]
+    torch.manual_seed(0)
+    x = torch.rand(32, 1, 8, 8) * 2 - 1
+    task.loss({"vae": net}, {"x": x}, 0)
+    task.after_step({"vae": net}, lambda t: t.mul_(2), 0)  # two ranks with the same batch: the same means
+    with torch.no_grad():
+        _, mu, logvar = net(x)
+    moment = (mu.T @ mu + torch.diag(logvar.exp().sum(0))) / len(mu)
+    torch.testing.assert_close(net.agg_mean, 0.5 * mu.mean(0), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(net.agg_moment, 0.5 * torch.eye(len(mu[0])) + 0.5 * moment, atol=1e-5, rtol=1e-4)
+    mean, cov = net.agg_mean.double(), net.agg_moment.double() - torch.outer(net.agg_mean, net.agg_mean).double()
+    z = task._prior_draws(net, 20000, torch.Generator().manual_seed(1)).double()
+    assert (z.mean(0) - mean).abs().max() < 0.05
+    assert (torch.cov(z.T) - cov).abs().max() < 0.05
+    assert not hasattr(_task().modules["vae"], "agg_mean")  # the standard prior adds no state
+    with pytest.raises(ConfigError, match="prior_decay"):
+        _task("vae.prior=fitted", "vae.prior_decay=1")

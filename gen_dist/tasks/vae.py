@@ -12,7 +12,7 @@ from torch import nn
 
 from gen_dist.config import ConfigError, RunConfig, check_halving_levels
 from gen_dist.tasks import register
-from gen_dist.tasks.base import Batch, Checkpointable, Family, Nets, Phase, Task
+from gen_dist.tasks.base import Batch, Checkpointable, Family, Nets, Phase, Reduce, Task
 
 LIKELIHOODS = ("bernoulli", "logistic", "gaussian")
 BINS = 256
@@ -42,6 +42,13 @@ class VAEConfig:
     penalised (Kingma et al. 2016), which keeps dimensions from collapsing to the prior early; 0 disables."""
     res_blocks: int = 0
     """Residual blocks after each encoder level and each decoder level."""
+    prior: str = "standard"
+    """What samples are drawn from: standard (the N(0, I) prior of training) or fitted (a full-covariance
+    Gaussian fitted to the aggregate posterior of the training images, tracked as a moving average during
+    training: ex-post density estimation, Ghosh et al. 2020), which lands fewer draws in regions of the latent
+    space that no training image encodes to."""
+    prior_decay: float = 0.99
+    """prior=fitted: per-step decay of the moving averages of the posterior statistics."""
     sample_temperature: float = 1.0
     """Std of the prior draws when sampling: below 1 keeps samples away from the prior's tails, where the
     aggregate posterior leaves holes the decoder never learnt, at some cost in variety."""
@@ -55,6 +62,8 @@ def check(cfg: RunConfig) -> None:
     for key in ("beta", "free_bits", "kl_warmup_steps", "res_blocks"):
         if getattr(v, key) < 0:
             raise ConfigError(f"config key 'vae.{key}' must be >= 0, got {getattr(v, key)!r}")
+    if not 0 <= v.prior_decay < 1:
+        raise ConfigError(f"config key 'vae.prior_decay' must be in [0, 1), got {v.prior_decay!r}")
     if any(c % 8 for c in v.channels):
         raise ConfigError(f"config key 'vae.channels' must hold multiples of 8 (GroupNorm groups), got {v.channels}")
 
@@ -75,8 +84,12 @@ class ConvVAE(Checkpointable):
     layout (and so the checkpoint keys) is the original one."""
 
     def __init__(self, channels: list[int], image_channels: int, resolution: int, latent_dim: int,
-                 res_blocks: int = 0, out_per_pixel: int = 1) -> None:
+                 res_blocks: int = 0, out_per_pixel: int = 1, fitted_prior: bool = False) -> None:
         super().__init__()
+        if fitted_prior:
+            # E[mu] and E[mu mu^T + diag sigma^2] of the posteriors: the aggregate posterior's first two moments.
+            self.register_buffer("agg_mean", torch.zeros(latent_dim))
+            self.register_buffer("agg_moment", torch.eye(latent_dim))
         self.latent_dim, self.end, self.levels = latent_dim, resolution // 2 ** len(channels), len(channels)
         self.image_channels = image_channels
         enc: list[nn.Module] = []
@@ -153,8 +166,11 @@ class VAETask(Task):
         v = cfg.vae
         self.cfg = v
         self.modules = {"vae": ConvVAE(v.channels, cfg.data.channels, cfg.data.resolution, v.latent_dim,
-                                       v.res_blocks, 1 if v.likelihood == "bernoulli" else 2)}
+                                       v.res_blocks, 1 if v.likelihood == "bernoulli" else 2,
+                                       fitted_prior=v.prior == "fitted")}
         self.phases = [Phase("elbo", "vae", self.loss)]
+        self.grad_accum = cfg.train.grad_accum
+        self.pending: list[torch.Tensor] = []  # this step's posterior statistics per micro-batch, this rank
 
     def recon_nll(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Negative log-likelihood of each image in nats."""
@@ -171,6 +187,8 @@ class VAETask(Task):
         mu, logvar = mu.float(), logvar.float()
         recon = self.recon_nll(out.float(), x)
         kl_dims = 0.5 * (mu.square() + logvar.exp() - 1 - logvar)
+        if self.cfg.prior == "fitted":
+            self._observe(mu.detach(), logvar.detach().exp())
         beta = kl_weight(self.cfg.beta, step, self.cfg.kl_warmup_steps)
         loss = recon.mean() + beta * kl_penalty(kl_dims, self.cfg.free_bits)
         kl = kl_dims.detach().sum(dim=1).mean()
@@ -179,6 +197,32 @@ class VAETask(Task):
         bpd = (recon.detach().mean() + kl) / (x[0].numel() * math.log(2))
         return loss, {"loss": loss.detach(), "recon": recon.detach().mean(), "kl": kl, "bits_per_dim": bpd,
                       "beta": x.new_tensor(beta)}
+
+    def _observe(self, mu: torch.Tensor, var: torch.Tensor) -> None:
+        moment = mu.T @ mu + torch.diag(var.sum(0))
+        self.pending.append(torch.cat([mu.new_tensor([len(mu)]), mu.sum(0), moment.flatten()]))
+
+    @torch.no_grad()
+    def after_step(self, nets: Nets, reduce: Reduce, step: int) -> None:
+        if self.cfg.prior != "fitted":
+            return
+        # The engine's FLOP count runs the loss once before training: only this step's micro-batches count.
+        total = reduce(torch.stack(self.pending[-self.grad_accum:]).sum(0))
+        self.pending = []
+        net, d = nets["vae"], self.cfg.prior_decay
+        n, k = total[0], net.latent_dim
+        net.agg_mean.lerp_(total[1 : 1 + k] / n, 1 - d)
+        net.agg_moment.lerp_(total[1 + k :].view(k, k) / n, 1 - d)
+
+    def _prior_draws(self, net: nn.Module, n: int, generator: torch.Generator) -> torch.Tensor:
+        device = next(net.parameters()).device
+        eps = torch.randn((n, net.latent_dim), generator=generator).to(device) * self.cfg.sample_temperature
+        if self.cfg.prior != "fitted":
+            return eps
+        mean = net.agg_mean.double()
+        cov = net.agg_moment.double() - torch.outer(mean, mean)
+        chol = torch.linalg.cholesky(cov + 1e-6 * torch.eye(len(mean), dtype=cov.dtype, device=cov.device))
+        return (mean + eps.double() @ chol.T).float()
 
     def decode_mean(self, out: torch.Tensor) -> torch.Tensor:
         """The likelihood's mean in [-1, 1] (logistic and Gaussian: their location)."""
@@ -189,11 +233,10 @@ class VAETask(Task):
     @torch.no_grad()
     def sample(self, net: nn.Module, labels: torch.Tensor | None, n: int,
                generator: torch.Generator) -> torch.Tensor:
-        device = next(net.parameters()).device
-        z = torch.randn((n, net.latent_dim), generator=generator).to(device) * self.cfg.sample_temperature
-        return self.decode_mean(net.decode(z).float()).clamp(-1, 1)
+        return self.decode_mean(net.decode(self._prior_draws(net, n, generator)).float()).clamp(-1, 1)
 
 
 register(Family("vae", VAEConfig, VAETask, "convolutional VAE: Bernoulli or discretised logistic/Gaussian "
                 "likelihood + beta x KL (warm-up, free bits)",
-                choices={"likelihood": LIKELIHOODS}, positive=("latent_dim", "sample_temperature"), check=check))
+                choices={"likelihood": LIKELIHOODS, "prior": ("standard", "fitted")},
+                positive=("latent_dim", "sample_temperature"), check=check))
