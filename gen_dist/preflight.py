@@ -32,9 +32,9 @@ def preflight(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError("train.mixed_precision=fp16 needs a GPU (CPU autocast ignores it); use bf16 or no")
     strategy_for(cfg).preflight()
     if cfg.train.init_from and not found:
-        from gen_dist.sampling import init_weights
+        from gen_dist.sampling import check_init_source
 
-        init_weights(Path(cfg.train.init_from), "")  # readable, a gen_dist checkpoint or export
+        check_init_source(Path(cfg.train.init_from))
     if cfg.eval.every:
         from gen_dist.evaluation import check_eval
 

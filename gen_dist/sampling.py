@@ -76,16 +76,27 @@ def load_weights(path: Path, use_ema: bool, overrides: list[str] = ()) -> tuple[
     return cfg, module_weights(ckpt, family(cfg.task).task.sampled, use_ema)
 
 
+def check_init_source(path: Path) -> checkpoint.Description | None:
+    """train.init_from names an existing export (None) or a checkpoint or run directory (its checkpoint's
+    description); ConfigError otherwise. Reads metadata only."""
+    if not path.exists():
+        raise ConfigError(f"train.init_from: {path} does not exist")
+    if path.is_dir():
+        return resolve(path)
+    with safe_open(str(path), "pt") as f:
+        if "config" not in (f.metadata() or {}):
+            raise ConfigError(f"{path} is not a gen-dist export (no config in its metadata)")
+    return None
+
+
 def init_weights(path: Path, sampled: str) -> dict[str, dict[str, torch.Tensor]]:
     """train.init_from: the weights per module of a run directory, a checkpoint or an export (the `sampled`
     module's EMA where kept). Modules whose consolidated weights a sharded checkpoint lacks are left out."""
-    if not path.exists():
-        raise ConfigError(f"train.init_from: {path} does not exist")
-    if path.is_file():
+    ckpt = check_init_source(path)
+    if ckpt is None:
         with safe_open(str(path), "pt") as f:
             name = (f.metadata() or {}).get("module", sampled)
         return {name: _load_export(path, True, [])[1]}
-    ckpt = resolve(path)
     found = {}
     for name in ckpt.modules:
         if name == sampled and (ckpt.ema_file or ckpt.weights_file):
