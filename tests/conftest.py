@@ -22,6 +22,17 @@ def _offline_wandb(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """Every in-process test draws the same random numbers whatever ran before it in the same worker."""
+    import random
+
+    import torch
+
+    random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
 def _fresh_accelerator_state():
     """In-process Trainers each get their own Accelerator settings (the state is a process-wide singleton)."""
     yield

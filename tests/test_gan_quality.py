@@ -201,7 +201,8 @@ def test_discriminator_sees_collapse_within_a_class_and_projects_the_class() -> 
     labels = torch.arange(10).repeat(3)
     std = classwise_std(h, labels, 10)[:, -1]
     assert std.max() < 1e-3, "identical samples within each class: no variety"
-    assert classwise_std(h + 0.1 * torch.randn_like(h), labels, 10)[:, -1].min() > 0.05
+    noise = torch.randn(h.shape, generator=torch.Generator().manual_seed(0))
+    assert classwise_std(h + 0.1 * noise, labels, 10)[:, -1].min() > 0.04  # ~0.08 expected
     task = _task()
     d = task.modules["D"]
     torch.nn.init.normal_(d.embed.weight)
