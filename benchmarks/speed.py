@@ -164,7 +164,7 @@ def run_diffusers(cfg: RunConfig, case: dict) -> dict[str, float]:
 
     device = device_of(cfg)
     torch.manual_seed(cfg.train.seed)
-    model = build_unet(cfg).to(device)
+    model = build_unet(cfg, cfg.data.channels, cfg.data.resolution).to(device)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
     lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=500, num_training_steps=10_000)

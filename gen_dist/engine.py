@@ -304,7 +304,7 @@ class Trainer:
             torch.manual_seed(dist.derive_seed(self.cfg.train.seed, step, index, global_micro))
             with trained.sync(last=i == len(micro) - 1):
                 with self._autocast(phase):
-                    loss, stats = phase.loss(nets, batch, step)
+                    loss, stats = phase.loss(nets, {**batch, "micro": global_micro}, step)
                 trained.backward(loss, len(micro))
             for k, v in stats.items():
                 sums[f"{phase.name}/{k}"] += v.float() / len(micro)
@@ -314,14 +314,16 @@ class Trainer:
         stats: dict[str, torch.Tensor] = {}
         self.skipped_phases = 0
         for index, phase in enumerate(self.task.phases):
-            if step % phase.every == 0:
+            if phase.due(step):
                 stats.update(self.run_phase(index, micro, step))
+        self.strategy.end_step(self.modules)
         self._count_nonfinite(step)
         stats["nonfinite_skips"] = torch.tensor(float(self.skipped_phases))
         for sched in self.scheds.values():
             sched.step()
         with torch.no_grad():
-            self.task.after_step({**self.frozen, **self.modules}, lambda t: dist.sum_across_ranks(self.acc, t), step)
+            stats.update(self.task.after_step({**self.frozen, **self.modules},
+                                              lambda t: dist.sum_across_ranks(self.acc, t), step) or {})
         self.clock.mark("collectives")
         if self.ema is not None:
             self.ema.update()
@@ -382,10 +384,14 @@ class Trainer:
         return scores
 
     def write_samples(self) -> Path:
-        images = to_hwc(self.sample(self.cfg.train.sample_n))
+        images = self.sample(self.cfg.train.sample_n)
+        if self.task.reconstructs:  # rows of originals, each above its reconstructions
+            real = self.task.real_images(0, len(images)).to(images.device)
+            images = torch.stack([real, images], 1).unflatten(0, (-1, 10)).transpose(1, 2).flatten(0, 2)
+        images = to_hwc(images)
         path = self.run_dir / "samples" / f"step_{self.state.step:08d}.png"
         if dist.is_main():
-            picture = grid(images, nrow=10 if self.task.num_classes else 0)
+            picture = grid(images, nrow=10 if self.task.num_classes or self.task.reconstructs else 0)
             path.parent.mkdir(parents=True, exist_ok=True)
             picture.save(path)
             self.tracker.image(self.state.step, "samples", np.asarray(picture))

@@ -159,7 +159,11 @@ def sample_chunk(task: Task, net: nn.Module, seed: int, start: int, size: int, d
                  autocast: Callable[[], AbstractContextManager]) -> torch.Tensor:
     """Images [start, start + size) of the sample set of `seed` (uint8, N C H W). Each chunk has its own seed and
     the labels of its positions, so a set made in chunks of one size is the same however the chunks are spread
-    over ranks: grids, `gen-dist sample` and evaluation all make their samples this way."""
+    over ranks: grids, `gen-dist sample` and evaluation all make their samples this way. An autoencoder's
+    samples are its reconstructions of the evaluation split's images at the same positions."""
+    if task.reconstructs:
+        with autocast():
+            return quantize(task.reconstruct(net, to_model_range(task.real_images(start, size).to(device))).float())
     gen = torch.Generator().manual_seed(dist.derive_seed(seed, start))
     labels = task.sample_labels(start + size, device)
     with autocast():
@@ -222,6 +226,12 @@ def _gather_rows(parts: list[torch.Tensor], width: int, rows: int, acc: Accelera
     return dist.gather_cat(acc, padded)[:n].cpu().double().numpy()
 
 
+def image_psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of each pair of uint8 images (peak 255)."""
+    mse = (a.double() - b.double()).square().flatten(1).mean(1).clamp(min=1e-10)
+    return 10 * torch.log10(255.0**2 / mse)
+
+
 def count_tag(n: int) -> str:
     """50000 -> 50k, 2500 -> 2500: the sample count in a metric name, as in fid50k."""
     return f"{n // 1000}k" if n % 1000 == 0 else str(n)
@@ -254,6 +264,19 @@ def _split_pieces(shards: list[dict], start: int, size: int) -> list[Piece]:
             pieces.append(Piece(shard["file"], lo - offset, hi - offset))
         offset += shard["count"]
     return pieces
+
+
+def split_images(cfg: RunConfig, split: dict, start: int, size: int) -> torch.Tensor:
+    """Images [start, start + size) of a split of data.path in index order (uint8, N C H W, no augmentation);
+    `split` is its index entry."""
+    d = cfg.data
+    raw = read_pieces(Path(d.path), _split_pieces(split["shards"], start, size))
+    return torch.from_numpy(np.stack([decode_image(s, d.channels, d.resolution) for s in raw]))
+
+
+def reference_images(cfg: RunConfig, start: int, size: int) -> torch.Tensor:
+    """Images [start, start + size) of `eval.reference_split`."""
+    return split_images(cfg, reference_split(cfg), start, size)
 
 
 def reference_split(cfg: RunConfig) -> dict:
@@ -319,20 +342,26 @@ class Evaluator:
         return hashlib.sha1(json.dumps([self.split, sizes], sort_keys=True).encode()).hexdigest()[:8]
 
     def _real_images(self, start: int, size: int) -> torch.Tensor:
-        d = self.cfg.data
-        raw = read_pieces(Path(d.path), _split_pieces(self.split["shards"], start, size))
-        return torch.from_numpy(np.stack([decode_image(s, d.channels, d.resolution) for s in raw]))
+        return split_images(self.cfg, self.split, start, size)
 
     def run(self, task: Task, net: nn.Module, autocast: Callable[[], AbstractContextManager]) -> dict[str, float]:
         """Metrics of `net`'s samples, the same on every rank; also eval/seconds."""
         t0 = time.perf_counter()
         e = self.cfg.eval
 
+        psnr = torch.zeros(2, dtype=torch.float64)  # sum of per-image PSNR, images: reconstructions only
+
         def make(start: int, size: int) -> torch.Tensor:
-            return sample_chunk(task, net, e.seed, start, size, self.acc.device, autocast)
+            images = sample_chunk(task, net, e.seed, start, size, self.acc.device, autocast)
+            if task.reconstructs:
+                psnr.add_(torch.tensor([image_psnr(images.cpu(), self._real_images(start, size)).sum(), size]))
+            return images
 
         fake = embed(e.n, e.batch_size, make, self.extractors, self.acc)
         out: dict[str, float] = {}
+        if task.reconstructs:
+            total = dist.sum_across_ranks(self.acc, psnr.to(self.acc.device))
+            out["eval/psnr"] = (total[0] / total[1]).item()
         for x in self.extractors:
             feats, logits = fake[x.name]
             out.update(scores(e.metrics, self.real_features(x), feats, logits, f"eval/{x.name}"))

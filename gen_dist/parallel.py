@@ -450,6 +450,9 @@ class Strategy:
     def weight_layout(self, acc: Accelerator) -> WeightLayout:
         return Replicated()
 
+    def end_step(self, modules: dict[str, nn.Module]) -> None:
+        """After a step's phases: leave every trained module's weights in their stored layout."""
+
     def compile(self, trained: TrainedModule) -> None:
         """torch.compile in place (parameter names unchanged). The wrapper is compiled, so that under DDP
         dynamo splits the graph at the gradient buckets and their all-reduce still overlaps the backward."""
@@ -593,6 +596,12 @@ class FSDP(Strategy):
 
     def weight_layout(self, acc: Accelerator) -> WeightLayout:
         return FSDP2Shards()
+
+    def end_step(self, modules: dict[str, nn.Module]) -> None:
+        """FSDP2 keeps a root module's gathered weights after its forward for the backward that follows; a
+        module used only without gradients in the step (a first pass under no_grad) still holds them."""
+        for m in modules.values():
+            m.reshard()
 
     def compile(self, trained: TrainedModule) -> None:
         """Only the module's own forward: FSDP2's all-gather and reshard hooks around it stay eager."""

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from gen_dist import checkpoint
-from gen_dist.config import ConfigError, RunConfig, config_from_yaml
+from gen_dist.config import ConfigError, RunConfig, config_from_yaml, get_value
 from gen_dist.evaluation import sample_chunk
 from gen_dist.images import save_images, to_hwc
-from gen_dist.tasks import Task, family
+from gen_dist.tasks import Task, families, family
 
 
 def resolve(path: Path) -> checkpoint.Description:
@@ -41,29 +43,66 @@ def run_config(ckpt: checkpoint.Description, overrides: list[str] = ()) -> tuple
 
 
 def export(path: Path, out: Path) -> Path:
-    """One safetensors file with the sampled module's raw (`model.*`) and EMA (`ema.*`) weights and the run
-    config in its metadata; `gen-dist sample` reads it without the run directory."""
+    """One safetensors file with the sampled module's raw (`model.*`) and EMA (`ema.*`) weights, the frozen
+    modules sampling needs (`frozen.NAME.*`, e.g. a latent model's first stage, with their own configs), and the
+    run config and task state in its metadata; `gen-dist sample` reads it without the run directory."""
     ckpt = resolve(path)
     text, cfg = run_config(ckpt)
-    name = family(cfg.task).task.sampled
+    task = family(cfg.task).task(cfg)
+    name = task.sampled
     tensors = {f"model.{k}": v for k, v in module_weights(ckpt, name, use_ema=False).items()}
     if ckpt.ema_file is not None:
         tensors.update({f"ema.{k}": v for k, v in load_file(str(ckpt.ema_file)).items()})
+    configs = {}
+    for frozen, key in task.frozen_from.items():
+        tensors.update({f"frozen.{frozen}.{k}": v for k, v in task.frozen[frozen].state_dict().items()})
+        configs[frozen] = source_config_text(Path(str(get_value(cfg, key))))
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out),
-              metadata={"config": text, "step": str(ckpt.step), "module": name})
+    meta = {"config": text, "step": str(ckpt.step), "module": name,
+            "task_state": json.dumps(ckpt.state.get("task", {})), "frozen_from": json.dumps(dict(task.frozen_from)),
+            "frozen_configs": json.dumps(configs)}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out), metadata=meta)
     return out
 
 
-def _load_export(path: Path, use_ema: bool, overrides: list[str]) -> tuple[RunConfig, dict[str, torch.Tensor]]:
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
+def export_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a gen-dist export; ConfigError for any other file."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for files that are not safetensors
+        raise ConfigError(f"{path} is not a safetensors file: {e}") from None
     if "config" not in meta:
         raise ConfigError(f"{path} is not a gen-dist export (no config in its metadata)")
+    return meta
+
+
+def source_config_text(path: Path) -> str:
+    """The YAML config of the run behind a run directory, a checkpoint or an export."""
+    if path.is_file():
+        return export_metadata(path)["config"]
+    return run_config(resolve(path))[0]
+
+
+def config_for_sampling(text: str, source: str, overrides: list[str]) -> RunConfig:
+    """The config to sample with: the family's `for_sampling` overrides (which drop what only training needs),
+    then the caller's."""
+    try:
+        task = (yaml.safe_load(text) or {}).get("task", RunConfig.task)
+    except yaml.YAMLError:
+        task = RunConfig.task  # config_from_yaml names the error
+    known = family(task).task.for_sampling if task in families() else ()
+    return config_from_yaml(text, source, [*known, *overrides])
+
+
+def _load_export(path: Path, use_ema: bool, overrides: list[str]) -> tuple[RunConfig, dict[str, torch.Tensor]]:
+    meta = export_metadata(path)
     tensors = load_file(str(path))
     prefix = "ema." if use_ema and any(k.startswith("ema.") for k in tensors) else "model."
     weights = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
-    return config_from_yaml(meta["config"], f"metadata of {path}", overrides), weights
+    # Frozen modules come from the export itself, whatever path the run's config named.
+    own = [f"{key}={path}" for key in json.loads(meta.get("frozen_from", "{}")).values()]
+    return config_for_sampling(meta["config"], f"metadata of {path}", [*own, *overrides]), weights
 
 
 def load_weights(path: Path, use_ema: bool, overrides: list[str] = ()) -> tuple[RunConfig, dict[str, torch.Tensor]]:
@@ -72,8 +111,29 @@ def load_weights(path: Path, use_ema: bool, overrides: list[str] = ()) -> tuple[
     if path.is_file():
         return _load_export(path, use_ema, list(overrides))
     ckpt = resolve(path)
-    _, cfg = run_config(ckpt, overrides)
+    text, _ = run_config(ckpt)
+    cfg = config_for_sampling(text, str(ckpt.path.parent.parent / "config.yaml"), list(overrides))
     return cfg, module_weights(ckpt, family(cfg.task).task.sampled, use_ema)
+
+
+def task_state(path: Path) -> dict:
+    """The task state (Task.state_dict) saved with a checkpoint, a run's latest checkpoint or an export."""
+    if path.is_file():
+        return json.loads(export_metadata(path).get("task_state", "{}"))
+    return resolve(path).state.get("task", {})
+
+
+def load_frozen(path: Path, name: str) -> tuple[RunConfig, dict[str, torch.Tensor]] | None:
+    """Frozen module `name` stored in an export (its own run config and weights), or None when `path` is not an
+    export holding it."""
+    if not path.is_file():
+        return None
+    configs = json.loads(export_metadata(path).get("frozen_configs", "{}"))
+    if name not in configs:
+        return None
+    prefix = f"frozen.{name}."
+    weights = {k.removeprefix(prefix): v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
+    return config_for_sampling(configs[name], f"{name} config in the metadata of {path}", []), weights
 
 
 def check_init_source(path: Path) -> checkpoint.Description | None:
@@ -83,9 +143,7 @@ def check_init_source(path: Path) -> checkpoint.Description | None:
         raise ConfigError(f"train.init_from: {path} does not exist")
     if path.is_dir():
         return resolve(path)
-    with safe_open(str(path), "pt") as f:
-        if "config" not in (f.metadata() or {}):
-            raise ConfigError(f"{path} is not a gen-dist export (no config in its metadata)")
+    export_metadata(path)
     return None
 
 
@@ -94,9 +152,7 @@ def init_weights(path: Path, sampled: str) -> dict[str, dict[str, torch.Tensor]]
     module's EMA where kept). Modules whose consolidated weights a sharded checkpoint lacks are left out."""
     ckpt = check_init_source(path)
     if ckpt is None:
-        with safe_open(str(path), "pt") as f:
-            name = (f.metadata() or {}).get("module", sampled)
-        return {name: _load_export(path, True, [])[1]}
+        return {export_metadata(path).get("module", sampled): _load_export(path, True, [])[1]}
     found = {}
     for name in ckpt.modules:
         if name == sampled and (ckpt.ema_file or ckpt.weights_file):
@@ -123,6 +179,9 @@ def load_model(path: Path, use_ema: bool, device: torch.device, overrides: list[
     task = family(cfg.task).task(cfg)
     if not task.generates:
         raise ConfigError(f"{path} is a {cfg.task} run: it generates no images")
+    task.load_state_dict(task_state(path))
+    for m in task.frozen.values():
+        m.to(device).eval()
     net = task.modules[task.sampled]
     net.load_state_dict(weights)
     return cfg, task, net.to(device).eval()

@@ -94,11 +94,14 @@ def test_bad_augmentation_settings_are_config_errors() -> None:
 # ------------------------------------------------------------------------------------------ ADA
 
 
+TRAINING = {"micro": 0}  # what marks a training micro-batch
+
+
 def _feed(task: GANTask, sign: float, steps: int, reduce=lambda t: t) -> list[float]:
     """Steps of a D that calls every real image `sign`; the probability after each."""
     ps = []
     for step in range(steps):
-        task.aug.observe(torch.full((16,), sign))
+        task.aug.observe(TRAINING, torch.full((16,), sign))
         task.after_step({}, reduce, step)
         ps.append(task.aug.p.item())
     return ps
@@ -107,7 +110,7 @@ def _feed(task: GANTask, sign: float, steps: int, reduce=lambda t: t) -> list[fl
 def test_ada_probability_rises_when_d_overfits_falls_when_not_and_stays_in_0_1() -> None:
     task = _task("gan.ada_interval=2", "gan.ada_kimg=0.128")  # 2 steps x 16 images move p by 0.25
     assert task.aug.p.item() == 0
-    task.aug.observe(torch.full((4,), -1.0))  # the FLOP count's call before training is not counted
+    task.aug.observe({}, torch.full((4,), -1.0))  # the FLOP count's batch (no `micro`) is not counted
     up = _feed(task, 1.0, 10)
     assert up[:6] == pytest.approx([0, 0.25, 0.25, 0.5, 0.5, 0.75]) and up[-1] == 1.0
     down = _feed(task, -1.0, 10)
@@ -116,7 +119,7 @@ def test_ada_probability_rises_when_d_overfits_falls_when_not_and_stays_in_0_1()
     task.aug.p = torch.tensor(0.5)
     for signs, expected in (([1.0, 1.0, 1.0, -1.0] * 2, 0.5 - 0.125), ([1.0] * 7 + [-1.0], 0.5)):
         for step in range(2):
-            task.aug.observe(torch.tensor(signs))
+            task.aug.observe(TRAINING, torch.tensor(signs))
             task.after_step({}, lambda t: t, step)
         assert task.aug.p.item() == pytest.approx(expected)
 

@@ -159,7 +159,7 @@ def test_fitted_prior_tracks_the_aggregate_posterior_and_samples_from_it() -> No
     net = task.modules["vae"]
     torch.manual_seed(0)
     x = torch.rand(32, 1, 8, 8) * 2 - 1
-    task.loss({"vae": net}, {"x": x}, 0)
+    task.loss({"vae": net}, {"x": x, "micro": 0}, 0)
     task.after_step({"vae": net}, lambda t: t.mul_(2), 0)  # two ranks with the same batch: the same means
     with torch.no_grad():
         _, mu, logvar = net(x)

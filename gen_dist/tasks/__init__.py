@@ -10,7 +10,7 @@ import os
 
 from gen_dist.tasks.base import Family, Phase, Reduce, Task
 
-BUILTIN = ("diffusion", "gan", "vae", "classifier")
+BUILTIN = ("diffusion", "gan", "vae", "autoencoder", "classifier")
 PLUGINS_ENV = "GEN_DIST_PLUGINS"
 
 _FAMILIES: dict[str, Family] = {}

@@ -20,7 +20,9 @@ Batch = Mapping[str, torch.Tensor]
 Nets = Mapping[str, nn.Module]
 LossFn = Callable[[Nets, Batch, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 """(nets, batch, step) -> (loss to minimise, detached stats). `nets` holds every module of the task: the one the
-phase trains as the strategy wraps it, the other trained ones and the frozen ones as plain modules."""
+phase trains as the strategy wraps it, the other trained ones and the frozen ones as plain modules. A training
+batch holds `x` (images in [-1, 1]), `label`, `key` and `micro`: its index in the step's global batch (0 ..
+ranks x grad_accum - 1), the same whatever the number of ranks; the FLOP count's batch has no `micro`."""
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 """Sums a tensor over all ranks (in place, and returns it); the identity in a single process."""
 
@@ -38,6 +40,30 @@ class Phase:
     """Run under mixed-precision autocast; regularisers with double backward run in fp32."""
     double_backward: bool = False
     """The loss differentiates through a gradient (create_graph=True), e.g. R1."""
+    start: int = 0
+    """First step this phase runs at (e.g. a discriminator that joins once reconstructions are sharp)."""
+
+    def due(self, step: int) -> bool:
+        return step >= self.start and step % self.every == 0
+
+
+class StepSums:
+    """Statistics summed over this step's training micro-batches on this rank, then over ranks by `take` in the
+    task's `after_step`: the input of an update kept outside autograd (an EMA codebook, an adaptive
+    augmentation probability). The FLOP count's batch is not a training micro-batch and is not added."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+
+    def add(self, batch: Batch, value: torch.Tensor) -> None:
+        if "micro" in batch:
+            self.total = value if self.total is None else self.total + value
+
+    def take(self, reduce: Reduce) -> torch.Tensor:
+        if self.total is None:
+            raise RuntimeError("StepSums.take: no training micro-batch added a value this step")
+        total, self.total = self.total, None
+        return reduce(total)
 
 
 class Task:
@@ -61,6 +87,15 @@ class Task:
     time-scale update rule."""
     only_class: int | None = None
     """When set, every sample is of this class (`gen-dist sample --class K`)."""
+    frozen_from: Mapping[str, str] = MappingProxyType({})
+    """Frozen modules that sampling needs, each with the config key naming its source (e.g. a latent model's
+    first stage): exports carry them, and a model loaded from an export takes them from it."""
+    for_sampling: tuple[str, ...] = ()
+    """Config overrides applied when a trained model is loaded to sample, evaluate or serve as a first stage:
+    they drop what only training needs (a perceptual network, a discriminator), whose files may be gone."""
+    reconstructs: bool = False
+    """An autoencoder: its samples are `reconstruct`ions of the evaluation split's images, in order, so grids
+    show them and `gen-dist eval` scores them (rFID, PSNR)."""
 
     def state_dict(self) -> dict[str, Any]:
         """State kept outside the modules that a resume must restore (e.g. an adaptive augmentation
@@ -70,9 +105,20 @@ class Task:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned."""
 
-    def after_step(self, nets: Nets, reduce: Reduce, step: int) -> None:
+    def after_step(self, nets: Nets, reduce: Reduce, step: int) -> dict[str, torch.Tensor] | None:
         """Called on every rank after each step's optimizer steps, e.g. for an update kept outside autograd
-        (an EMA codebook); `reduce` sums over ranks so that every rank holds the same result."""
+        (an EMA codebook); `reduce` sums over ranks so that every rank holds the same result. Returns stats to
+        log (the same on every rank), if any."""
+        return None
+
+    @torch.no_grad()
+    def reconstruct(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Tasks that `reconstructs`: `net`'s reconstruction of images `x`, in [-1, 1]."""
+        raise NotImplementedError
+
+    def real_images(self, start: int, size: int) -> torch.Tensor:
+        """Tasks that `reconstructs`: images [start, start + size) of the evaluation split (uint8, N C H W)."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def sample(self, net: nn.Module, labels: torch.Tensor | None, n: int,

@@ -1,16 +1,19 @@
 """Denoising diffusion of a diffusers UNet: DDPM noise schedule, epsilon / v / x0 prediction with optional
 Min-SNR-gamma weighting, label dropout for classifier-free guidance, and diffusers' samplers (DDIM, DPM-Solver++,
-Euler, Euler ancestral, Heun)."""
+Euler, Euler ancestral, Heun); in pixel space or on the latents of a frozen autoencoder (latent diffusion)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
-from gen_dist.config import ConfigError, RunConfig, check_divisible
-from gen_dist.tasks import register
+from gen_dist.config import ConfigError, RunConfig
+from gen_dist.tasks import family, register
 from gen_dist.tasks.base import Batch, Family, Nets, Phase, Task
 
 if TYPE_CHECKING:
@@ -54,6 +57,18 @@ class DiffusionConfig:
     """Sampler steps; the timesteps are spaced to end at the last training timestep ('trailing')."""
     ddim_eta: float = 1.0
     """DDIM noise: 1 = ancestral (DDPM-like), 0 = deterministic DDIM."""
+    first_stage: str = ""
+    """Latent diffusion: a trained autoencoder or vqvae (run directory, checkpoint or export; or the export of
+    a latent diffusion model, whose first stage is taken), kept frozen: the UNet learns its latents (encoded on
+    the fly in fp32) and samples are decoded by it. Empty = pixel space."""
+    latent_scale: float = 0.0
+    """Latent diffusion: the factor latents are multiplied by, so that they have about unit variance as the
+    noise schedule assumes; 0 = 1 / std of the latents of the first 512 training images, measured when
+    training starts and kept in the checkpoint and exports."""
+
+
+SCALE_IMAGES = 512
+"""Training images whose latents give the latent scale."""
 
 
 SAMPLERS = {
@@ -72,11 +87,16 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError("config keys 'diffusion.channels' and 'diffusion.attention' must have the same length")
     if cfg.task != "diffusion":
         return
-    check_divisible(cfg, 2 ** (len(d.channels) - 1), f"for {len(d.channels)} UNet levels")
+    size = latent_shape(cfg)[1] if d.first_stage else cfg.data.resolution
+    if size % 2 ** (len(d.channels) - 1):
+        where = "the first stage's latent resolution" if d.first_stage else "data.resolution"
+        raise ConfigError(f"{where} {size} must be divisible by {2 ** (len(d.channels) - 1)} for "
+                          f"{len(d.channels)} UNet levels")
     if not 0 <= d.label_dropout < 1:
         raise ConfigError(f"config key 'diffusion.label_dropout' must be in [0, 1), got {d.label_dropout}")
-    if d.snr_gamma < 0 or d.guidance < 0:
-        raise ConfigError("config keys 'diffusion.snr_gamma' and 'diffusion.guidance' must be >= 0")
+    if d.snr_gamma < 0 or d.guidance < 0 or d.latent_scale < 0:
+        raise ConfigError("config keys 'diffusion.snr_gamma', 'diffusion.guidance' and 'diffusion.latent_scale' "
+                          "must be >= 0")
     if d.sampler == "euler_a" and d.prediction == "sample":
         raise ConfigError("diffusion.sampler=euler_a does not take diffusion.prediction=sample (diffusers' "
                           "ancestral Euler has no x0 form); use euler, heun, dpm++ or ddim")
@@ -85,14 +105,51 @@ def check(cfg: RunConfig) -> None:
                           f"(diffusion.num_classes > 0 and diffusion.label_dropout > 0); use diffusion.guidance=1")
 
 
-def build_unet(cfg: RunConfig) -> UNet2DModel:
+def first_stage_config(path: Path) -> RunConfig:
+    """The config of the autoencoder diffusion.first_stage names (reads metadata only)."""
+    from gen_dist import sampling
+
+    if not path.exists():
+        raise ConfigError(f"diffusion.first_stage: {path} does not exist")
+    found = json.loads(sampling.export_metadata(path).get("frozen_configs", "{}")) if path.is_file() else {}
+    text = found.get("first_stage") or sampling.source_config_text(path)
+    cfg = sampling.config_for_sampling(text, f"first stage {path}", [])
+    if not family(cfg.task).task.reconstructs:
+        raise ConfigError(f"diffusion.first_stage: {path} is a {cfg.task} model, not an autoencoder (train one "
+                          f"with task: autoencoder or task: vqvae)")
+    return cfg
+
+
+def latent_shape(cfg: RunConfig) -> tuple[int, int]:
+    """(channels, resolution) of the first stage's latents of this run's images."""
+    first = first_stage_config(Path(cfg.diffusion.first_stage))
+    if (first.data.channels, first.data.resolution) != (cfg.data.channels, cfg.data.resolution):
+        raise ConfigError(f"diffusion.first_stage was trained on {first.data.channels}-channel "
+                          f"{first.data.resolution}px images; this run has {cfg.data.channels}-channel "
+                          f"{cfg.data.resolution}px (data.channels, data.resolution)")
+    a = getattr(first, first.task)
+    return a.latent_channels, first.data.resolution // 2 ** (len(a.channels) - 1)
+
+
+def load_first_stage(path: Path) -> nn.Module:
+    """The trained autoencoder (EMA weights where kept), frozen: `encode` and `decode` are what it serves."""
+    from gen_dist import sampling
+
+    cfg, weights = sampling.load_frozen(path, "first_stage") or sampling.load_weights(path, use_ema=True)
+    task = family(cfg.task).task(cfg)
+    net = task.modules[task.sampled]
+    net.load_state_dict(weights)
+    return net.eval().requires_grad_(False)
+
+
+def build_unet(cfg: RunConfig, channels: int, size: int) -> UNet2DModel:
     from diffusers import UNet2DModel
 
     d = cfg.diffusion
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in d.attention)
     up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(d.attention))
     return UNet2DModel(
-        sample_size=cfg.data.resolution, in_channels=cfg.data.channels, out_channels=cfg.data.channels,
+        sample_size=size, in_channels=channels, out_channels=channels,
         block_out_channels=tuple(d.channels), down_block_types=down, up_block_types=up,
         layers_per_block=d.layers_per_block, norm_num_groups=d.norm_groups,
         # The extra embedding is the null class of classifier-free guidance.
@@ -106,9 +163,17 @@ class DiffusionTask(Task):
     def __init__(self, cfg: RunConfig) -> None:
         from diffusers import DDPMScheduler
 
-        self.cfg = d = cfg.diffusion
+        self.run_cfg, self.cfg = cfg, cfg.diffusion
+        d = self.cfg
         self.num_classes = d.num_classes
-        self.modules = {"denoiser": build_unet(cfg)}
+        shape = (cfg.data.channels, cfg.data.resolution)
+        self.latent_scale: float | None = None  # latent diffusion: set from the config, measured, or loaded
+        if d.first_stage:
+            shape = latent_shape(cfg)
+            self.frozen = {"first_stage": load_first_stage(Path(d.first_stage))}
+            self.frozen_from = {"first_stage": "diffusion.first_stage"}
+            self.latent_scale = d.latent_scale or None
+        self.modules = {"denoiser": build_unet(cfg, *shape)}
         self.scheduler = DDPMScheduler(num_train_timesteps=d.train_timesteps, beta_schedule=d.beta_schedule,
                                        prediction_type=d.prediction)
         self.phases = [Phase("denoise", "denoiser", self.loss)]
@@ -135,8 +200,44 @@ class DiffusionTask(Task):
         clipped = snr.clamp(max=self.cfg.snr_gamma)
         return {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}[self.cfg.prediction]
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"latent_scale": self.latent_scale} if self.frozen else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.frozen and state.get("latent_scale"):
+            self.latent_scale = state["latent_scale"]
+
+    @torch.no_grad()
+    def encode(self, first: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents of images `x`, in fp32 whatever the autocast around."""
+        with torch.autocast(x.device.type, enabled=False):
+            return first.encode(x.float()).float()
+
+    def measure_scale(self, first: nn.Module) -> float:
+        """1 / std of the latents of the first SCALE_IMAGES training images, in index order: the same on
+        every rank without a collective."""
+        from gen_dist.data import load_index
+        from gen_dist.evaluation import split_images
+        from gen_dist.images import to_model_range
+
+        d = self.run_cfg.data
+        split = load_index(Path(d.path))["splits"][d.split]
+        device = next(first.parameters()).device
+        images = split_images(self.run_cfg, split, 0, min(SCALE_IMAGES, split["count"]))
+        z = torch.cat([self.encode(first, to_model_range(c.to(device))) for c in images.split(128)])
+        return 1.0 / z.double().std().item()
+
+    def latents(self, nets: Nets, batch: Batch) -> torch.Tensor:
+        """The scaled latents of a training batch."""
+        first = nets["first_stage"]
+        if self.latent_scale is None:
+            if "micro" not in batch:  # the FLOP count's batch: no measurement for it
+                return self.encode(first, batch["x"])
+            self.latent_scale = self.measure_scale(first)
+        return self.encode(first, batch["x"]) * self.latent_scale
+
     def loss(self, nets: Nets, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x = batch["x"]
+        x = self.latents(nets, batch) if self.frozen else batch["x"]
         noise = torch.randn_like(x)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x.shape[0],), device=x.device)
         xt = self.scheduler.add_noise(x, noise, t)
@@ -181,6 +282,11 @@ class DiffusionTask(Task):
         for t in sched.timesteps:  # on the CPU, where the scheduler looks its index up
             out = self._predict(net, sched.scale_model_input(x, t), t.to(device), labels)
             x = sched.step(out, t, x, **step_kwargs).prev_sample
+        if self.frozen:
+            if self.latent_scale is None:
+                raise ConfigError("this latent diffusion model has no latent scale: it was saved before training "
+                                  "measured one; set diffusion.latent_scale")
+            x = self.frozen["first_stage"].decode(x / self.latent_scale).float()
         return x.clamp(-1, 1)
 
 

@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from gen_dist import augment
 from gen_dist.config import ConfigError, RunConfig, check_halving_levels
 from gen_dist.tasks import register
-from gen_dist.tasks.base import Batch, Checkpointable, Family, Nets, Phase, Reduce, Task
+from gen_dist.tasks.base import Batch, Checkpointable, Family, Nets, Phase, Reduce, StepSums, Task
 
 
 @dataclass
@@ -226,13 +226,12 @@ class Augment:
     """The augmentation of a run and its probability p; under ADA, r_t is summed over ranks each step and p
     moves every `interval` steps by sign(r_t - target) x (images of the interval) / (kimg x 1000)."""
 
-    def __init__(self, g: GANConfig, grad_accum: int) -> None:
+    def __init__(self, g: GANConfig) -> None:
         self.ops = augment.parse(g.augment)
         self.target, self.interval, self.kimg = g.ada_target, g.ada_interval, g.ada_kimg
-        self.grad_accum = grad_accum
         self.p = torch.tensor(0.0 if self.adaptive else g.augment_p)
         self.sums = torch.zeros(2)  # (sum of sign(D(real)), count) since the last adjustment, all ranks
-        self.pending: list[torch.Tensor] = []  # this step's (sum, count) per D micro-batch, this rank
+        self.step_sums = StepSums()  # (sum of sign(D(real)), count) of this step
 
     @property
     def adaptive(self) -> bool:
@@ -241,20 +240,18 @@ class Augment:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return augment.augment(x, self.ops, self.p) if self.ops else x
 
-    def observe(self, real_logit: torch.Tensor) -> None:
+    def observe(self, batch: Batch, real_logit: torch.Tensor) -> None:
         if self.adaptive:
             signs = real_logit.detach().sign()
-            self.pending.append(torch.stack([signs.sum(), torch.full((), float(signs.numel()),
+            self.step_sums.add(batch, torch.stack([signs.sum(), torch.full((), float(signs.numel()),
                                                                       device=signs.device)]))
 
     def update(self, reduce: Reduce, step: int) -> None:
         if not self.adaptive:
             return
-        # The engine's FLOP count runs each loss once before training: only this step's micro-batches count.
         # Reduced every step (two numbers), so the sums a checkpoint keeps are the same on every rank.
-        mine = torch.stack(self.pending[-self.grad_accum:]).sum(0)
-        self.pending = []
-        self.sums = self.sums.to(mine.device) + reduce(mine)
+        mine = self.step_sums.take(reduce)
+        self.sums = self.sums.to(mine.device) + mine
         if (step + 1) % self.interval:
             return
         rt = self.sums[0] / self.sums[1]
@@ -288,7 +285,7 @@ class GANTask(Task):
         }
         self.optim = {n: o for n, o in (("G", _own_optim(g.g_lr, g.g_betas)), ("D", _own_optim(g.d_lr, g.d_betas)))
                       if o}
-        self.aug = Augment(g, cfg.train.grad_accum)
+        self.aug = Augment(g)
         self.phases = [Phase("D", "D", self.d_loss), Phase("G", "G", self.g_loss)]
         if g.r1_gamma > 0:
             self.phases.insert(1, Phase("D_r1", "D", self.r1_loss, every=g.r1_every, autocast=False,
@@ -320,7 +317,7 @@ class GANTask(Task):
             fake = nets["G"](z, labels)
         real_logit = nets["D"](self.aug(x), labels).float()
         fake_logit = nets["D"](self.aug(fake), labels).float()
-        self.aug.observe(real_logit)
+        self.aug.observe(batch, real_logit)
         if self.loss_type == "hinge":
             loss = F.relu(1 - real_logit).mean() + F.relu(1 + fake_logit).mean()
         else:

@@ -12,7 +12,7 @@ from torch import nn
 
 from gen_dist.config import ConfigError, RunConfig, check_halving_levels
 from gen_dist.tasks import register
-from gen_dist.tasks.base import Batch, Checkpointable, Family, Nets, Phase, Reduce, Task
+from gen_dist.tasks.base import Batch, Checkpointable, Family, Nets, Phase, Reduce, StepSums, Task
 
 LIKELIHOODS = ("bernoulli", "logistic", "gaussian")
 BINS = 256
@@ -169,8 +169,7 @@ class VAETask(Task):
                                        v.res_blocks, 1 if v.likelihood == "bernoulli" else 2,
                                        fitted_prior=v.prior == "fitted")}
         self.phases = [Phase("elbo", "vae", self.loss)]
-        self.grad_accum = cfg.train.grad_accum
-        self.pending: list[torch.Tensor] = []  # this step's posterior statistics per micro-batch, this rank
+        self.posterior = StepSums()  # count, sum of mu and second moment of this step's posteriors
 
     def recon_nll(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Negative log-likelihood of each image in nats."""
@@ -188,7 +187,7 @@ class VAETask(Task):
         recon = self.recon_nll(out.float(), x)
         kl_dims = 0.5 * (mu.square() + logvar.exp() - 1 - logvar)
         if self.cfg.prior == "fitted":
-            self._observe(mu.detach(), logvar.detach().exp())
+            self._observe(batch, mu.detach(), logvar.detach().exp())
         beta = kl_weight(self.cfg.beta, step, self.cfg.kl_warmup_steps)
         loss = recon.mean() + beta * kl_penalty(kl_dims, self.cfg.free_bits)
         kl = kl_dims.detach().sum(dim=1).mean()
@@ -198,17 +197,15 @@ class VAETask(Task):
         return loss, {"loss": loss.detach(), "recon": recon.detach().mean(), "kl": kl, "bits_per_dim": bpd,
                       "beta": x.new_tensor(beta)}
 
-    def _observe(self, mu: torch.Tensor, var: torch.Tensor) -> None:
+    def _observe(self, batch: Batch, mu: torch.Tensor, var: torch.Tensor) -> None:
         moment = mu.T @ mu + torch.diag(var.sum(0))
-        self.pending.append(torch.cat([mu.new_tensor([len(mu)]), mu.sum(0), moment.flatten()]))
+        self.posterior.add(batch, torch.cat([mu.new_tensor([len(mu)]), mu.sum(0), moment.flatten()]))
 
     @torch.no_grad()
     def after_step(self, nets: Nets, reduce: Reduce, step: int) -> None:
         if self.cfg.prior != "fitted":
             return
-        # The engine's FLOP count runs the loss once before training: only this step's micro-batches count.
-        total = reduce(torch.stack(self.pending[-self.grad_accum:]).sum(0))
-        self.pending = []
+        total = self.posterior.take(reduce)
         net, d = nets["vae"], self.cfg.prior_decay
         n, k = total[0], net.latent_dim
         net.agg_mean.lerp_(total[1 : 1 + k] / n, 1 - d)
