@@ -22,7 +22,9 @@ DATA_HELP = """Pack images into WebDataset .tar shards plus index.json:
   idx DIR      every <split>-images-idx3-ubyte[.gz] with its labels file (t10k becomes 'test')
   folder DIR   a folder of images; class sub-folders become labels
   digits       scikit-learn's 8x8 digits (train/test)
-  fashion-mnist   Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist)"""
+  fashion-mnist   Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist)
+  latents RUN  --split of the dataset --data encoded by the autoencoder RUN (a run, checkpoint or export) into
+               shards of the same layout, for latent diffusion's data.latents"""
 
 SUBMIT_HELP = """Validate CONFIG for nodes x processes ranks, render slurm/train.sbatch (one task per node,
 torchrun c10d rendezvous at the first node, SIGUSR1 before the time limit, requeue) and submit it with sbatch.
@@ -108,6 +110,12 @@ def cmd_data(args: argparse.Namespace) -> None:
     elif args.source == "folder":
         done = {args.split: data.pack_image_folder(Path(args.path), out, args.split, args.shard_size,
                                                    args.channels)}
+    elif args.source == "latents":
+        from gen_dist.tasks.diffusion import encode_split
+
+        if not args.path or not args.data:
+            _fail("gen-dist data latents FIRST_STAGE --data IMAGE_DATASET --out DIR")
+        done = {args.split: encode_split(Path(args.path), Path(args.data), args.split, out)}
     else:
         done = data.pack_digits(out, args.shard_size)
     for split, entry in done.items():
@@ -218,11 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="pack a dataset into WebDataset shards", description=DATA_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    d.add_argument("source", choices=["idx", "folder", "digits", "fashion-mnist"])
-    d.add_argument("path", nargs="?", help="source directory (idx, folder; optional for fashion-mnist)")
+    d.add_argument("source", choices=["idx", "folder", "digits", "fashion-mnist", "latents"])
+    d.add_argument("path", nargs="?", help="source directory (idx, folder; optional for fashion-mnist), or the "
+                                           "first stage (latents)")
+    d.add_argument("--data", help="latents: the packed image dataset to encode")
     d.add_argument("--out", required=True, help="output directory for shards and index.json")
     d.add_argument("--shard-size", type=int, default=10000, help="samples per shard (default 10000)")
-    d.add_argument("--split", default="train", help="split name for 'folder' (default train)")
+    d.add_argument("--split", default="train", help="split name for 'folder' and 'latents' (default train)")
     d.add_argument("--channels", type=int, default=3, choices=[1, 3], help="channels for 'folder' (default 3)")
     d.set_defaults(func=cmd_data)
 

@@ -42,6 +42,10 @@ class DataConfig:
     """Samples held in each worker's shuffle buffer (on top of a per-epoch shard shuffle)."""
     hflip: bool = False
     """Random horizontal flips."""
+    latents: str = ""
+    """Latent diffusion: a directory of the training split's latents pre-encoded by the run's first stage
+    (`gen-dist data latents`), read instead of encoding data.path's images on the fly; the same batches,
+    without the encoder's cost. data.path still gives the evaluation images."""
     prefetch: int = 4
     """Batches each loader worker prepares ahead (on GPUs they are copied from pinned memory)."""
     strict: bool = False

@@ -5,6 +5,9 @@ Layout of a packed dataset directory::
     index.json                  {"channels", "classes", "splits": {name: {"count", "shards": [{file, count}]}}}
     train-000000.tar ...        WebDataset samples: <key>.png (or .jpg ...) and <key>.cls
 
+A latent dataset (`gen-dist data latents`) has the same shards, keys and labels with <key>.latent.npy (float32
+C H W) in place of the image, and a "latents" entry in its index naming the first stage that encoded it.
+
 Each epoch the shard order is permuted (seed, epoch), the concatenated samples are cut into one contiguous
 range per (rank, worker) slot, and every rank takes the same number of batches. Ranges may start inside a
 shard, so any number of shards works with any number of slots, and no rank ever waits on another for data.
@@ -391,6 +394,43 @@ def shuffled(samples: Iterable[Any], size: int, rng: np.random.Generator) -> Ite
         yield buf[j]
 
 
+LATENT = "latent.npy"
+
+
+def decode_latent(sample: dict[str, Any]) -> np.ndarray:
+    if LATENT not in sample:
+        raise DataError(f"no {LATENT} in the sample")
+    return np.load(io.BytesIO(sample[LATENT]), allow_pickle=False).astype(np.float32, copy=False)
+
+
+def write_latent_shards(root: Path, split: str, out: Path, encode: Any, about: dict[str, Any]) -> dict:
+    """Encode every image of `split` of `root` with `encode` (uint8 N C H W -> float N C h w, in chunks) into
+    shards of the same names, sizes and keys under `out`, so that a stream over them yields the same samples
+    in the same order; `about` (the first stage) goes into the index."""
+    index = load_index(root)
+    entry = index["splits"][split]
+    out.mkdir(parents=True, exist_ok=True)
+    for shard in entry["shards"]:
+        samples = list(read_pieces(root, [Piece(shard["file"], 0, shard["count"])]))
+        channels = index.get("channels", 1)
+        images = np.stack([decode_image(s, channels, about["resolution"]) for s in samples])
+        latents = np.concatenate([encode(images[i : i + 256]) for i in range(0, len(images), 256)])
+        tmp = out / (shard["file"] + ".tmp")
+        with wds.TarWriter(str(tmp), encoder=False) as writer:
+            for sample, z in zip(samples, latents, strict=True):
+                buf = io.BytesIO()
+                np.save(buf, z.astype(np.float32))
+                writer.write({"__key__": sample["__key__"], LATENT: buf.getvalue(),
+                              **({"cls": sample["cls"]} if "cls" in sample else {})})
+        tmp.replace(out / shard["file"])
+    path = out / INDEX
+    found = json.loads(path.read_text()) if path.exists() else {"format": "gen_dist.shards.v1", "splits": {}}
+    found.update(channels=index.get("channels", 1), classes=index.get("classes", []), latents=about)
+    found["splits"][split] = entry
+    path.write_text(json.dumps(found, indent=1))
+    return entry
+
+
 def decode_image(sample: dict[str, Any], channels: int, resolution: int) -> np.ndarray:
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
@@ -439,7 +479,7 @@ def check_split(root: Path, split: str, world_size: int, workers: int, batch_siz
 
 class ShardStream(IterableDataset):
     """Batches of {'image': uint8 (B,C,H,W), 'label': int64 (B,), 'key': list[str], 'bad': list[str],
-    'bad_count': int} for one rank.
+    'bad_count': int} for one rank; from a latent dataset, 'image' holds the float latents.
 
     A sample that cannot be used (unreadable shard, undecodable image, no image or label) is reported in
     'bad' and counted in 'bad_count', and its place in the batch is taken by a good sample of the batch, so
@@ -458,6 +498,7 @@ class ShardStream(IterableDataset):
         self.layout = ReadLayout(world_size, self.workers, batch_size, shuffle_buffer)
         self.rank, self.seed, self.hflip, self.strict = rank, seed, hflip, strict
         self.resolution, self.channels = resolution, channels
+        self.latents = "latents" in index
         self.set_position(0, 0)
 
     @property
@@ -507,7 +548,8 @@ class ShardStream(IterableDataset):
         images, labels, keys = [], [], []
         for s in raw:
             try:
-                image, label = decode_image(s, self.channels, self.resolution), _label(s, self.num_classes)
+                image = decode_latent(s) if self.latents else decode_image(s, self.channels, self.resolution)
+                label = _label(s, self.num_classes)
             except Exception as e:  # noqa: BLE001 - any decoder failure on any bytes is a bad sample
                 message = f"{s.get('__url__')}: sample {s.get('__key__')}: {type(e).__name__}: {e}"
                 if self.strict:

@@ -117,8 +117,8 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         acc.wait_for_everyone()
         self.stream = ShardStream(
-            cfg.data.path, cfg.data.split, cfg.data.batch_size, acc.process_index, acc.num_processes,
-            cfg.data.num_workers, cfg.train.seed, cfg.data.shuffle_buffer, cfg.data.resolution,
+            cfg.data.latents or cfg.data.path, cfg.data.split, cfg.data.batch_size, acc.process_index,
+            acc.num_processes, cfg.data.num_workers, cfg.train.seed, cfg.data.shuffle_buffer, cfg.data.resolution,
             cfg.data.channels, cfg.data.hflip, cfg.data.strict)
         self.state, self.position = TrainState(), DataPosition()
         self.skipped_phases = 0
@@ -267,9 +267,11 @@ class Trainer:
                                      pin_memory=self.acc.device.type == "cuda"):
                 pos.batch += 1
                 self.bad.note(batch)
-                x = to_model_range(batch["image"].to(self.acc.device, non_blocking=True))
+                x = batch["image"].to(self.acc.device, non_blocking=True)
+                name = "latent" if self.stream.latents else "x"  # pre-encoded latents go in as they are
+                x = x if self.stream.latents else to_model_range(x)
                 yield {
-                    "x": x.contiguous(memory_format=torch.channels_last) if self.channels_last else x,
+                    name: x.contiguous(memory_format=torch.channels_last) if self.channels_last else x,
                     "label": batch["label"].to(self.acc.device, non_blocking=True),
                     "key": batch["key"],
                 }

@@ -16,8 +16,8 @@ from gen_dist.parallel import STRATEGIES, strategy_for
 
 def preflight(cfg: RunConfig, world_size: int) -> None:
     """Checks that need the dataset or the machine; run before any process is launched."""
-    index = check_split(Path(cfg.data.path), cfg.data.split, world_size, max(1, cfg.data.num_workers),
-                        cfg.data.batch_size)
+    index = check_split(Path(cfg.data.latents or cfg.data.path), cfg.data.split, world_size,
+                        max(1, cfg.data.num_workers), cfg.data.batch_size)
     have = len(index.get("classes", []))
     want = getattr(cfg, cfg.task).__dict__.get("num_classes", 0)
     if want > have:

@@ -204,3 +204,28 @@ def test_first_stage_stays_frozen_and_bad_first_stages_fail_before_training(
         load_config(CONFIGS / "smoke_diffusion.yaml", [f"data.path={digits}", f"diffusion.first_stage={first_stage}",
                                                        "diffusion.channels=[8,8,8,8]",
                                                        "diffusion.attention=[false,false,false,false]"])
+
+
+def test_pre_encoded_latents_give_the_batches_of_on_the_fly_encoding(
+        first_stage: Path, tmp_path: Path, digits: Path) -> None:
+    latents = tmp_path / "latents"
+    run_cli("data", "latents", str(first_stage), "--data", str(digits), "--out", str(latents))
+    index = json.loads((latents / "index.json").read_text())
+    assert index["splits"]["train"] == json.loads((digits / "index.json").read_text())["splits"]["train"]
+    common = [f"data.path={digits}", "wandb.enabled=false", "data.hflip=false", *LATENT,
+              f"diffusion.first_stage={first_stage}"]
+    fly = Trainer(load_config(CONFIGS / "smoke_diffusion.yaml", [f"run_dir={tmp_path / 'fly'}", *common]))
+    pre = Trainer(load_config(CONFIGS / "smoke_diffusion.yaml", [f"run_dir={tmp_path / 'pre'}", *common,
+                                                                 f"data.latents={latents}"]))
+    for a, b in zip(fly._batches(), pre._batches()):  # noqa: B905 - endless streams
+        assert a["key"] == b["key"] and torch.equal(a["label"], b["label"]) and "x" not in b
+        encoded = fly.task.latents(fly.frozen, {**a, "micro": 0})
+        torch.testing.assert_close(pre.task.latents(pre.frozen, {**b, "micro": 0}), encoded, rtol=1e-5, atol=1e-5)
+        if fly.position.batch == 3:
+            break
+    assert fly.task.latent_scale == pre.task.latent_scale  # measured on data.path's images either way
+    with pytest.raises(ConfigError, match="data.hflip cannot flip pre-encoded latents"):
+        load_config(CONFIGS / "smoke_diffusion.yaml", [*common, f"data.latents={latents}", "data.hflip=true"])
+    with pytest.raises(ConfigError, match="holds images, not latents"):
+        Trainer(load_config(CONFIGS / "smoke_diffusion.yaml", [f"run_dir={tmp_path / 'x'}", *common,
+                                                               f"data.latents={digits}"]))

@@ -84,8 +84,11 @@ def _state(run_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("task", ["diffusion", "gan", "vae"])
-@pytest.mark.parametrize("nproc", [1, 2])
+# Every family on 1 and 2 ranks; the VQ-VAE (codebook buffers, a discriminator phase from step 2) on 2.
+CASES = [(task, nproc) for nproc in (1, 2) for task in ("diffusion", "gan", "vae")] + [("vqvae", 2)]
+
+
+@pytest.mark.parametrize(("task", "nproc"), CASES)
 def test_kill9_anywhere_then_resume_equals_uninterrupted(task: str, nproc: int, tmp_path: Path,
                                                         digits: Path) -> None:
     straight, killed = tmp_path / "straight", tmp_path / "killed"

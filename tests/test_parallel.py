@@ -61,8 +61,10 @@ def _sampled_weights(run_dir: Path, task: str) -> dict[str, torch.Tensor]:
 
 
 # Each strategy; the GAN's two engines (with R1's double backward under ZeRO-2) under ZeRO-2, ZeRO-3 and FSDP;
-# each family under DeepSpeed (ZeRO-3 diffusion is the offload test below; VAE FSDP is in the resume tests).
-EQUIVALENCE = [("diffusion", "zero1"), ("gan", "zero2"), ("gan", "zero3"), ("vae", "zero3"), ("gan", "fsdp")]
+# each family under DeepSpeed (ZeRO-3 diffusion is the offload test below; VAE FSDP is in the resume tests), and
+# the VQ-VAE's codebook and late discriminator phase under ZeRO-3.
+EQUIVALENCE = [("diffusion", "zero1"), ("gan", "zero2"), ("gan", "zero3"), ("vae", "zero3"), ("gan", "fsdp"),
+               ("vqvae", "zero3")]
 # Each sharding strategy's bf16 path (ZeRO-1 runs the same bf16 code as ZeRO-2) and each family once.
 BF16 = [("diffusion", "zero2"), ("vae", "zero3"), ("gan", "fsdp")]
 

@@ -166,15 +166,15 @@ class SpatialAutoencoder(nn.Module):
         for coder in (self.encoder, self.decoder):
             coder.gradient_checkpointing, coder._gradient_checkpointing_func = True, func
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(reconstruction, the encoder's output (Gaussian moments, or the latent before quantisation), code
-        indices or None). The KL posterior is sampled; the codebook's gradient is straight-through."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """(reconstruction, the encoder's output (Gaussian moments, or the latent before quantisation), and
+        with a codebook (its codes' vectors, their indices)). The KL posterior is sampled; the codebook's
+        gradient is straight-through."""
         moments = self.quant_conv(self.encoder(x))
         if self.quantize is None:
-            z, idx = self.posterior(moments).sample(), None
-        else:
-            z, idx = self.quantize(moments)
-        return self.decoder(self.post_quant_conv(z)), moments, idx
+            return self.decoder(self.post_quant_conv(self.posterior(moments).sample())), moments, ()
+        z, idx = self.quantize(moments)
+        return self.decoder(self.post_quant_conv(z)), moments, (self.quantize.embedding[idx], idx)
 
     @staticmethod
     def posterior(moments: torch.Tensor) -> Any:
@@ -325,9 +325,8 @@ class VQVAETask(AutoencoderTask):
 
     def bottleneck(self, net: nn.Module, x: torch.Tensor, batch: Batch
                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        recon, h, idx = net(x)
-        q = net.quantize.embedding[idx].permute(0, 3, 1, 2) if idx is not None else h
-        commit = (h.float() - q.float()).square().mean()
+        recon, h, (q, idx) = net(x)
+        commit = (h.float() - q.permute(0, 3, 1, 2).float()).square().mean()
         self._observe(batch, h.detach().float(), idx)
         return recon, self.cfg.commitment * commit, {"commitment": commit.detach()}
 

@@ -4,6 +4,7 @@ Euler, Euler ancestral, Heun); in pixel space or on the latents of a frozen auto
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,11 @@ def check(cfg: RunConfig) -> None:
         where = "the first stage's latent resolution" if d.first_stage else "data.resolution"
         raise ConfigError(f"{where} {size} must be divisible by {2 ** (len(d.channels) - 1)} for "
                           f"{len(d.channels)} UNet levels")
+    if cfg.data.latents and not d.first_stage:
+        raise ConfigError("data.latents needs diffusion.first_stage (the autoencoder that encoded them)")
+    if cfg.data.latents and cfg.data.hflip:
+        raise ConfigError("data.hflip cannot flip pre-encoded latents (the latent of a flipped image is not the "
+                          "flipped latent); set data.hflip=false or encode on the fly (data.latents=)")
     if not 0 <= d.label_dropout < 1:
         raise ConfigError(f"config key 'diffusion.label_dropout' must be in [0, 1), got {d.label_dropout}")
     if d.snr_gamma < 0 or d.guidance < 0 or d.latent_scale < 0:
@@ -142,6 +148,51 @@ def load_first_stage(path: Path) -> nn.Module:
     return net.eval().requires_grad_(False)
 
 
+@torch.no_grad()
+def encode_latents(first: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Unscaled latents of images `x` in [-1, 1], in fp32 whatever the autocast around."""
+    with torch.autocast(x.device.type, enabled=False):
+        return first.encode(x.float()).float()
+
+
+def weights_ident(net: nn.Module) -> str:
+    """A hash of a module's weights: which first stage encoded a latent dataset."""
+    h = hashlib.sha1()
+    for k, v in sorted(net.state_dict().items()):
+        h.update(k.encode() + v.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def encode_split(first_stage: Path, data: Path, split: str, out: Path) -> dict:
+    """`gen-dist data latents`: the images of `split` of `data` encoded by `first_stage` into latent shards of
+    the same layout, for data.latents."""
+    from gen_dist.data import write_latent_shards
+    from gen_dist.images import to_model_range
+
+    cfg = first_stage_config(first_stage)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    first = load_first_stage(first_stage).to(device)
+
+    def encode(images: Any) -> Any:
+        return encode_latents(first, to_model_range(torch.from_numpy(images).to(device))).cpu().numpy()
+
+    about = {"first_stage": str(first_stage), "ident": weights_ident(first), "resolution": cfg.data.resolution}
+    return write_latent_shards(data, split, out, encode, about)
+
+
+def check_latents(cfg: RunConfig, first: nn.Module) -> None:
+    """data.latents was encoded by this run's first stage."""
+    from gen_dist.data import load_index
+
+    about = load_index(Path(cfg.data.latents)).get("latents")
+    if about is None:
+        raise ConfigError(f"data.latents: {cfg.data.latents} holds images, not latents: write them with "
+                          f"`gen-dist data latents FIRST_STAGE --data {cfg.data.path} --out DIR`")
+    if about["ident"] != weights_ident(first):
+        raise ConfigError(f"data.latents: {cfg.data.latents} was encoded by {about['first_stage']}, whose weights "
+                          f"differ from diffusion.first_stage {cfg.diffusion.first_stage}: encode them again")
+
+
 def build_unet(cfg: RunConfig, channels: int, size: int) -> UNet2DModel:
     from diffusers import UNet2DModel
 
@@ -172,6 +223,8 @@ class DiffusionTask(Task):
             shape = latent_shape(cfg)
             self.frozen = {"first_stage": load_first_stage(Path(d.first_stage))}
             self.frozen_from = {"first_stage": "diffusion.first_stage"}
+            if cfg.data.latents:
+                check_latents(cfg, self.frozen["first_stage"])
             self.latent_scale = d.latent_scale or None
         self.modules = {"denoiser": build_unet(cfg, *shape)}
         self.scheduler = DDPMScheduler(num_train_timesteps=d.train_timesteps, beta_schedule=d.beta_schedule,
@@ -207,12 +260,6 @@ class DiffusionTask(Task):
         if self.frozen and state.get("latent_scale"):
             self.latent_scale = state["latent_scale"]
 
-    @torch.no_grad()
-    def encode(self, first: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Unscaled latents of images `x`, in fp32 whatever the autocast around."""
-        with torch.autocast(x.device.type, enabled=False):
-            return first.encode(x.float()).float()
-
     def measure_scale(self, first: nn.Module) -> float:
         """1 / std of the latents of the first SCALE_IMAGES training images, in index order: the same on
         every rank without a collective."""
@@ -224,17 +271,19 @@ class DiffusionTask(Task):
         split = load_index(Path(d.path))["splits"][d.split]
         device = next(first.parameters()).device
         images = split_images(self.run_cfg, split, 0, min(SCALE_IMAGES, split["count"]))
-        z = torch.cat([self.encode(first, to_model_range(c.to(device))) for c in images.split(128)])
+        z = torch.cat([encode_latents(first, to_model_range(c.to(device))) for c in images.split(128)])
         return 1.0 / z.double().std().item()
 
     def latents(self, nets: Nets, batch: Batch) -> torch.Tensor:
         """The scaled latents of a training batch."""
         first = nets["first_stage"]
-        if self.latent_scale is None:
-            if "micro" not in batch:  # the FLOP count's batch: no measurement for it
-                return self.encode(first, batch["x"])
+        if self.latent_scale is None and "micro" in batch:
             self.latent_scale = self.measure_scale(first)
-        return self.encode(first, batch["x"]) * self.latent_scale
+        if "latent" in batch:
+            return batch["latent"] * self.latent_scale
+        if self.latent_scale is None:
+            return encode_latents(first, batch["x"])  # the FLOP count's batch: no measurement for it
+        return encode_latents(first, batch["x"]) * self.latent_scale
 
     def loss(self, nets: Nets, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = self.latents(nets, batch) if self.frozen else batch["x"]
