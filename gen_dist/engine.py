@@ -315,14 +315,15 @@ class Trainer:
         step = self.state.step
         stats: dict[str, torch.Tensor] = {}
         self.skipped_phases = 0
-        for index, phase in enumerate(self.task.phases):
-            if phase.due(step):
-                stats.update(self.run_phase(index, micro, step))
+        due = [(i, p) for i, p in enumerate(self.task.phases) if p.due(step)]
+        for index, _ in due:
+            stats.update(self.run_phase(index, micro, step))
         self.strategy.end_step(self.modules)
         self._count_nonfinite(step)
         stats["nonfinite_skips"] = torch.tensor(float(self.skipped_phases))
-        for sched in self.scheds.values():
-            sched.step()
+        # A module's schedule counts the steps it trained: one whose phases start later warms up from there.
+        for name in dict.fromkeys(p.trains for _, p in due):
+            self.scheds[name].step()
         with torch.no_grad():
             stats.update(self.task.after_step({**self.frozen, **self.modules},
                                               lambda t: dist.sum_across_ranks(self.acc, t), step) or {})

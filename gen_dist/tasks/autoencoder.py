@@ -217,11 +217,15 @@ class Perceptual(nn.Module):
     """LPIPS-style distance on a frozen classifier trained by gen_dist: per level, channels normalised to unit
     length, squared distance averaged over positions, summed over levels (no learned weights)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, channels: int) -> None:
         from gen_dist.evaluation import DomainClassifier
 
         super().__init__()
-        self.body = DomainClassifier(path, torch.device("cpu")).net.body
+        found = DomainClassifier(path, torch.device("cpu"))
+        if found.channels != channels:
+            raise ConfigError(f"perceptual network {path} takes {found.channels}-channel images, the data has "
+                              f"{channels}")
+        self.body = found.net.body
         self.levels = [i for i, m in enumerate(self.body) if isinstance(m, nn.SiLU)][1::2]
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -255,7 +259,7 @@ class AutoencoderTask(Task):
             self.modules["disc"] = PatchDiscriminator(a.disc_channels, cfg.data.channels)
             self.phases.append(Phase("disc", "disc", self.disc_loss, start=a.disc_start))
         if a.perceptual:
-            self.frozen = {"perceptual": Perceptual(Path(a.perceptual))}
+            self.frozen = {"perceptual": Perceptual(Path(a.perceptual), cfg.data.channels)}
 
     def build(self, cfg: RunConfig) -> nn.Module:
         return SpatialAutoencoder(self.cfg, cfg.data.channels)
@@ -288,7 +292,7 @@ class AutoencoderTask(Task):
     def disc_loss(self, nets: Nets, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = batch["x"]
         with torch.no_grad():
-            recon = self.bottleneck(nets[self.sampled], x, batch)[0]
+            recon = nets[self.sampled](x)[0]
         real, fake = nets["disc"](x).float(), nets["disc"](recon).float()
         loss = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
         return loss, {"loss": loss.detach(), "real_logit": real.detach().mean(), "fake_logit": fake.detach().mean()}
