@@ -4,6 +4,7 @@ library functions."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -122,6 +123,36 @@ def cmd_data(args: argparse.Namespace) -> None:
         print(f"{split}: {entry['count']} samples in {len(entry['shards'])} shards -> {out}")
 
 
+def _count(text: str) -> int:
+    """argparse type of a count: an integer >= 1."""
+    return _at_least(text, 1)
+
+
+def _natural(text: str) -> int:
+    """argparse type of an integer >= 0 (0 where it means 'default' or 'none')."""
+    return _at_least(text, 0)
+
+
+def _at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 def _sampler_overrides(args: argparse.Namespace) -> list[str]:
     """--guidance, --sampler and --steps as diffusion.* overrides."""
     named = {"guidance": "diffusion.guidance", "sampler": "diffusion.sampler", "steps": "diffusion.sample_steps"}
@@ -129,9 +160,9 @@ def _sampler_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _add_sampler_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--guidance", type=float, help="diffusion: classifier-free guidance scale (1 = none)")
+    p.add_argument("--guidance", type=_finite, help="diffusion: classifier-free guidance scale (1 = none)")
     p.add_argument("--sampler", help="diffusion: dpm++, dpm++_sde, ddim, euler, euler_a or heun")
-    p.add_argument("--steps", type=int, help="diffusion: sampler steps")
+    p.add_argument("--steps", type=_count, help="diffusion: sampler steps")
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -213,12 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     la.add_argument("config")
     la.add_argument("overrides", nargs="*")
-    la.add_argument("--nproc", type=int, default=0,
+    la.add_argument("--nproc", type=_natural, default=0,
                     help="processes on this machine (default: from --accelerate-config, else 1)")
-    la.add_argument("--num-machines", type=int, default=1)
-    la.add_argument("--machine-rank", type=int, default=0)
+    la.add_argument("--num-machines", type=_count, default=1)
+    la.add_argument("--machine-rank", type=_natural, default=0)
     la.add_argument("--main-ip", default="127.0.0.1", help="address of machine rank 0")
-    la.add_argument("--port", type=int, default=0, help="rendezvous port (default 29500)")
+    la.add_argument("--port", type=_natural, default=0, help="rendezvous port (default 29500)")
     la.add_argument("--cpu", action="store_true", help="use CPU processes (gloo) even with GPUs present")
     la.add_argument("--accelerate-config", help="accelerate config file, e.g. launcher/accelerate/fsdp.yaml")
     la.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
@@ -231,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "first stage (latents)")
     d.add_argument("--data", help="latents: the packed image dataset to encode")
     d.add_argument("--out", required=True, help="output directory for shards and index.json")
-    d.add_argument("--shard-size", type=int, default=10000, help="samples per shard (default 10000)")
+    d.add_argument("--shard-size", type=_count, default=10000, help="samples per shard (default 10000)")
     d.add_argument("--split", default="train", help="split name for 'folder' and 'latents' (default train)")
     d.add_argument("--channels", type=int, default=3, choices=[1, 3], help="channels for 'folder' (default 3)")
     d.set_defaults(func=cmd_data)
@@ -245,11 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "class per column; --class K makes every image class K.")
     s.add_argument("checkpoint")
     s.add_argument("overrides", nargs="*", help="dotted key=value overrides of the sampling (diffusion.*)")
-    s.add_argument("--n", type=int, default=64)
-    s.add_argument("--class", dest="class_", type=int, help="conditional models: only this class")
+    s.add_argument("--n", type=_count, default=64)
+    s.add_argument("--class", dest="class_", type=_natural, help="conditional models: only this class")
     _add_sampler_options(s)
     s.add_argument("--out", default="samples.png")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=_natural, default=0)
     s.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     s.set_defaults(func=cmd_sample)
 
@@ -268,15 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", help="dotted key=value overrides (eval.*, data.path)")
     ev.add_argument("--metrics", help="comma-separated: fid,kid,is,pr (default: the run's eval.metrics)")
     ev.add_argument("--extractors", help="comma-separated: inception and/or a classifier run directory")
-    ev.add_argument("--n", type=int, help="generated samples (default: the run's eval.n)")
+    ev.add_argument("--n", type=_count, help="generated samples (default: the run's eval.n)")
     ev.add_argument("--split", help="reference split of the dataset (default: the run's, test)")
-    ev.add_argument("--reference-n", type=int, help="real images for the reference (default: the whole split)")
-    ev.add_argument("--seed", type=int)
-    ev.add_argument("--batch-size", type=int, help="images generated and embedded at once per process")
+    ev.add_argument("--reference-n", type=_natural, help="real images for the reference (default: the whole split)")
+    ev.add_argument("--seed", type=_natural)
+    ev.add_argument("--batch-size", type=_count, help="images generated and embedded at once per process")
     ev.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     _add_sampler_options(ev)
-    ev.add_argument("--nproc", type=int, default=1, help="local processes (accelerate launch)")
-    ev.add_argument("--port", type=int, default=0, help="rendezvous port with --nproc (default 29500)")
+    ev.add_argument("--nproc", type=_count, default=1, help="local processes (accelerate launch)")
+    ev.add_argument("--port", type=_natural, default=0, help="rendezvous port with --nproc (default 29500)")
     ev.add_argument("--cpu", action="store_true", help="run on CPU (gloo) even with GPUs present")
     ev.set_defaults(func=cmd_eval)
 
@@ -286,13 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
                            description=SUBMIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     su.add_argument("config")
     su.add_argument("overrides", nargs="*")
-    su.add_argument("--nodes", type=int, default=1)
-    su.add_argument("--gpus-per-node", type=int, default=0, help="0 = a CPU job (gloo)")
-    su.add_argument("--nproc-per-node", type=int, default=0, help="processes per node (default: one per GPU, 1 on CPU)")
-    su.add_argument("--cpus-per-task", type=int, default=0, help="CPUs for each node's task (all its ranks)")
+    su.add_argument("--nodes", type=_count, default=1)
+    su.add_argument("--gpus-per-node", type=_natural, default=0, help="0 = a CPU job (gloo)")
+    su.add_argument("--nproc-per-node", type=_natural, default=0,
+                    help="processes per node (default: one per GPU, 1 on CPU)")
+    su.add_argument("--cpus-per-task", type=_natural, default=0, help="CPUs for each node's task (all its ranks)")
     for opt in ("partition", "account", "qos", "time", "constraint", "mem", "job-name"):
         su.add_argument(f"--{opt}", default="", help=f"sbatch --{opt}")
-    su.add_argument("--signal-seconds", type=int, default=120,
+    su.add_argument("--signal-seconds", type=_natural, default=120,
                     help="SIGUSR1 this long before the time limit: checkpoint, then requeue (default 120)")
     su.add_argument("--setup", default="", help="bash file sourced by the job first (module load, venv, conda)")
     su.add_argument("--python", default=sys.executable, help="interpreter gen_dist is installed in on the nodes")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -250,14 +252,14 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         return float(value)
     if tp is float and isinstance(value, str):
         # YAML 1.1 reads `1e-3` (no dot) as a string; accept what Python reads as a number.
-        try:
-            return float(value)
-        except ValueError:
-            pass
+        with contextlib.suppress(ValueError):
+            value = float(value)
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {value!r}")
     if not isinstance(value, tp):
         raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {type(value).__name__} {value!r}")
+    if tp is float and not math.isfinite(value):
+        raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
     return value
 
 
@@ -313,13 +315,28 @@ def _check_keys(cfg: RunConfig, choices: dict[str, tuple], positive: tuple[str, 
             raise ConfigError(f"config key '{key}' must be > 0, got {get_value(cfg, key)!r}")
 
 
+def _check_no_negative_ints(obj: Any, prefix: str = "") -> None:
+    """Every integer key is a count, a step, an index or a seed: none may be negative."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_no_negative_ints(value, f"{prefix}{f.name}.")
+        elif hints[f.name] is int and value < 0:
+            raise ConfigError(f"config key '{prefix}{f.name}' must be >= 0, got {value}")
+
+
 def validate(cfg: RunConfig) -> None:
     """Checks across fields that types alone cannot express: the core sections', every family's, the
     strategy's and evaluation's."""
     from gen_dist.tasks import families
 
     found = families()
+    _check_no_negative_ints(cfg)
     _check_keys(cfg, {"task": tuple(found), **CHOICES}, POSITIVE)
+    if not cfg.run_dir and (not cfg.name or cfg.name in (".", "..") or "/" in cfg.name or "\\" in cfg.name):
+        raise ConfigError(f"config key 'name' must be a plain name (the run directory is runs/<name>), got "
+                          f"{cfg.name!r}; set run_dir to train elsewhere")
     if cfg.data.channels not in (1, 3):
         raise ConfigError(f"config key 'data.channels' must be 1 or 3, got {cfg.data.channels}")
     if cfg.data.num_workers < 0:

@@ -39,6 +39,12 @@ def test_overrides_take_precedence_and_are_typed() -> None:
     ("data.batch_size=0", "data.batch_size"),
     ("train=3", "train"),
     ("nonsense", "key=value"),
+    ("optim.lr=nan", "'optim.lr' must be a finite number"),
+    ("gan.r1_gamma=.inf", "'gan.r1_gamma' must be a finite number"),
+    ("train.seed=-1", "'train.seed' must be >= 0"),
+    ("data.num_workers=-2", "'data.num_workers' must be >= 0"),
+    ("diffusion.train_timesteps=0", "'diffusion.train_timesteps' must be > 0"),
+    ("name=../elsewhere", "'name' must be a plain name"),
 ])
 def test_bad_values_name_the_key(override: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
@@ -91,3 +97,16 @@ def test_cli_rejects_class_count_the_data_lacks(tmp_path: Path, digits: Path) ->
     proc = run_cli("train", str(CONFIGS / "smoke_gan.yaml"), f"run_dir={tmp_path / 'r'}", f"data.path={digits}",
                    "gan.num_classes=12", check=False)
     assert proc.returncode == 2 and "gan.num_classes=12" in proc.stderr
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["sample", "runs/x", "--n", "0"], "argument --n: must be an integer >= 1, got 0"),
+    (["sample", "runs/x", "--guidance", "nan"], "argument --guidance: must be a finite number"),
+    (["sample", "runs/x", "--steps", "-3"], "argument --steps: must be an integer >= 1, got -3"),
+    (["eval", "runs/x", "--nproc", "0"], "argument --nproc: must be an integer >= 1, got 0"),
+    (["data", "digits", "--out", "x", "--shard-size", "0"], "argument --shard-size: must be an integer >= 1"),
+    (["launch", "configs/smoke_vae.yaml", "--nproc", "two"], "argument --nproc: must be an integer, got 'two'"),
+])
+def test_bad_command_line_values_fail_before_any_work(args: list[str], needle: str) -> None:
+    proc = run_cli(*args, check=False)
+    assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr

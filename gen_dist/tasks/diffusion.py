@@ -343,4 +343,5 @@ register(Family("diffusion", DiffusionConfig, DiffusionTask,
                 "denoising diffusion of a diffusers UNet: epsilon/v/x0, Min-SNR, guidance, DDIM/DPM++/Euler/Heun",
                 choices={"beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
                          "prediction": ("epsilon", "v_prediction", "sample"), "sampler": tuple(SAMPLERS)},
-                positive=("sample_steps", "head_dim"), check=check))
+                positive=("sample_steps", "head_dim", "layers_per_block", "norm_groups", "train_timesteps"),
+                check=check))
