@@ -35,11 +35,9 @@ def module_weights(ckpt: checkpoint.Description, name: str, use_ema: bool) -> di
     return load_file(str(ckpt.weights_file or ckpt.module_file(name)))
 
 
-def run_config(ckpt: checkpoint.Description, overrides: list[str] = ()) -> tuple[str, RunConfig]:
-    """The YAML text and the config (with `overrides`) of the run a checkpoint belongs to."""
-    path = ckpt.path.parent.parent / "config.yaml"
-    text = path.read_text()
-    return text, config_from_yaml(text, str(path), list(overrides))
+def run_config_file(ckpt: checkpoint.Description) -> Path:
+    """The config file of the run a checkpoint belongs to."""
+    return ckpt.path.parent.parent / "config.yaml"
 
 
 def export(path: Path, out: Path) -> Path:
@@ -47,7 +45,10 @@ def export(path: Path, out: Path) -> Path:
     modules sampling needs (`frozen.NAME.*`, e.g. a latent model's first stage, with their own configs), and the
     run config and task state in its metadata; `gen-dist sample` reads it without the run directory."""
     ckpt = resolve(path)
-    text, cfg = run_config(ckpt)
+    source = run_config_file(ckpt)
+    text = source.read_text()
+    # As sampling would load it: without training-only parts (a perceptual network) whose files may be gone.
+    cfg = config_for_sampling(text, str(source), [])
     task = family(cfg.task).task(cfg)
     name = task.sampled
     tensors = {f"model.{k}": v for k, v in module_weights(ckpt, name, use_ema=False).items()}
@@ -81,7 +82,7 @@ def source_config_text(path: Path) -> str:
     """The YAML config of the run behind a run directory, a checkpoint or an export."""
     if path.is_file():
         return export_metadata(path)["config"]
-    return run_config(resolve(path))[0]
+    return run_config_file(resolve(path)).read_text()
 
 
 def config_for_sampling(text: str, source: str, overrides: list[str]) -> RunConfig:
@@ -111,8 +112,8 @@ def load_weights(path: Path, use_ema: bool, overrides: list[str] = ()) -> tuple[
     if path.is_file():
         return _load_export(path, use_ema, list(overrides))
     ckpt = resolve(path)
-    text, _ = run_config(ckpt)
-    cfg = config_for_sampling(text, str(ckpt.path.parent.parent / "config.yaml"), list(overrides))
+    source = run_config_file(ckpt)
+    cfg = config_for_sampling(source.read_text(), str(source), list(overrides))
     return cfg, module_weights(ckpt, family(cfg.task).task.sampled, use_ema)
 
 

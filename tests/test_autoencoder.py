@@ -147,7 +147,8 @@ def test_autoencoder_with_perceptual_loss_and_late_discriminator(tmp_path: Path,
     run_cli("export", str(run_dir), "--out", str(tmp_path / "ae.safetensors"))
     shutil.rmtree(classifier)
     run_cli("sample", str(tmp_path / "ae.safetensors"), "--n", "10", "--out", str(tmp_path / "recon.png"))
-    assert (tmp_path / "recon.png").is_file()
+    run_cli("sample", str(run_dir), "--n", "10", "--out", str(tmp_path / "recon_run.png"))  # the run too
+    assert (tmp_path / "recon.png").is_file() and (tmp_path / "recon_run.png").is_file()
 
 
 # ------------------------------------------------------------------------------------------ latent diffusion

@@ -67,7 +67,7 @@ def check(cfg: RunConfig) -> None:
         return
     a = getattr(cfg, cfg.task)
     check_divisible(cfg, 2 ** (len(a.channels) - 1), f"for {len(a.channels)} {cfg.task} levels")
-    for key in ("kl_weight", "perceptual_weight", "disc_weight", "disc_start"):
+    for key in ("kl_weight", "perceptual_weight", "disc_weight"):  # integer keys: config's own check
         if getattr(a, key) < 0:
             raise ConfigError(f"config key '{cfg.task}.{key}' must be >= 0, got {getattr(a, key)!r}")
     if any(c % a.norm_groups for c in a.channels):

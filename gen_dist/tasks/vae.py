@@ -59,7 +59,7 @@ def check(cfg: RunConfig) -> None:
         return
     v = cfg.vae
     check_halving_levels(cfg, "vae.channels")
-    for key in ("beta", "free_bits", "kl_warmup_steps", "res_blocks"):
+    for key in ("beta", "free_bits"):  # integer keys: config's own check
         if getattr(v, key) < 0:
             raise ConfigError(f"config key 'vae.{key}' must be >= 0, got {getattr(v, key)!r}")
     if not 0 <= v.prior_decay < 1:
