@@ -60,7 +60,7 @@ def config(case: dict, data: Path, run_dir: Path, extra: list[str]) -> RunConfig
     return load_config(case.get("config"), [
         f"data.path={data}", f"run_dir={run_dir}", f"train.steps={steps}", f"train.log_every={case['warmup']}",
         f"train.ckpt_every={steps}", "train.sample_every=0", "train.sample_n=10", "train.progress=false",
-        "wandb.enabled=false", "eval.every=0", *case["overrides"], *extra])
+        "track.backends=[jsonl]", "eval.every=0", *case["overrides"], *extra])
 
 
 def device_of(cfg: RunConfig) -> torch.device:

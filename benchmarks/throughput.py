@@ -27,7 +27,7 @@ def main() -> None:
         run_dir = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "gen_dist", "launch", args.config, f"run_dir={run_dir}",
                f"train.steps={args.steps}", f"train.log_every={max(1, args.steps // 10)}", "train.sample_every=0",
-               f"train.ckpt_every={args.steps}", "wandb.enabled=false", "train.progress=false",
+               f"train.ckpt_every={args.steps}", "track.backends=[jsonl]", "train.progress=false",
                *args.overrides, "--nproc", str(args.nproc)]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)

@@ -56,6 +56,10 @@ def ckpt_root(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first. A directory without its meta file never finished writing."""
     root = ckpt_root(run_dir)
@@ -212,13 +216,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save(acc: Accelerator, run_dir: Path, step: int, strategy: str, modules: list[str],
-         state: dict[str, dict[str, Any]], files: dict[str, dict[str, torch.Tensor]], keep: int) -> Path:
+         state: dict[str, dict[str, Any]], files: dict[str, dict[str, torch.Tensor]], keep: int,
+         keep_also: str = "") -> Path:
     """Every rank writes its part of the prepared modules, optimizers and schedules; the main rank adds `files`
     (name -> consolidated tensors) and the meta file (the parts' `state`) and publishes the directory by renaming
-    it."""
+    it. The `keep` newest checkpoints stay, and the one named `keep_also` (the best) whatever its age."""
     meta = {"strategy": strategy, "world_size": acc.num_processes, "modules": modules, "state": state}
     root = ckpt_root(run_dir)
-    final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
+    final, tmp = root / step_name(step), root / f".tmp_{step_name(step)}"
     if dist.is_main():
         for stale in root.glob(".tmp_step_*"):  # left by a save that was killed
             shutil.rmtree(stale, ignore_errors=True)
@@ -235,7 +240,8 @@ def save(acc: Accelerator, run_dir: Path, step: int, strategy: str, modules: lis
         try:
             _publish(tmp, final, step, meta, files)
             for old in list_checkpoints(run_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                if old.name != keep_also:
+                    shutil.rmtree(old, ignore_errors=True)
         except OSError as e:  # e.g. a full disk: the previous checkpoints stay as they are
             error = f"{type(e).__name__}: {e}"
     error = dist.first_error(acc, error)

@@ -1,5 +1,5 @@
-"""`gen-dist` command line: train, launch, data, sample, export, eval, slurm submit. Thin: parse, then call
-library functions."""
+"""`gen-dist` command line: train, launch, data, sample, export, eval, status, plot, slurm submit and submit-eval.
+Thin: parse, then call library functions."""
 
 from __future__ import annotations
 
@@ -31,6 +31,12 @@ SUBMIT_HELP = """Validate CONFIG for nodes x processes ranks, render slurm/train
 torchrun c10d rendezvous at the first node, SIGUSR1 before the time limit, requeue) and submit it with sbatch.
 The run directory is fixed to an absolute path; a signalled job checkpoints, requeues itself and resumes.
 Example: gen-dist slurm submit configs/x.yaml --nodes 4 --gpus-per-node 8 --time 24:00:00 --partition gpu"""
+
+SUBMIT_EVAL_HELP = """Render slurm/eval.sbatch (one node; torchrun over --nproc-per-node ranks) for
+`gen-dist eval TARGET` with the options given, and submit it with sbatch: evaluation as its own job, so that
+training ranks never wait for it. The target and the evaluation settings are checked before submitting. The log goes to
+RUN_DIR/eval/slurm-eval-<job>.out, the report where `gen-dist eval` writes it.
+Example: gen-dist slurm submit-eval runs/x --snapshots --extractors inception --n 10000 --gpus-per-node 4"""
 
 EVAL_HELP = """Score the samples of a checkpoint (or a run directory's latest, or an exported file) against a split
 of its dataset. Settings come from the run's eval section; options and dotted overrides (eval.*, data.path)
@@ -193,21 +199,34 @@ def _eval_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from gen_dist.evaluation import evaluate_checkpoint
+    from gen_dist import dist
+    from gen_dist.evaluation import evaluate_checkpoint, evaluate_snapshots
     from gen_dist.launch import LaunchSpec, run
 
     overrides = _eval_overrides(args)
+    path = Path(args.checkpoint)
+    if args.snapshots and not (path / "config.yaml").is_file():
+        _fail(f"--snapshots needs a run directory; {path} has no config.yaml")
     if args.nproc > 1:
         from gen_dist.evaluation import check_eval
-        from gen_dist.sampling import load_weights
+        from gen_dist.sampling import config_for_sampling, load_weights
 
-        check_eval(load_weights(Path(args.checkpoint), not args.raw, overrides)[0])  # fail before launch
-        flags = [*(["--raw"] if args.raw else []), *(["--cpu"] if args.cpu else [])]
+        # Fail before launch.
+        source = path / "config.yaml"
+        check_eval(config_for_sampling(source.read_text(), str(source), overrides) if args.snapshots
+                   else load_weights(path, not args.raw, overrides)[0])
+        flags = [f"--{f}" for f in ("raw", "cpu", "snapshots") if getattr(args, f)]
         sys.exit(run(LaunchSpec(nproc=args.nproc, cpu=args.cpu, port=args.port), [args.checkpoint, *overrides,
                                                                                   *flags], command="eval"))
-    report, out = evaluate_checkpoint(Path(args.checkpoint), overrides, use_ema=not args.raw, cpu=args.cpu)
-    from gen_dist import dist
-
+    if args.snapshots:
+        curve = evaluate_snapshots(path, overrides, use_ema=not args.raw, cpu=args.cpu)
+        keys = [k for k in curve[0][1] if k != "eval/seconds"]
+        dist.print0("step      " + "  ".join(f"{k.removeprefix('eval/'):>18}" for k in keys))
+        for step, scores in curve:
+            dist.print0(f"{step:<9} " + "  ".join(f"{scores.get(k, float('nan')):>18.6g}" for k in keys))
+        dist.print0(f"wrote {path / 'eval' / 'snapshots.json'}")
+        return
+    report, out = evaluate_checkpoint(path, overrides, use_ema=not args.raw, cpu=args.cpu)
     for key, value in report["scores"].items():
         dist.print0(f"{key:<32} {value:.6g}")
     for note in report["skipped"]:
@@ -215,19 +234,35 @@ def cmd_eval(args: argparse.Namespace) -> None:
     dist.print0(f"wrote {out}")
 
 
-def cmd_slurm_submit(args: argparse.Namespace) -> None:
-    from gen_dist.slurm import JobSpec, render, submit
+def _job_spec(args: argparse.Namespace) -> object:
+    from gen_dist.slurm import JobSpec
 
-    spec = JobSpec(nodes=args.nodes, gpus_per_node=args.gpus_per_node, nproc_per_node=args.nproc_per_node,
-                   cpus_per_task=args.cpus_per_task, partition=args.partition, account=args.account, qos=args.qos,
-                   time=args.time, constraint=args.constraint, mem=args.mem, job_name=args.job_name,
-                   signal_seconds=args.signal_seconds, setup=args.setup, python=args.python,
-                   sbatch_args=args.sbatch_arg)
-    script, run_dir = render(args.config, args.overrides, spec)
+    return JobSpec(nodes=getattr(args, "nodes", 1), gpus_per_node=args.gpus_per_node,
+                   nproc_per_node=args.nproc_per_node, cpus_per_task=args.cpus_per_task, partition=args.partition,
+                   account=args.account, qos=args.qos, time=args.time, constraint=args.constraint, mem=args.mem,
+                   job_name=args.job_name, signal_seconds=getattr(args, "signal_seconds", 120), setup=args.setup,
+                   python=args.python, sbatch_args=args.sbatch_arg)
+
+
+def cmd_slurm_submit(args: argparse.Namespace) -> None:
+    from gen_dist.slurm import render, submit
+
+    script, run_dir = render(args.config, args.overrides, _job_spec(args))
     if args.dry_run:
         print(script, end="")
         return
     print(submit(script, run_dir))
+
+
+def cmd_slurm_submit_eval(args: argparse.Namespace) -> None:
+    from gen_dist.slurm import render_eval, submit
+
+    flags = [f"--{f}" for f in ("raw", "snapshots") if getattr(args, f)]
+    script, run_dir = render_eval(args.target, [*_eval_overrides(args), *flags], _job_spec(args))
+    if args.dry_run:
+        print(script, end="")
+        return
+    print(submit(script, run_dir, "eval/job.sbatch"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,16 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="FID, KID, IS, precision/recall of a checkpoint's samples",
                         description=EVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("checkpoint")
-    ev.add_argument("overrides", nargs="*", help="dotted key=value overrides (eval.*, data.path)")
-    ev.add_argument("--metrics", help="comma-separated: fid,kid,is,pr (default: the run's eval.metrics)")
-    ev.add_argument("--extractors", help="comma-separated: inception and/or a classifier run directory")
-    ev.add_argument("--n", type=_count, help="generated samples (default: the run's eval.n)")
-    ev.add_argument("--split", help="reference split of the dataset (default: the run's, test)")
-    ev.add_argument("--reference-n", type=_natural, help="real images for the reference (default: the whole split)")
-    ev.add_argument("--seed", type=_natural)
-    ev.add_argument("--batch-size", type=_count, help="images generated and embedded at once per process")
-    ev.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
-    _add_sampler_options(ev)
+    _add_eval_options(ev)
     ev.add_argument("--nproc", type=_count, default=1, help="local processes (accelerate launch)")
     ev.add_argument("--port", type=_natural, default=0, help="rendezvous port with --nproc (default 29500)")
     ev.add_argument("--cpu", action="store_true", help="run on CPU (gloo) even with GPUs present")
@@ -318,21 +344,49 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("config")
     su.add_argument("overrides", nargs="*")
     su.add_argument("--nodes", type=_count, default=1)
-    su.add_argument("--gpus-per-node", type=_natural, default=0, help="0 = a CPU job (gloo)")
-    su.add_argument("--nproc-per-node", type=_natural, default=0,
-                    help="processes per node (default: one per GPU, 1 on CPU)")
-    su.add_argument("--cpus-per-task", type=_natural, default=0, help="CPUs for each node's task (all its ranks)")
-    for opt in ("partition", "account", "qos", "time", "constraint", "mem", "job-name"):
-        su.add_argument(f"--{opt}", default="", help=f"sbatch --{opt}")
     su.add_argument("--signal-seconds", type=_natural, default=120,
                     help="SIGUSR1 this long before the time limit: checkpoint, then requeue (default 120)")
-    su.add_argument("--setup", default="", help="bash file sourced by the job first (module load, venv, conda)")
-    su.add_argument("--python", default=sys.executable, help="interpreter gen_dist is installed in on the nodes")
-    su.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
-                    help="further sbatch option, repeatable (e.g. --sbatch-arg=--exclusive)")
-    su.add_argument("--dry-run", action="store_true", help="print the job script instead of submitting it")
+    _add_job_options(su)
     su.set_defaults(func=cmd_slurm_submit)
+
+    se = sl_sub.add_parser("submit-eval", help="run `gen-dist eval` as its own SLURM job",
+                           description=SUBMIT_EVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    se.add_argument("target", help="a run directory (its latest checkpoint, or its snapshots with --snapshots), "
+                                   "a checkpoint or an export")
+    _add_eval_options(se)
+    _add_job_options(se)
+    se.set_defaults(func=cmd_slurm_submit_eval)
     return p
+
+
+def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides (eval.*, data.path)")
+    p.add_argument("--metrics", help="comma-separated: fid,kid,is,pr (default: the run's eval.metrics)")
+    p.add_argument("--extractors", help="comma-separated: inception and/or a classifier run directory")
+    p.add_argument("--n", type=_count, help="generated samples (default: the run's eval.n)")
+    p.add_argument("--split", help="reference split of the dataset (default: the run's, test)")
+    p.add_argument("--reference-n", type=_natural, help="real images for the reference (default: the whole split)")
+    p.add_argument("--seed", type=_natural)
+    p.add_argument("--batch-size", type=_count, help="images generated and embedded at once per process")
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    _add_sampler_options(p)
+    p.add_argument("--snapshots", action="store_true",
+                   help="score every snapshot of the run directory (train.snapshot_every); the curve goes to "
+                        "RUN/eval/snapshots.json and to the run's logs as snapshots/*")
+
+
+def _add_job_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpus-per-node", type=_natural, default=0, help="0 = a CPU job (gloo)")
+    p.add_argument("--nproc-per-node", type=_natural, default=0,
+                   help="processes per node (default: one per GPU, 1 on CPU)")
+    p.add_argument("--cpus-per-task", type=_natural, default=0, help="CPUs for each node's task (all its ranks)")
+    for opt in ("partition", "account", "qos", "time", "constraint", "mem", "job-name"):
+        p.add_argument(f"--{opt}", default="", help=f"sbatch --{opt}")
+    p.add_argument("--setup", default="", help="bash file sourced by the job first (module load, venv, conda)")
+    p.add_argument("--python", default=sys.executable, help="interpreter gen_dist is installed in on the nodes")
+    p.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+                   help="further sbatch option, repeatable (e.g. --sbatch-arg=--exclusive)")
+    p.add_argument("--dry-run", action="store_true", help="print the job script instead of submitting it")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -96,6 +96,13 @@ class TrainConfig:
     """Steps between checkpoints (a checkpoint is also written at the end)."""
     keep_checkpoints: int = 2
     """Newest checkpoints kept."""
+    snapshot_every: int = 0
+    """Steps between snapshots: the EMA (or raw) weights of the sampled module alone, in the export format,
+    kept for good in snapshots/ (`gen-dist sample` and `gen-dist eval` read them); 0 = none."""
+    keep_best: str = ""
+    """An in-training eval metric (e.g. eval/inception/fid1k; needs eval.every > 0): the checkpoint of its best
+    value is kept beside the newest ones and named in best.json. Lower is better for FID and KID, higher for
+    the others."""
     log_keys: bool = False
     """Write the sample keys of every step to keys_rank<R>.jsonl in the run directory (to audit the data order)."""
     max_nonfinite_steps: int = 5
@@ -103,7 +110,7 @@ class TrainConfig:
     cpu: bool = False
     """Train on CPU even when a GPU is present."""
     progress: bool = True
-    """Show a progress bar on the main process."""
+    """Report progress on the main process: a bar on a terminal, else one plain line per log record."""
     compile: Switch = "auto"
     """torch.compile each trained module (DDP and FSDP; DeepSpeed refuses it). auto = on for CUDA devices."""
     channels_last: Switch = "auto"
@@ -132,12 +139,20 @@ class ParallelConfig:
     deepspeed_config: str = ""
     """Optional DeepSpeed JSON (e.g. launcher/deepspeed/zero3.json) whose zero_optimization and communication
     settings are used; batch size, accumulation, clipping and precision always come from this config."""
+    timeout_minutes: float = 30.0
+    """How long a collective waits for the other ranks before the process group gives up; the rank then
+    reports the step and phase it was in. Raise it for long evaluations or slow checkpoint storage."""
+
+
+@dataclass
+class TrackConfig:
+    backends: list[str] = field(default_factory=lambda: ["wandb", "tensorboard", "jsonl"])
+    """Where metrics go besides train.log: wandb (Weights & Biases, see wandb.*), tensorboard (event files in
+    <run_dir>/tensorboard) and jsonl (<run_dir>/metrics.jsonl, which `gen-dist status` and `plot` read)."""
 
 
 @dataclass
 class WandbConfig:
-    enabled: bool = True
-    """Log to Weights & Biases (through Accelerate's tracker)."""
     project: str = "gen_dist"
     """W&B project."""
     entity: str = ""
@@ -183,6 +198,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -192,6 +208,21 @@ class RunConfig:
 
 
 METRICS = ("fid", "kid", "is", "pr")
+BACKENDS = ("wandb", "tensorboard", "jsonl")
+
+
+def eval_metric_keys(cfg: RunConfig, reconstructs: bool) -> dict[str, bool]:
+    """The metrics an evaluation under cfg.eval logs, each with whether lower is better."""
+    e = cfg.eval
+    tag = f"{e.n // 1000}k" if e.n % 1000 == 0 else str(e.n)
+    out = {"eval/psnr": False} if reconstructs else {}
+    for spec in e.extractors:
+        name = "inception" if spec == "inception" else "domain"
+        names = {"fid": ["fid"], "kid": ["kid"], "pr": ["precision", "recall"],
+                 "is": ["is"] if name == "domain" else []}
+        for metric in e.metrics:
+            out.update({f"eval/{name}/{m}{tag}": m in ("fid", "kid") for m in names[metric]})
+    return out
 CHOICES = {
     "optim.schedule": ("constant", "linear", "cosine"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
@@ -345,15 +376,22 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("config key 'train.ema_decay' must be in [0, 1)")
     if len(cfg.optim.betas) != 2:
         raise ConfigError("config key 'optim.betas' must have two values")
+    backends = cfg.track.backends
+    if set(backends) - set(BACKENDS) or len(set(backends)) != len(backends):
+        raise ConfigError(f"config key 'track.backends' must list distinct entries of {', '.join(BACKENDS)}, got "
+                          f"{backends}")
+    if cfg.parallel.timeout_minutes <= 0:
+        raise ConfigError(f"config key 'parallel.timeout_minutes' must be > 0, got {cfg.parallel.timeout_minutes}")
     _validate_parallel(cfg)
     for f in found.values():
         _check_keys(cfg, {f"{f.name}.{k}": v for k, v in f.choices.items()}, tuple(f"{f.name}.{k}" for k in f.positive))
         if f.check is not None:
             f.check(cfg)
-    _validate_eval(cfg, found[cfg.task].task.generates)
+    task = found[cfg.task].task
+    _validate_eval(cfg, task.generates, task.reconstructs)
 
 
-def _validate_eval(cfg: RunConfig, generates: bool) -> None:
+def _validate_eval(cfg: RunConfig, generates: bool, reconstructs: bool) -> None:
     e = cfg.eval
     unknown = sorted(set(e.metrics) - set(METRICS))
     if unknown or not e.metrics:
@@ -366,6 +404,14 @@ def _validate_eval(cfg: RunConfig, generates: bool) -> None:
         raise ConfigError("eval.every needs a generative task; a classifier run generates nothing to evaluate")
     if "pr" in e.metrics and e.n <= 3:
         raise ConfigError("eval.metrics 'pr' (k-NN precision/recall, k=3) needs eval.n > 3")
+    best = cfg.train.keep_best
+    if best:
+        known = eval_metric_keys(cfg, reconstructs)
+        if not e.every:
+            raise ConfigError(f"train.keep_best={best} needs in-training evaluation: set eval.every > 0")
+        if best not in known:
+            raise ConfigError(f"train.keep_best={best} is not a metric this run's evaluation logs; it logs "
+                              f"{', '.join(known)}")
 
 
 def _validate_parallel(cfg: RunConfig) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -121,3 +123,44 @@ def hard_exit(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+class Watchdog:
+    """Where this rank is in the loop (step and part), and a thread that says so on stderr when the rank has
+    stayed there for nearly the process group's timeout: NCCL's own watchdog then aborts the process without a
+    Python error, so this is the one report of where each rank was stuck."""
+
+    def __init__(self, timeout_s: float, rank: int) -> None:
+        self.timeout_s, self.rank = timeout_s, rank
+        self.step, self.part, self.since = 0, "start-up", time.monotonic()
+        self.warned = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="gen_dist-watchdog")
+        self._thread.start()
+
+    def mark(self, step: int, part: str) -> None:
+        self.step, self.part, self.since, self.warned = step, part, time.monotonic(), False
+
+    @property
+    def where(self) -> str:
+        return f"step {self.step}, {self.part}"
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(30.0, self.timeout_s / 8)):
+            stuck = time.monotonic() - self.since
+            if stuck > 0.9 * self.timeout_s and not self.warned:
+                self.warned = True
+                print(f"gen_dist rank {self.rank}: no progress for {stuck / 60:.1f} min at {self.where} (the process "
+                      f"group gives up after parallel.timeout_minutes={self.timeout_s / 60:g}); another rank may be "
+                      f"stuck or dead", file=sys.stderr, flush=True)
+
+    def failure(self, error: BaseException) -> str:
+        """The message of an error raised in the loop, with the rank and where it happened."""
+        hint = ""
+        if "timed out" in str(error).lower() or "timeout" in type(error).__name__.lower():
+            hint = (f" (a collective waited parallel.timeout_minutes={self.timeout_s / 60:g} for another rank; see "
+                    f"the README's troubleshooting section)")
+        return f"rank {self.rank} failed at {self.where}{hint}: {type(error).__name__}: {error}"
+
+    def close(self) -> None:
+        self._stop.set()

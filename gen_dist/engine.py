@@ -18,19 +18,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from gen_dist import checkpoint, dist, parallel, perf, sampling
-from gen_dist.config import ConfigError, RunConfig, save_config, to_dict
+from gen_dist.config import ConfigError, RunConfig, eval_metric_keys, save_config
 from gen_dist.data import BadSamples, DataPosition, ShardStream, make_loader
 from gen_dist.evaluation import Evaluator, generate, sample_chunk
 from gen_dist.images import grid, to_hwc, to_model_range
 from gen_dist.preflight import preflight
 from gen_dist.tasks import Phase, Task, family
-from gen_dist.track import Tracker, wandb_init_kwargs, wandb_mode
+from gen_dist.track import Progress, Tracker, wandb_mode
 
 PREEMPTED = "preempted.json"
 """Written to the run directory when a signal stopped the run after a checkpoint; job scripts requeue on it."""
+SNAPSHOTS = "snapshots"
+"""train.snapshot_every's weight files, kept for good."""
+BEST = "best.json"
+"""train.keep_best: the best value of the metric, its step and the checkpoint kept for it."""
 
 
 def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -84,12 +87,15 @@ class TrainState:
     """Training images consumed over all ranks."""
     nonfinite: int = 0
     """Consecutive steps with a phase skipped for a non-finite loss or gradient."""
+    best: dict[str, Any] | None = None
+    """train.keep_best: the best value so far, its step and checkpoint."""
 
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step, "images": self.images, "nonfinite": self.nonfinite}
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "images": self.images, "nonfinite": self.nonfinite, "best": self.best}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.images, self.nonfinite = state["step"], state["images"], state["nonfinite"]
+        self.best = state.get("best")
 
 
 class Trainer:
@@ -144,6 +150,7 @@ class Trainer:
         sampled = self.modules[self.task.sampled]
         self.ema = parallel.EMA(sampled, cfg.train.ema_decay, self.layout) if cfg.train.ema_decay > 0 else None
         self.tracker = Tracker(acc, cfg, self.run_dir)
+        self.watchdog = dist.Watchdog(cfg.parallel.timeout_minutes * 60, acc.process_index)
         if self.init_report:
             self.tracker.event("init_from", source=cfg.train.init_from,
                                modules={n: {k: len(v) for k, v in r.items()} for n, r in self.init_report.items()})
@@ -243,12 +250,13 @@ class Trainer:
             files[checkpoint.EMA] = self.ema.state_dict()
         if self.strategy.shards_state:
             files[checkpoint.WEIGHTS] = parallel.full_state_dict(self.modules[self.task.sampled], self.layout)
+        best = self.state.best
         state = {"train": self.state.state_dict(), "data": self.position.state_dict(self.stream.layout),
                  "ema": self.ema.meta_state() if self.ema is not None else {"updates": 0},
                  "task": self.task.state_dict()}
         path = self.last_checkpoint = checkpoint.save(
             self.acc, self.run_dir, self.state.step, self.strategy.name, list(self.modules), state, files,
-            self.cfg.train.keep_checkpoints)
+            self.cfg.train.keep_checkpoints, keep_also=Path(best["path"]).name if best else "")
         self.tracker.event("checkpoint", step=self.state.step, path=str(path),
                            seconds=round(time.perf_counter() - t0, 3))
         return path
@@ -281,6 +289,7 @@ class Trainer:
 
     def run_phase(self, index: int, micro: list[dict[str, Any]], step: int) -> dict[str, torch.Tensor]:
         phase = self.task.phases[index]
+        self.watchdog.mark(step, f"phase '{phase.name}'")
         trained = self.trained[phase.trains]
         for name, m in self.modules.items():
             m.requires_grad_(name == phase.trains)
@@ -318,6 +327,7 @@ class Trainer:
         due = [(i, p) for i, p in enumerate(self.task.phases) if p.due(step)]
         for index, _ in due:
             stats.update(self.run_phase(index, micro, step))
+        self.watchdog.mark(step, "the end of the step (schedules, the task's cross-rank update, EMA)")
         self.strategy.end_step(self.modules)
         self._count_nonfinite(step)
         stats["nonfinite_skips"] = torch.tensor(float(self.skipped_phases))
@@ -386,6 +396,35 @@ class Trainer:
                            skipped=self.evaluator.skipped)
         return scores
 
+    def write_snapshot(self) -> Path:
+        """The sampled module's EMA (or raw) weights alone, as a file `gen-dist sample` and `eval` read."""
+        weights = self._sampler().state_dict()  # consolidated on every rank: collectives
+        path = self.run_dir / SNAPSHOTS / f"step_{self.state.step:08d}.safetensors"
+        if dist.is_main():
+            sampling.write_weights_file(path, {("ema." if self.ema is not None else "model."): weights},
+                                        (self.run_dir / "config.yaml").read_text(), self.state.step,
+                                        self.task.sampled, self.task.state_dict())
+        self.tracker.event("snapshot", step=self.state.step, path=str(path))
+        return path
+
+    def _better(self, scores: dict[str, float]) -> bool:
+        """train.keep_best: whether these scores beat the best so far (then recorded as the best)."""
+        key = self.cfg.train.keep_best
+        value, best = scores[key], self.state.best
+        lower = eval_metric_keys(self.cfg, self.task.reconstructs)[key]
+        if best is not None and not (value < best["value"] if lower else value > best["value"]):
+            return False
+        path = checkpoint.ckpt_root(self.run_dir) / checkpoint.step_name(self.state.step)
+        self.state.best = {"metric": key, "value": value, "step": self.state.step, "path": str(path)}
+        return True
+
+    def _write_best(self) -> None:
+        if dist.is_main():
+            tmp = self.run_dir / f"{BEST}.tmp"
+            tmp.write_text(json.dumps(self.state.best, indent=1))
+            os.replace(tmp, self.run_dir / BEST)
+        self.tracker.event("best", **self.state.best)
+
     def write_samples(self) -> Path:
         images = self.sample(self.cfg.train.sample_n)
         if self.task.reconstructs:  # rows of originals, each above its reconstructions
@@ -405,9 +444,7 @@ class Trainer:
 
     def _start_event(self, resumed: bool) -> None:
         cfg, acc = self.cfg, self.acc
-        if wandb_mode(cfg) and dist.is_main():
-            acc.init_trackers(cfg.wandb.project, config=to_dict(cfg),
-                              init_kwargs={"wandb": wandb_init_kwargs(cfg, self.run_dir)})
+        self.tracker.begin(self.state.step, resumed)
         params = {n: sum(map(self.strategy.numel, m.parameters())) for n, m in self.modules.items()}
         self.tracker.event(
             "start", task=cfg.task, world_size=acc.num_processes, distributed_type=str(acc.distributed_type),
@@ -420,7 +457,7 @@ class Trainer:
             activation_checkpointing=cfg.train.activation_checkpointing,
             optimizer=perf.optimizer_kwargs(cfg, acc.device))
 
-    def _log(self, window: MetricWindow, bar: tqdm) -> None:
+    def _log(self, window: MetricWindow, progress: Progress) -> None:
         metrics = window.summary(self.global_batch)
         metrics.update(self.clock.take(window.steps))
         metrics.update({f"lr/{n}": s.get_last_lr()[0] for n, s in self.scheds.items()})
@@ -435,7 +472,7 @@ class Trainer:
                 if reports:
                     self.tracker.event("bad_data", step=self.state.step, rank=rank, samples=reports[:20])
         self.tracker.log(self.state.step, metrics)
-        bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k.endswith("/loss")})
+        progress.record(self.state.step, metrics)
         window.reset()
 
     def _utilisation(self, images_per_s: float) -> dict[str, float]:
@@ -451,52 +488,76 @@ class Trainer:
         resumed = self.resume()
         self._start_event(resumed)
         saved_at = self.state.step if resumed else -1
-        bar = tqdm(total=t.steps, initial=self.state.step, dynamic_ncols=True,
-                   disable=not (t.progress and dist.is_main()))
+        progress = Progress(t.steps, self.state.step, t.progress)
         stop = dist.StopRequest()
         try:
-            signum, saved_at = self._loop(bar, saved_at, stop)
+            signum, saved_at = self._loop(progress, saved_at, stop)
+        except Exception as e:
+            self._fail(e)
+            raise
         finally:
             stop.restore()
-            bar.close()
+            progress.close()
+            self.watchdog.close()
         if signum:
             self._stop(signum, saved=saved_at == self.state.step)
         else:
             self._finish(saved_at)
         return self.state
 
-    def _loop(self, bar: tqdm, saved_at: int, stop: dist.StopRequest) -> tuple[int, int]:
+    def _loop(self, progress: Progress, saved_at: int, stop: dist.StopRequest) -> tuple[int, int]:
         """Steps until train.steps or until all ranks agree to stop; returns (the stop signal or 0, the step of
         the last checkpoint written)."""
         t = self.cfg.train
         batches = self._batches()
         window = MetricWindow()
+        mark = self.watchdog.mark
         while self.state.step < t.steps:
             t0 = time.perf_counter()
             self.clock.start()
+            mark(self.state.step, "reading data")
             micro = [next(batches) for _ in range(t.grad_accum)]
             t1 = time.perf_counter()
             self.clock.mark("data")
             if t.log_keys:
                 self._log_keys(micro)
             stats = self.train_step(micro)
+            step = self.state.step
+            mark(step, "the stop-signal agreement")
             signum = stop.agreed(self.acc)
             self.clock.mark("collectives")
             window.add(stats, wait=t1 - t0, elapsed=time.perf_counter() - t0)
-            bar.update(1)
-            step = self.state.step
+            progress.update()
             if step % t.log_every == 0 or step == t.steps:
-                self._log(window, bar)
+                mark(step, "logging")
+                self._log(window, progress)
             if t.sample_every and step % t.sample_every == 0 and step < t.steps and self.task.generates:
+                mark(step, "a sample grid")
                 self.write_samples()
+            best = False
             if self.cfg.eval.every and (step % self.cfg.eval.every == 0 or step == t.steps):
-                self.evaluate()
-            if step % t.ckpt_every == 0:
+                mark(step, "evaluation")
+                scores = self.evaluate()
+                best = bool(t.keep_best) and self._better(scores)
+            if t.snapshot_every and step % t.snapshot_every == 0:
+                mark(step, "a snapshot")
+                self.write_snapshot()
+            if step % t.ckpt_every == 0 or best:
+                mark(step, "a checkpoint")
                 self.save()
                 saved_at = step
+            if best:
+                self._write_best()
             if signum:
                 return signum, saved_at
         return 0, saved_at
+
+    def _fail(self, error: Exception) -> None:
+        """Every rank says where it was when the loop failed (a timed-out collective names its step and phase)."""
+        message = self.watchdog.failure(error)
+        print(f"gen_dist: {message}", file=sys.stderr, flush=True)
+        self.tracker.event("failed", step=self.state.step, where=self.watchdog.where, error=str(error)[:500])
+        self.tracker.close("failed")
 
     def _finish(self, saved_at: int) -> None:
         if saved_at != self.state.step:
@@ -504,7 +565,7 @@ class Trainer:
         if self.task.generates:
             self.write_samples()
         self.tracker.event("end", step=self.state.step)
-        self.tracker.close()
+        self.tracker.close("ended")
 
     def _stop(self, signum: int, saved: bool) -> None:
         """Every rank agreed to stop after this step: one checkpoint, and a marker telling a job script to
@@ -515,5 +576,5 @@ class Trainer:
             marker = {"step": self.state.step, "signal": name, "checkpoint": str(path)}
             (self.run_dir / PREEMPTED).write_text(json.dumps(marker))
         self.tracker.event("preempted", step=self.state.step, signal=name, checkpoint=str(path))
-        self.tracker.close()
+        self.tracker.close("preempted")
         self.stopped = name

@@ -382,14 +382,15 @@ def _save_first(places: list[Path], feats: np.ndarray) -> None:
             continue
 
 
-def evaluate_checkpoint(path: Path, overrides: list[str], use_ema: bool, cpu: bool) -> tuple[dict, Path]:
+def evaluate_checkpoint(path: Path, overrides: list[str], use_ema: bool, cpu: bool,
+                        acc: Accelerator | None = None) -> tuple[dict, Path]:
     """`gen-dist eval`: the run config's eval section (with `overrides`) applied to a checkpoint, an exported
-    file or the latest checkpoint of a run directory, in the current process group. Returns the report (the
-    same on every rank) and the path the main rank wrote it to."""
+    file (or snapshot) or the latest checkpoint of a run directory, in the current process group. Returns the
+    report (the same on every rank) and the path the main rank wrote it to."""
     from gen_dist import parallel
     from gen_dist.sampling import load_model, resolve
 
-    acc = Accelerator(cpu=cpu)
+    acc = acc or Accelerator(cpu=cpu)
     cfg, task, net = load_model(path, use_ema, acc.device, overrides)
     if path.is_file():
         run_dir, out = path.parent, path.with_suffix(".eval.json")
@@ -401,8 +402,37 @@ def evaluate_checkpoint(path: Path, overrides: list[str], use_ema: bool, cpu: bo
     scores = evaluator.run(task, net, lambda: parallel.strategy_for(cfg).autocast(acc))
     report = {"checkpoint": str(path), "n": cfg.eval.n, "reference": f"{cfg.eval.reference_split}:"
               f"{evaluator.reference_n}", "world_size": acc.num_processes, "skipped": evaluator.skipped,
-              "scores": scores}
+              "options": {"overrides": overrides, "ema": use_ema}, "scores": scores}
     if dist.is_main():
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=1))
     return report, out
+
+
+def evaluate_snapshots(run_dir: Path, overrides: list[str], use_ema: bool, cpu: bool) -> list[tuple[int, dict]]:
+    """`gen-dist eval RUN --snapshots`: every snapshot of a run (train.snapshot_every) scored in the current
+    process group, oldest first; one scored before with the same options keeps its report. The scores of the
+    newly scored ones go into the run's logs as snapshots/* at the snapshot's step. Returns (step, scores)."""
+    from gen_dist.engine import SNAPSHOTS
+    from gen_dist.track import append_records
+
+    files = sorted((run_dir / SNAPSHOTS).glob("step_*.safetensors"))
+    if not files:
+        raise ConfigError(f"{run_dir} has no snapshots in {SNAPSHOTS}/ (train.snapshot_every)")
+    acc, options = Accelerator(cpu=cpu), {"overrides": overrides, "ema": use_ema}
+    curve, new = [], []
+    for f in files:
+        step, cached = int(f.stem.split("_")[1]), f.with_suffix(".eval.json")
+        report = json.loads(cached.read_text()) if cached.is_file() else {}
+        if report.get("options") != options:
+            report, _ = evaluate_checkpoint(f, overrides, use_ema, cpu, acc)
+            new.append(step)
+        curve.append((step, report["scores"]))
+    if dist.is_main():
+        rows = [(step, {k.replace("eval/", "snapshots/", 1): v for k, v in scores.items() if k != "eval/seconds"})
+                for step, scores in curve if step in new]
+        append_records(run_dir, rows)
+        out = run_dir / "eval" / "snapshots.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps([{"step": step, **scores} for step, scores in curve], indent=1))
+    return curve

@@ -419,7 +419,7 @@ class Strategy:
         grouped = int(os.environ.get("WORLD_SIZE", "1")) > 1 or self.always_grouped
         # Name the backend only for a real group (or a strategy that always makes one).
         pg = InitProcessGroupKwargs(backend=("gloo" if cpu else "nccl") if grouped else None,
-                                    timeout=timedelta(minutes=30))
+                                    timeout=timedelta(minutes=cfg.parallel.timeout_minutes))
         kwargs = self._accelerator_kwargs(trained, cpu)
         precision = "no" if self.own_precision else cfg.train.mixed_precision
         handlers: list[Any] = [pg]

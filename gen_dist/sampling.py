@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -58,12 +59,24 @@ def export(path: Path, out: Path) -> Path:
     for frozen, key in task.frozen_from.items():
         tensors.update({f"frozen.{frozen}.{k}": v for k, v in task.frozen[frozen].state_dict().items()})
         configs[frozen] = source_config_text(Path(str(get_value(cfg, key))))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"config": text, "step": str(ckpt.step), "module": name,
-            "task_state": json.dumps(ckpt.state.get("task", {})), "frozen_from": json.dumps(dict(task.frozen_from)),
-            "frozen_configs": json.dumps(configs)}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out), metadata=meta)
+    write_weights_file(out, {"": tensors}, text, ckpt.step, name, ckpt.state.get("task", {}), dict(task.frozen_from),
+                       configs)
     return out
+
+
+def write_weights_file(out: Path, groups: dict[str, dict[str, torch.Tensor]], config: str, step: int, module: str,
+                       task_state: dict, frozen_from: dict[str, str] | None = None,
+                       frozen_configs: dict[str, str] | None = None) -> None:
+    """The file of `gen-dist export` and of training snapshots: tensors under their group prefix (model., ema.,
+    frozen.NAME.), the run config and what sampling needs in the metadata. Written whole, then renamed."""
+    tensors = {f"{prefix}{k}": v.detach().cpu().contiguous() for prefix, group in groups.items()
+               for k, v in group.items()}
+    meta = {"config": config, "step": str(step), "module": module, "task_state": json.dumps(task_state),
+            "frozen_from": json.dumps(frozen_from or {}), "frozen_configs": json.dumps(frozen_configs or {})}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, out)
 
 
 def export_metadata(path: Path) -> dict[str, str]:
@@ -101,8 +114,10 @@ def _load_export(path: Path, use_ema: bool, overrides: list[str]) -> tuple[RunCo
     tensors = load_file(str(path))
     prefix = "ema." if use_ema and any(k.startswith("ema.") for k in tensors) else "model."
     weights = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
-    # Frozen modules come from the export itself, whatever path the run's config named.
-    own = [f"{key}={path}" for key in json.loads(meta.get("frozen_from", "{}")).values()]
+    # Frozen modules the file carries come from it, whatever path the run's config named (a snapshot carries
+    # none: the run's own first stage is used).
+    carried = json.loads(meta.get("frozen_configs", "{}"))
+    own = [f"{key}={path}" for name, key in json.loads(meta.get("frozen_from", "{}")).items() if name in carried]
     return config_for_sampling(meta["config"], f"metadata of {path}", [*own, *overrides]), weights
 
 

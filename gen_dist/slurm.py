@@ -1,6 +1,7 @@
-"""`gen-dist slurm submit`: render slurm/train.sbatch for a config and hand it to sbatch.
+"""`gen-dist slurm submit` and `submit-eval`: render slurm/train.sbatch for a config, or slurm/eval.sbatch for an
+evaluation of a run, and hand it to sbatch.
 
-The config is validated (and its run directory fixed to an absolute path) before anything is submitted. Every
+The config (or the run to evaluate) is validated, and paths made absolute, before anything is submitted. Every
 value reaches the script through `shlex.quote`, so no config value or option is ever parsed by the shell."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from gen_dist.preflight import preflight
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "slurm" / "train.sbatch"
+EVAL_TEMPLATE = ROOT / "slurm" / "eval.sbatch"
 
 
 @dataclass
@@ -69,6 +71,40 @@ def render(config: str, overrides: list[str], spec: JobSpec) -> tuple[str, Path]
     overrides = [o for o in overrides if not o.startswith(("run_dir=", "train.cpu="))] + fixed
     cfg = load_config(config, overrides)
     preflight(cfg, world_size=spec.nodes * spec.nproc)
+    args = [str(Path(config).resolve()), *overrides]
+    return _script(TEMPLATE, spec, cfg.name, run_dir, run_dir / "slurm-%j.out", "TRAIN_ARGS", args), run_dir
+
+
+def render_eval(target: str, eval_args: list[str], spec: JobSpec) -> tuple[str, Path]:
+    """(job script, run directory) of `gen-dist eval TARGET EVAL_ARGS` as a one-node job of spec.nproc ranks.
+    TARGET (a run directory, a checkpoint or an export) and the evaluation settings are checked first."""
+    from gen_dist.evaluation import check_eval
+    from gen_dist.sampling import config_for_sampling, load_weights
+
+    path = Path(target).resolve()
+    if not path.exists():
+        raise ConfigError(f"{target} does not exist")
+    overrides = [a for a in eval_args if "=" in a and not a.startswith("-")]
+    if "--snapshots" in eval_args:  # snapshots may still be on their way: the run itself is checked
+        if not (path / "config.yaml").is_file():
+            raise ConfigError(f"--snapshots needs a run directory; {target} has no config.yaml")
+        source = path / "config.yaml"
+        check_eval(config_for_sampling(source.read_text(), str(source), overrides))
+    else:
+        check_eval(load_weights(path, True, overrides)[0])
+    # The run directory of a run, a checkpoint (RUN/checkpoints/step_N), a snapshot or an export beside it.
+    run_dir = path if (path / "config.yaml").is_file() else path.parent
+    if run_dir.name in ("checkpoints", "snapshots"):
+        run_dir = run_dir.parent
+    cpu = [] if spec.gpus_per_node else ["--cpu"]
+    log = run_dir / "eval" / "slurm-eval-%j.out"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    return _script(EVAL_TEMPLATE, spec, f"eval-{run_dir.name}", run_dir, log, "EVAL_ARGS",
+                   [str(path), *eval_args, *cpu]), run_dir
+
+
+def _script(template: Path, spec: JobSpec, name: str, run_dir: Path, log: Path, args_var: str,
+            args: list[str]) -> str:
     settings = {
         "WORKDIR": str(Path.cwd()),
         "RUN_DIR": str(run_dir),
@@ -79,16 +115,15 @@ def render(config: str, overrides: list[str], spec: JobSpec) -> tuple[str, Path]
         "SETUP": spec.setup,
     }
     lines = [f"{k}={shlex.quote(v)}" for k, v in settings.items()]
-    lines.append("TRAIN_ARGS=(" + " ".join(shlex.quote(a) for a in [str(Path(config).resolve()), *overrides]) + ")")
-    text = TEMPLATE.read_text()
-    text = text.replace("#@SBATCH@", "\n".join(_directives(spec, cfg.name, run_dir / "slurm-%j.out")))
-    return text.replace("#@SETTINGS@", "\n".join(lines)), run_dir
+    lines.append(f"{args_var}=(" + " ".join(shlex.quote(a) for a in args) + ")")
+    text = template.read_text().replace("#@SBATCH@", "\n".join(_directives(spec, name, log)))
+    return text.replace("#@SETTINGS@", "\n".join(lines))
 
 
-def submit(script: str, run_dir: Path) -> str:
-    """sbatch the script (kept as run_dir/job.sbatch); returns sbatch's output."""
+def submit(script: str, run_dir: Path, name: str = "job.sbatch") -> str:
+    """sbatch the script (kept as run_dir/NAME); returns sbatch's output."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "job.sbatch"
+    path = run_dir / name
     path.write_text(script)
     proc = subprocess.run(["sbatch", str(path)], capture_output=True, text=True)
     if proc.returncode != 0:

@@ -188,7 +188,7 @@ def test_latent_diffusion_resumes_exactly_keeps_its_first_stage_and_exports_it(
 def test_first_stage_stays_frozen_and_bad_first_stages_fail_before_training(
         first_stage: Path, tmp_path: Path, digits: Path) -> None:
     cfg = load_config(CONFIGS / "smoke_diffusion.yaml", [f"run_dir={tmp_path / 'run'}", f"data.path={digits}",
-                                                         "wandb.enabled=false", "train.steps=2", *LATENT,
+                                                         "track.backends=[jsonl]", "train.steps=2", *LATENT,
                                                          f"diffusion.first_stage={first_stage}"])
     trainer = Trainer(cfg)
     before = {k: v.clone() for k, v in trainer.frozen["first_stage"].state_dict().items()}
@@ -213,7 +213,7 @@ def test_pre_encoded_latents_give_the_batches_of_on_the_fly_encoding(
     run_cli("data", "latents", str(first_stage), "--data", str(digits), "--out", str(latents))
     index = json.loads((latents / "index.json").read_text())
     assert index["splits"]["train"] == json.loads((digits / "index.json").read_text())["splits"]["train"]
-    common = [f"data.path={digits}", "wandb.enabled=false", "data.hflip=false", *LATENT,
+    common = [f"data.path={digits}", "track.backends=[jsonl]", "data.hflip=false", *LATENT,
               f"diffusion.first_stage={first_stage}"]
     fly = Trainer(load_config(CONFIGS / "smoke_diffusion.yaml", [f"run_dir={tmp_path / 'fly'}", *common]))
     pre = Trainer(load_config(CONFIGS / "smoke_diffusion.yaml", [f"run_dir={tmp_path / 'pre'}", *common,

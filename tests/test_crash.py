@@ -23,7 +23,7 @@ STEPS = 30
 KILLS = 5
 # A checkpoint every step, so that kills land inside checkpoint writes too.
 COMMON = [f"train.steps={STEPS}", "train.ckpt_every=1", "train.log_every=1", "train.log_keys=true",
-          "train.keep_checkpoints=2", "wandb.enabled=false", "data.num_workers=1"]
+          "train.keep_checkpoints=2", "track.backends=[jsonl]", "data.num_workers=1"]
 
 
 def _command(task: str, run_dir: Path, digits: Path, nproc: int) -> list[str]:

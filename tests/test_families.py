@@ -111,7 +111,7 @@ def probe(tmp_path: Path, digits: Path, monkeypatch: pytest.MonkeyPatch) -> tupl
     text = (CONFIGS / "smoke_vae.yaml").read_text().split("vae:")[0].replace("task: vae", "task: probe")
     config = tmp_path / "probe.yaml"
     config.write_text(text + f"probe:\n  width: 4\n  frozen: {weights}\n")
-    return weights, [str(config), f"data.path={digits}", "wandb.enabled=false"]
+    return weights, [str(config), f"data.path={digits}", "track.backends=[jsonl]"]
 
 
 def test_extra_family_trains_through_the_cli(probe: tuple[Path, list[str]], tmp_path: Path) -> None:

@@ -140,7 +140,7 @@ def test_ada_sums_over_ranks_through_reduce() -> None:
 def test_ada_state_and_weights_resume_exactly(tmp_path: Path, digits: Path) -> None:
     """7 steps straight == 3 steps, stop, resume for 4 more, with p moving every other step: the checkpoint
     of step 3 holds half an interval of sums, and both runs end with the same p, sums and weights."""
-    common = ["gan.ada_interval=2", "wandb.enabled=false"]
+    common = ["gan.ada_interval=2", "track.backends=[jsonl]"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_cli("train", *smoke_args("gan", straight, digits), *common, "train.steps=7", "train.ckpt_every=100")
     run_cli("train", *smoke_args("gan", resumed, digits), *common, "train.steps=3")
@@ -163,7 +163,7 @@ def test_ada_state_and_weights_resume_exactly(tmp_path: Path, digits: Path) -> N
 
 def test_each_network_gets_its_own_learning_rate_and_betas(tmp_path: Path, digits: Path) -> None:
     cfg = load_config(CONFIGS / "smoke_gan.yaml", [f"run_dir={tmp_path / 'run'}", f"data.path={digits}",
-                                                   "wandb.enabled=false", "gan.d_lr=2e-3", "gan.d_betas=[0.0, 0.9]",
+                                                   "track.backends=[jsonl]", "gan.d_lr=2e-3", "gan.d_betas=[0.0, 0.9]",
                                                    "gan.g_betas=[0.5, 0.99]"])
     trainer = Trainer(cfg)
     d, g = (trainer.trained[n].opt.param_groups[0] for n in ("D", "G"))

@@ -23,7 +23,7 @@ def _final(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _train(run_dir: Path, digits: Path, *extra: str):
-    return run_cli("train", *smoke_args("gan", run_dir, digits), "train.ckpt_every=3", "wandb.enabled=false", *extra)
+    return run_cli("train", *smoke_args("gan", run_dir, digits), "train.ckpt_every=3", "track.backends=[jsonl]", *extra)
 
 
 class Exploit:
@@ -97,7 +97,7 @@ def test_nonfinite_loss_skips_the_step_on_every_phase(tmp_path: Path, digits: Pa
     from gen_dist.engine import Trainer
 
     cfg = load_config(smoke_args("gan", tmp_path / "gan", digits)[0],
-                      smoke_args("gan", tmp_path / "gan", digits)[1:] + ["wandb.enabled=false"])
+                      smoke_args("gan", tmp_path / "gan", digits)[1:] + ["track.backends=[jsonl]"])
     trainer = Trainer(cfg)
     batch = next(trainer._batches())
     before = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in trainer.modules.items()}
@@ -133,7 +133,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path: Path, d
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
     work = tmp_path / "work"
-    run_cli("train", *smoke_args("vae", work, digits), "train.steps=2", "train.ckpt_every=2", "wandb.enabled=false")
+    run_cli("train", *smoke_args("vae", work, digits), "train.steps=2", "train.ckpt_every=2", "track.backends=[jsonl]")
     used = sum(f.stat().st_size for f in work.rglob("*") if f.is_file())
     ckpt = sum(f.stat().st_size for f in (work / "checkpoints" / "step_00000002").rglob("*") if f.is_file())
     disk = tmp_path / "disk"
@@ -143,7 +143,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path: Path, d
     try:
         shutil.copytree(work, disk / "run")
         proc = run_cli("train", *smoke_args("vae", disk / "run", digits), "train.steps=4", "train.ckpt_every=1",
-                       "wandb.enabled=false", check=False)
+                       "track.backends=[jsonl]", check=False)
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert "checkpoint of step 3 was not written" in proc.stderr and "earlier checkpoints are intact" in proc.stderr
         assert checkpoint.latest(disk / "run").name == "step_00000002"
@@ -176,8 +176,8 @@ def test_resume_on_another_world_size_reads_each_sample_of_the_epoch_once(
     from gen_dist.data import batch_sizes, load_index
 
     run_dir = tmp_path / "run"
-    args = [*smoke_args(task, run_dir, digits), "train.log_keys=true", "wandb.enabled=false", "train.ckpt_every=1000",
-            f"parallel.strategy={strategy}", "data.batch_size=16"]
+    args = [*smoke_args(task, run_dir, digits), "train.log_keys=true", "track.backends=[jsonl]",
+            "train.ckpt_every=1000", f"parallel.strategy={strategy}", "data.batch_size=16"]
     _launch(first, *args, "train.steps=10")
     total = load_index(digits)["splits"]["train"]["count"]
     left = total - 10 * 16 * first
@@ -195,7 +195,8 @@ def test_resume_on_another_world_size_reads_each_sample_of_the_epoch_once(
 
 def test_zero_checkpoint_on_another_world_size_is_refused_before_launch(tmp_path: Path, digits: Path) -> None:
     run_dir = tmp_path / "run"
-    args = [*smoke_args("vae", run_dir, digits), "wandb.enabled=false", "parallel.strategy=deepspeed", "train.steps=2"]
+    args = [*smoke_args("vae", run_dir, digits), "track.backends=[jsonl]", "parallel.strategy=deepspeed",
+            "train.steps=2"]
     _launch(2, *args)
     proc = run_cli("train", *args[:-1], "train.steps=4", check=False)
     assert proc.returncode == 2
@@ -228,7 +229,7 @@ def test_corrupt_shard_is_counted_and_the_run_goes_on(tmp_path: Path) -> None:
     shard = _damaged_copy(clean, data)
     run_dir = tmp_path / "run"
     proc = _launch(2, str(ROOT / "configs" / "smoke_vae.yaml"), f"run_dir={run_dir}", f"data.path={data}",
-                   "wandb.enabled=false", "train.steps=45", "train.log_every=5")  # 1438 samples / 32
+                   "track.backends=[jsonl]", "train.steps=45", "train.log_every=5")  # 1438 samples / 32
     assert f"{shard}: unreadable after" in proc.stderr
     readable = []
     with pytest.raises(DataError):
@@ -243,7 +244,7 @@ def test_corrupt_shard_is_counted_and_the_run_goes_on(tmp_path: Path) -> None:
 def test_strict_data_mode_stops_naming_the_shard(tmp_path: Path, digits: Path) -> None:
     data = tmp_path / "damaged"
     shard = _damaged_copy(digits, data)
-    proc = run_cli("train", *smoke_args("vae", tmp_path / "run", data), "wandb.enabled=false", "train.steps=100",
+    proc = run_cli("train", *smoke_args("vae", tmp_path / "run", data), "track.backends=[jsonl]", "train.steps=100",
                    "data.strict=true", check=False)  # one epoch is 90 steps
     assert proc.returncode == 2 and f"{shard}: unreadable after" in proc.stderr
 
@@ -280,7 +281,7 @@ def test_sigterm_on_one_rank_stops_all_with_one_checkpoint(tmp_path: Path, digit
     from conftest import ROOT
 
     run_dir = tmp_path / "run"
-    args = [*smoke_args("vae", run_dir, digits), "wandb.enabled=false", "train.steps=400", "train.log_every=1",
+    args = [*smoke_args("vae", run_dir, digits), "track.backends=[jsonl]", "train.steps=400", "train.log_every=1",
             "train.ckpt_every=1000"]
     launch = [sys.executable, "-m", "gen_dist", *train_command(2, *args)]
     proc = subprocess.Popen(launch, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -96,7 +96,7 @@ def _wandb_ids(run_dir: Path) -> set[str]:
 
 def _smoke(task: str, run_dir: Path, data: Path, *extra: str) -> list[str]:
     return [str(CONFIGS / f"smoke_{task}.yaml"), f"run_dir={run_dir}", f"data.path={data}", "train.log_every=1",
-            "wandb.enabled=true", *extra]
+            *extra]
 
 
 def test_two_nodes_by_two_processes(slurm_env: dict, data: Path, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ TASKS = ["diffusion", "gan", "vae"]
 
 def make_trainer(task: str, tmp_path: Path, digits: Path, *extra: str) -> Trainer:
     cfg = load_config(CONFIGS / f"smoke_{task}.yaml",
-                      [f"run_dir={tmp_path / task}", f"data.path={digits}", "wandb.enabled=false", *extra])
+                      [f"run_dir={tmp_path / task}", f"data.path={digits}", "track.backends=[jsonl]", *extra])
     return Trainer(cfg)
 
 
