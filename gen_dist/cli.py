@@ -356,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_options(se)
     _add_job_options(se)
     se.set_defaults(func=cmd_slurm_submit_eval)
+
+    from gen_dist import monitor
+
+    monitor.add_parsers(sub)
     return p
 
 

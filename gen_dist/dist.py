@@ -146,9 +146,9 @@ class Watchdog:
         return f"step {self.step}, {self.part}"
 
     def _watch(self) -> None:
-        while not self._stop.wait(min(30.0, self.timeout_s / 8)):
+        while not self._stop.wait(min(30.0, self.timeout_s / 10)):
             stuck = time.monotonic() - self.since
-            if stuck > 0.9 * self.timeout_s and not self.warned:
+            if stuck > 0.75 * self.timeout_s and not self.warned:
                 self.warned = True
                 print(f"gen_dist rank {self.rank}: no progress for {stuck / 60:.1f} min at {self.where} (the process "
                       f"group gives up after parallel.timeout_minutes={self.timeout_s / 60:g}); another rank may be "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 import sys
@@ -18,6 +17,7 @@ from tqdm.auto import tqdm
 
 from gen_dist import dist
 from gen_dist.config import RunConfig, TrackConfig, to_dict
+from gen_dist.monitor import duration
 
 RUN_ID_FILE = "wandb_run_id"
 HEARTBEAT = "heartbeat.json"
@@ -73,6 +73,7 @@ class Tracker:
             if "jsonl" in cfg.track.backends:
                 self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
             self.text = open(run_dir / "train.log", "a", buffering=1)  # noqa: SIM115
+        self.heartbeat("starting")  # replaces an earlier process's final state while this one resumes
 
     def begin(self, step: int, resumed: bool) -> None:
         """Open the dashboards at `step`. TensorBoard drops what an earlier process logged after the step a resumed
@@ -131,8 +132,9 @@ class Tracker:
             self.acc.get_tracker("wandb").log_images({name: [image]}, step=step)
 
     def heartbeat(self, state: str) -> None:
-        """heartbeat.json: host, pid, time, step, total, state (running, ended, preempted, failed), the SLURM job
-        and the seconds between the last two beats. Written whole and renamed, so a reader never sees half."""
+        """heartbeat.json: host, pid, time, step, total, state (starting, running, ended, preempted, failed), the
+        SLURM job and the seconds between the last two beats. Written whole and renamed, so a reader never sees
+        half."""
         if not self.main:
             return
         now = time.time()
@@ -201,10 +203,3 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
 
-
-def duration(seconds: float) -> str:
-    """12345 -> '3h25m', 75 -> '1m15s'; '?' when unknown."""
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(round(seconds))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

@@ -134,7 +134,7 @@ def test_sharded_bf16_losses_are_finite(task: str, strategy: str, tmp_path: Path
 def test_sharded_checkpoint_exports_consolidated_weights(strategy: str, shards: str, tmp_path: Path,
                                                         digits: Path) -> None:
     run_dir = tmp_path / strategy
-    _launch("diffusion", run_dir, digits, *SHARDED[strategy], "train.steps=3")
+    _launch("diffusion", run_dir, digits, *SHARDED[strategy], "train.steps=3", "train.snapshot_every=3")
     ckpt = run_dir / "checkpoints" / "step_00000003"
     # Each rank wrote its own part of the state.
     assert len(list(ckpt.glob(shards))) == 2, sorted(p.name for p in ckpt.rglob("*"))
@@ -142,8 +142,10 @@ def test_sharded_checkpoint_exports_consolidated_weights(strategy: str, shards: 
     run_cli("export", str(run_dir), "--out", str(out))
     exported = load_file(str(out))
     ema = load_file(str(ckpt / "ema.safetensors"))
+    snapshot = load_file(str(run_dir / "snapshots" / "step_00000003.safetensors"))  # consolidated too
+    assert snapshot.keys() == {f"ema.{k}" for k in ema}
     for k, v in ema.items():
-        assert torch.equal(exported[f"ema.{k}"], v)
+        assert torch.equal(exported[f"ema.{k}"], v) and torch.equal(snapshot[f"ema.{k}"], v)
     raw = {k.removeprefix("model."): v for k, v in exported.items() if k.startswith("model.")}
     assert raw.keys() == ema.keys() and all(v.numel() > 0 for v in raw.values())
     run_cli("sample", str(out), "--n", "4", "--out", str(tmp_path / "s.npz"))

@@ -5,6 +5,7 @@ signalled mid-run checkpoints, requeues itself and resumes where it stopped, in 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CONFIGS, ROOT, events, step_records
+from conftest import CONFIGS, ROOT, events, run_cli, step_records
 
 # On one pytest-xdist worker: one cluster serves the module, and its jobs run 4 ranks each on this machine.
 pytestmark = pytest.mark.xdist_group("slurm")
@@ -147,6 +148,29 @@ def test_signal_checkpoints_requeues_and_resumes(slurm_env: dict, data: Path, tm
     ckpt = events(run_dir, "checkpoint")[0]["time"]
     print(f"signal -> checkpoint written {ckpt - signalled:.2f} s; "
           f"stop -> training resumed {resumed[0]['time'] - stop['time']:.2f} s")
+
+
+def test_evaluation_runs_as_its_own_job(slurm_env: dict, data: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gen-dist slurm submit-eval RUN --snapshots` scores a run's snapshots in a job of 2 ranks (torchrun), apart
+    from training; the scores equal those the training process logged for the same weights."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as torchrun's ranks: the same float reductions
+    classifier, run_dir = tmp_path / "classifier", tmp_path / "run"
+    run_cli("train", str(CONFIGS / "smoke_classifier.yaml"), f"run_dir={classifier}", f"data.path={data}")
+    run_cli("train", *_smoke("diffusion", run_dir, data, "train.snapshot_every=3", "eval.every=3", "eval.n=20",
+                             "eval.batch_size=16", f"eval.extractors=[{classifier}]", "track.backends=[jsonl]"))
+    proc = subprocess.run([sys.executable, "-m", "gen_dist", "slurm", "submit-eval", str(run_dir), "--snapshots",
+                           "--nproc-per-node", "2", "--time", "00:10:00"], env={**slurm_env, "OMP_NUM_THREADS": "1"},
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    job = _job_id(proc)
+    log = run_dir / "eval" / f"slurm-eval-{job}.out"
+    _wait(lambda: _job_state(slurm_env, job) in ("COMPLETED", "FAILED", "CANCELLED", "GONE"), 300, "the job", log)
+    assert _job_state(slurm_env, job) in ("COMPLETED", "GONE"), log.read_text()[-3000:]
+    assert "2 process(es)" in log.read_text()
+    logged = {r["step"]: r["eval/domain/fid20"] for r in step_records(run_dir) if "eval/domain/fid20" in r}
+    curve = json.loads((run_dir / "eval" / "snapshots.json").read_text())
+    assert sorted(logged) == [3, 6]
+    assert {c["step"]: c["eval/domain/fid20"] for c in curve} == pytest.approx(logged, rel=1e-6)
 
 
 def test_rendered_multinode_gpu_script_passes_sbatch_test_only(slurm_env: dict, data: Path, tmp_path: Path) -> None:
