@@ -67,13 +67,16 @@ height=$("$py" - "$base" "$width" "$tag_filter" "$run_filter" <<'PY'
 import json, math, re, sys, time, urllib.request
 base, width, tag_filter, run_filter = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 get = lambda path: json.load(urllib.request.urlopen(base + path, timeout=10))
-deadline = time.time() + 30
-while not get("/data/runs") and time.time() < deadline:
-    time.sleep(1)
-cards = {(plugin, tag)
-         for plugin in ("scalars", "images", "histograms")
-         for run, tags in get(f"/data/plugin/{plugin}/tags").items() if re.search(run_filter, run)
-         for tag in tags if re.search(tag_filter, tag)}
+def matching():
+    return {(plugin, tag)
+            for plugin in ("scalars", "images", "histograms")
+            for run, tags in get(f"/data/plugin/{plugin}/tags").items() if re.search(run_filter, run)
+            for tag in tags if re.search(tag_filter, tag)}
+# TensorBoard loads a large logdir in the background: wait until the matching cards stop changing.
+deadline, cards, before = time.time() + 60, set(), None
+while time.time() < deadline and (not cards or cards != before):
+    before, cards = cards, matching()
+    time.sleep(2)
 # Cards are at least 335 px wide plus a 16 px gap, about 440 px tall, 12 to a page; the run
 # list and the settings pane take about 600 px of the width.
 cols = max(1, (width - 600) // 351)
