@@ -45,6 +45,10 @@ def test_overrides_take_precedence_and_are_typed() -> None:
     ("data.num_workers=-2", "'data.num_workers' must be >= 0"),
     ("diffusion.train_timesteps=0", "'diffusion.train_timesteps' must be > 0"),
     ("name=../elsewhere", "'name' must be a plain name"),
+    ("track.backends=[tensorboard, mlflow]", "'track.backends' must list distinct entries"),
+    ("parallel.timeout_minutes=0", "'parallel.timeout_minutes' must be > 0"),
+    ("train.snapshot_every=-5", "'train.snapshot_every' must be >= 0"),
+    ("train.keep_best=eval/inception/fid1k", "needs in-training evaluation: set eval.every > 0"),
 ])
 def test_bad_values_name_the_key(override: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
@@ -61,6 +65,15 @@ def test_unknown_key_in_yaml(tmp_path: Path) -> None:
 def test_missing_file() -> None:
     with pytest.raises(ConfigError, match="config file not found"):
         load_config("no/such/config.yaml")
+
+
+def test_keep_best_must_name_a_logged_metric() -> None:
+    base = ["eval.every=10", "eval.n=500", "eval.metrics=[fid,pr]", "eval.extractors=[inception]"]
+    cfg = load_config(CONFIGS / "smoke_gan.yaml", [*base, "train.keep_best=eval/inception/recall500"])
+    assert cfg.train.keep_best == "eval/inception/recall500"
+    with pytest.raises(ConfigError, match="eval/inception/fid1k is not a metric .* it logs eval/inception/fid500, "
+                                          "eval/inception/precision500, eval/inception/recall500"):
+        load_config(CONFIGS / "smoke_gan.yaml", [*base, "train.keep_best=eval/inception/fid1k"])
 
 
 def test_cross_field_checks() -> None:
@@ -106,6 +119,10 @@ def test_cli_rejects_class_count_the_data_lacks(tmp_path: Path, digits: Path) ->
     (["eval", "runs/x", "--nproc", "0"], "argument --nproc: must be an integer >= 1, got 0"),
     (["data", "digits", "--out", "x", "--shard-size", "0"], "argument --shard-size: must be an integer >= 1"),
     (["launch", "configs/smoke_vae.yaml", "--nproc", "two"], "argument --nproc: must be an integer, got 'two'"),
+    (["status", "runs/x", "--watch", "0"], "argument --watch: must be a positive number of seconds"),
+    (["status", "no/such/run"], "no/such/run is not a directory"),
+    (["eval", "configs", "--snapshots"], "--snapshots needs a run directory; configs has no config.yaml"),
+    (["slurm", "submit-eval", "no/such/run", "--snapshots"], "no/such/run does not exist"),
 ])
 def test_bad_command_line_values_fail_before_any_work(args: list[str], needle: str) -> None:
     proc = run_cli(*args, check=False)
