@@ -205,16 +205,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     overrides = _eval_overrides(args)
     path = Path(args.checkpoint)
-    if args.snapshots and not (path / "config.yaml").is_file():
-        _fail(f"--snapshots needs a run directory; {path} has no config.yaml")
     if args.nproc > 1:
-        from gen_dist.evaluation import check_eval
-        from gen_dist.sampling import config_for_sampling, load_weights
+        from gen_dist.evaluation import check_eval_target
 
-        # Fail before launch.
-        source = path / "config.yaml"
-        check_eval(config_for_sampling(source.read_text(), str(source), overrides) if args.snapshots
-                   else load_weights(path, not args.raw, overrides)[0])
+        check_eval_target(path, overrides, args.snapshots, not args.raw)  # fail before launch
         flags = [f"--{f}" for f in ("raw", "cpu", "snapshots") if getattr(args, f)]
         sys.exit(run(LaunchSpec(nproc=args.nproc, cpu=args.cpu, port=args.port), [args.checkpoint, *overrides,
                                                                                   *flags], command="eval"))

@@ -474,6 +474,12 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
 
 def save_config(cfg: RunConfig, path: Path) -> None:
     """Atomically: a run killed while writing it must still find the old file on restart."""
+    write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write the whole file under another name, then rename it: a reader, or a restart after a kill, sees the
+    old file or the new one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.write_text(text)
     os.replace(tmp, path)

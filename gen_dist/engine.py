@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from gen_dist import checkpoint, dist, parallel, perf, sampling
-from gen_dist.config import ConfigError, RunConfig, eval_metric_keys, save_config
+from gen_dist.config import ConfigError, RunConfig, eval_metric_keys, save_config, write_atomic
 from gen_dist.data import BadSamples, DataPosition, ShardStream, make_loader
 from gen_dist.evaluation import Evaluator, generate, sample_chunk
 from gen_dist.images import grid, to_hwc, to_model_range
@@ -256,7 +256,7 @@ class Trainer:
                  "task": self.task.state_dict()}
         path = self.last_checkpoint = checkpoint.save(
             self.acc, self.run_dir, self.state.step, self.strategy.name, list(self.modules), state, files,
-            self.cfg.train.keep_checkpoints, keep_also=Path(best["path"]).name if best else "")
+            self.cfg.train.keep_checkpoints, keep_also=checkpoint.step_name(best["step"]) if best else "")
         self.tracker.event("checkpoint", step=self.state.step, path=str(path),
                            seconds=round(time.perf_counter() - t0, 3))
         return path
@@ -399,7 +399,7 @@ class Trainer:
     def write_snapshot(self) -> Path:
         """The sampled module's EMA (or raw) weights alone, as a file `gen-dist sample` and `eval` read."""
         weights = self._sampler().state_dict()  # consolidated on every rank: collectives
-        path = self.run_dir / SNAPSHOTS / f"step_{self.state.step:08d}.safetensors"
+        path = self.run_dir / SNAPSHOTS / f"{checkpoint.step_name(self.state.step)}.safetensors"
         if dist.is_main():
             sampling.write_weights_file(path, {("ema." if self.ema is not None else "model."): weights},
                                         (self.run_dir / "config.yaml").read_text(), self.state.step,
@@ -420,9 +420,7 @@ class Trainer:
 
     def _write_best(self) -> None:
         if dist.is_main():
-            tmp = self.run_dir / f"{BEST}.tmp"
-            tmp.write_text(json.dumps(self.state.best, indent=1))
-            os.replace(tmp, self.run_dir / BEST)
+            write_atomic(self.run_dir / BEST, json.dumps(self.state.best, indent=1))
         self.tracker.event("best", **self.state.best)
 
     def write_samples(self) -> Path:

@@ -409,6 +409,26 @@ def evaluate_checkpoint(path: Path, overrides: list[str], use_ema: bool, cpu: bo
     return report, out
 
 
+def run_config_file(run_dir: Path) -> Path:
+    """The config of a run directory, which `--snapshots` needs."""
+    source = run_dir / "config.yaml"
+    if not source.is_file():
+        raise ConfigError(f"--snapshots needs a run directory; {run_dir} has no config.yaml")
+    return source
+
+
+def check_eval_target(path: Path, overrides: list[str], snapshots: bool, use_ema: bool) -> None:
+    """Before a launch or a job submission: the evaluation of a checkpoint, export or run directory (or of a run's
+    snapshots, which may still be on their way: then the run's config) can run."""
+    from gen_dist.sampling import config_for_sampling, load_weights
+
+    if snapshots:
+        source = run_config_file(path)
+        check_eval(config_for_sampling(source.read_text(), str(source), overrides))
+    else:
+        check_eval(load_weights(path, use_ema, overrides)[0])
+
+
 def evaluate_snapshots(run_dir: Path, overrides: list[str], use_ema: bool, cpu: bool) -> list[tuple[int, dict]]:
     """`gen-dist eval RUN --snapshots`: every snapshot of a run (train.snapshot_every) scored in the current
     process group, oldest first; one scored before with the same options keeps its report. The scores of the
@@ -416,6 +436,7 @@ def evaluate_snapshots(run_dir: Path, overrides: list[str], use_ema: bool, cpu: 
     from gen_dist.engine import SNAPSHOTS
     from gen_dist.track import append_records
 
+    run_config_file(run_dir)
     files = sorted((run_dir / SNAPSHOTS).glob("step_*.safetensors"))
     if not files:
         raise ConfigError(f"{run_dir} has no snapshots in {SNAPSHOTS}/ (train.snapshot_every)")

@@ -78,20 +78,13 @@ def render(config: str, overrides: list[str], spec: JobSpec) -> tuple[str, Path]
 def render_eval(target: str, eval_args: list[str], spec: JobSpec) -> tuple[str, Path]:
     """(job script, run directory) of `gen-dist eval TARGET EVAL_ARGS` as a one-node job of spec.nproc ranks.
     TARGET (a run directory, a checkpoint or an export) and the evaluation settings are checked first."""
-    from gen_dist.evaluation import check_eval
-    from gen_dist.sampling import config_for_sampling, load_weights
+    from gen_dist.evaluation import check_eval_target
 
-    path = Path(target).resolve()
-    if not path.exists():
+    if not Path(target).exists():
         raise ConfigError(f"{target} does not exist")
     overrides = [a for a in eval_args if "=" in a and not a.startswith("-")]
-    if "--snapshots" in eval_args:  # snapshots may still be on their way: the run itself is checked
-        if not (path / "config.yaml").is_file():
-            raise ConfigError(f"--snapshots needs a run directory; {target} has no config.yaml")
-        source = path / "config.yaml"
-        check_eval(config_for_sampling(source.read_text(), str(source), overrides))
-    else:
-        check_eval(load_weights(path, True, overrides)[0])
+    check_eval_target(Path(target), overrides, "--snapshots" in eval_args, "--raw" not in eval_args)
+    path = Path(target).resolve()
     # The run directory of a run, a checkpoint (RUN/checkpoints/step_N), a snapshot or an export beside it.
     run_dir = path if (path / "config.yaml").is_file() else path.parent
     if run_dir.name in ("checkpoints", "snapshots"):

@@ -17,7 +17,7 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from tqdm.auto import tqdm
 
 from gen_dist import dist
-from gen_dist.config import RunConfig, TrackConfig, to_dict
+from gen_dist.config import RunConfig, TrackConfig, to_dict, write_atomic
 from gen_dist.monitor import duration
 
 RUN_ID_FILE = "wandb_run_id"
@@ -115,12 +115,10 @@ class Tracker:
         self.step = step
         if self.main:
             if self.jsonl:
-                self.jsonl.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+                self.jsonl.write(record_line(step, metrics))
             self.text.write(f"step {step:>7} | " + " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + "\n")
             if self.board is not None:
-                # One event for the whole record: 17x cheaper than add_scalar per key.
-                values = [Summary.Value(tag=k, simple_value=float(v)) for k, v in metrics.items()]
-                self.board._get_file_writer().add_summary(Summary(value=values), step)
+                add_scalars(self.board, step, metrics)
             self.heartbeat("running")
         if self.use_wandb:
             self.acc.log(metrics, step=step)
@@ -144,9 +142,7 @@ class Tracker:
                 "total": self.cfg.train.steps, "state": state, "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
                 "log_every_s": round(now - self.beat, 3) if self.beat else 0.0}
         self.beat = now
-        tmp = self.run_dir / f"{HEARTBEAT}.tmp"
-        tmp.write_text(json.dumps(beat))
-        os.replace(tmp, self.run_dir / HEARTBEAT)
+        write_atomic(self.run_dir / HEARTBEAT, json.dumps(beat))
 
     def close(self, state: str) -> None:
         if self.main:
@@ -157,6 +153,17 @@ class Tracker:
             self.jsonl = self.text = self.board = None
 
 
+def record_line(step: int, metrics: dict[str, float]) -> str:
+    """A step record of metrics.jsonl."""
+    return json.dumps({"step": step, "time": time.time(), **metrics}) + "\n"
+
+
+def add_scalars(board: Any, step: int, metrics: dict[str, float]) -> None:
+    """A record's scalars as one TensorBoard event: 17x cheaper than one add_scalar per key."""
+    values = [Summary.Value(tag=k, simple_value=float(v)) for k, v in metrics.items()]
+    board._get_file_writer().add_summary(Summary(value=values), step)
+
+
 def append_records(run_dir: Path, rows: list[tuple[int, dict[str, float]]]) -> None:
     """Scores made after the fact (a run's snapshots) added to its metrics.jsonl and TensorBoard curves, as the
     run's config logs them."""
@@ -165,14 +172,13 @@ def append_records(run_dir: Path, rows: list[tuple[int, dict[str, float]]]) -> N
     if "jsonl" in backends:
         with open(run_dir / "metrics.jsonl", "a") as f:
             for step, values in rows:
-                f.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+                f.write(record_line(step, values))
     if "tensorboard" in backends and rows:
         from torch.utils.tensorboard import SummaryWriter
 
         with SummaryWriter(str(run_dir / "tensorboard")) as board:
             for step, values in rows:
-                for k, v in values.items():
-                    board.add_scalar(k, v, step)
+                add_scalars(board, step, values)
 
 
 class Progress:
