@@ -77,9 +77,17 @@ def _job_id(proc: subprocess.CompletedProcess) -> str:
 
 
 def _job_state(env: dict, job: str) -> str:
-    out = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
-    found = re.search(r"JobState=(\S+)", out)
-    return found.group(1) if found else "GONE"
+    """The job's state, or GONE once slurmctld has forgotten it. A busy controller can time out a query: that is
+    asked again, never taken for a finished job."""
+    for _ in range(30):
+        proc = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True)
+        found = re.search(r"JobState=(\S+)", proc.stdout)
+        if found:
+            return found.group(1)
+        if "Invalid job id" in proc.stderr:
+            return "GONE"
+        time.sleep(1)
+    raise AssertionError(f"scontrol show job {job} gave no state: {proc.stderr}")
 
 
 def _wait(predicate, timeout: float, what: str, log: Path | None = None) -> None:
