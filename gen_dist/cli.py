@@ -171,6 +171,18 @@ def _add_sampler_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=_count, help="diffusion: sampler steps")
 
 
+def _stds(text: str) -> list[float]:
+    return [_finite(v) for v in text.split(",") if v.strip()]
+
+
+def cmd_ema(args: argparse.Namespace) -> None:
+    from gen_dist import posthoc
+
+    out, info = posthoc.export(Path(args.run_dir), args.std, Path(args.out) if args.out else None, args.step)
+    print(f"ema std {info['sigma_rel']} at step {info['step']} from {info['snapshots']} snapshots (profile error "
+          f"{info['profile_error']:.2%}) -> {out}")
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     from gen_dist.sampling import sample_checkpoint
 
@@ -205,13 +217,31 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     overrides = _eval_overrides(args)
     path = Path(args.checkpoint)
+    if args.ema_stds and (args.snapshots or args.raw):
+        _fail("--ema-stds scores post-hoc EMAs of a run directory; it does not go with --snapshots or --raw")
     if args.nproc > 1:
         from gen_dist.evaluation import check_eval_target
 
-        check_eval_target(path, overrides, args.snapshots, not args.raw)  # fail before launch
+        check_eval_target(path, overrides, args.snapshots or bool(args.ema_stds), not args.raw)  # fail before launch
         flags = [f"--{f}" for f in ("raw", "cpu", "snapshots") if getattr(args, f)]
+        if args.ema_stds:
+            from gen_dist import posthoc
+
+            for std in args.ema_stds:
+                posthoc.plan(path, std)
+            flags += ["--ema-stds", ",".join(map(str, args.ema_stds))]
         sys.exit(run(LaunchSpec(nproc=args.nproc, cpu=args.cpu, port=args.port), [args.checkpoint, *overrides,
                                                                                   *flags], command="eval"))
+    if args.ema_stds:
+        from gen_dist.evaluation import evaluate_posthoc
+
+        rows, best = evaluate_posthoc(path, args.ema_stds, overrides, cpu=args.cpu)
+        keys = [k for k in rows[0][1] if k != "eval/seconds"]
+        dist.print0("ema std   " + "  ".join(f"{k.removeprefix('eval/'):>18}" for k in keys))
+        for std, scores in rows:
+            dist.print0(f"{std:<9.3f} " + "  ".join(f"{scores.get(k, float('nan')):>18.6g}" for k in keys))
+        dist.print0(f"best: ema std {best} (wrote {path / 'eval' / 'posthoc.json'})")
+        return
     if args.snapshots:
         curve = evaluate_snapshots(path, overrides, use_ema=not args.raw, cpu=args.cpu)
         keys = [k for k in curve[0][1] if k != "eval/seconds"]
@@ -313,6 +343,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     s.set_defaults(func=cmd_sample)
 
+    em = sub.add_parser("ema", help="reconstruct a post-hoc EMA of any length from a run's snapshots",
+                        description="Reconstruct the power-function EMA with relative std --std (EDM2's "
+                                    "sigma_rel, e.g. 0.05 to 0.2) at --step (default: the newest snapshot) as the "
+                                    "least-squares combination of the run's post-hoc EMA snapshots "
+                                    "(train.posthoc_ema, train.posthoc_every), written as an export that "
+                                    "`gen-dist sample` and `gen-dist eval` read.")
+    em.add_argument("run_dir")
+    em.add_argument("--std", type=_finite, required=True, help="relative std of the EMA")
+    em.add_argument("--step", type=_natural, default=0, help="the step to reconstruct at (default: newest)")
+    em.add_argument("--out", help="output .safetensors (default RUN/posthoc/ema_<std>_step_<N>.safetensors)")
+    em.set_defaults(func=cmd_ema)
+
     e = sub.add_parser("export", help="write one consolidated safetensors file of a checkpoint",
                        description="Write the generator/denoiser of a checkpoint (or a run directory's latest) "
                                    "as one safetensors file: raw weights under model.*, EMA under ema.*, the run "
@@ -326,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description=EVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("checkpoint")
     _add_eval_options(ev)
+    ev.add_argument("--ema-stds", type=_stds, help="comma-separated relative stds: reconstruct the post-hoc EMA "
+                                                   "of each from the run's snapshots (train.posthoc_ema), score "
+                                                   "each, report the best (RUN/eval/posthoc.json)")
     ev.add_argument("--nproc", type=_count, default=1, help="local processes (accelerate launch)")
     ev.add_argument("--port", type=_natural, default=0, help="rendezvous port with --nproc (default 29500)")
     ev.add_argument("--cpu", action="store_true", help="run on CPU (gloo) even with GPUs present")

@@ -99,6 +99,13 @@ class TrainConfig:
     snapshot_every: int = 0
     """Steps between snapshots: the EMA (or raw) weights of the sampled module alone, in the export format,
     kept for good in snapshots/ (`gen-dist sample` and `gen-dist eval` read them); 0 = none."""
+    posthoc_ema: list[float] = field(default_factory=list)
+    """Post-hoc EMA (EDM2): relative stds (sigma_rel, e.g. [0.05, 0.10]) of power-function EMA profiles of the
+    sampled module, kept beside train.ema_decay's and written in half precision to posthoc/ every
+    train.posthoc_every steps; `gen-dist ema RUN --std S` then makes the EMA of any length from them. Empty =
+    none."""
+    posthoc_every: int = 0
+    """Steps between post-hoc EMA snapshots (needed with train.posthoc_ema)."""
     keep_best: str = ""
     """An in-training eval metric (e.g. eval/inception/fid1k; needs eval.every > 0): the checkpoint of its best
     value is kept beside the newest ones and named in best.json. Lower is better for FID and KID, higher for
@@ -374,6 +381,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("config key 'data.num_workers' must be >= 0")
     if not 0 <= cfg.train.ema_decay < 1:
         raise ConfigError("config key 'train.ema_decay' must be in [0, 1)")
+    _validate_posthoc(cfg)
     if len(cfg.optim.betas) != 2:
         raise ConfigError("config key 'optim.betas' must have two values")
     backends = cfg.track.backends
@@ -389,6 +397,22 @@ def validate(cfg: RunConfig) -> None:
             f.check(cfg)
     task = found[cfg.task].task
     _validate_eval(cfg, task.generates, task.reconstructs)
+
+
+MAX_SIGMA_REL = 0.28
+"""The longest post-hoc EMA: above it the power function's exponent is negative (sigma_rel peaks at 0.2887 for an
+exponent near 0)."""
+
+
+def _validate_posthoc(cfg: RunConfig) -> None:
+    t = cfg.train
+    if not t.posthoc_ema:
+        return
+    if any(not 0 < s <= MAX_SIGMA_REL for s in t.posthoc_ema) or len(set(t.posthoc_ema)) != len(t.posthoc_ema):
+        raise ConfigError(f"config key 'train.posthoc_ema' must list distinct relative stds in (0, {MAX_SIGMA_REL}], "
+                          f"got {t.posthoc_ema}")
+    if t.posthoc_every <= 0:
+        raise ConfigError("train.posthoc_ema needs train.posthoc_every > 0 (steps between its snapshots)")
 
 
 def _validate_eval(cfg: RunConfig, generates: bool, reconstructs: bool) -> None:

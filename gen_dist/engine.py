@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gen_dist import checkpoint, dist, parallel, perf, sampling
+from gen_dist import checkpoint, dist, parallel, perf, posthoc, sampling
 from gen_dist.config import ConfigError, RunConfig, eval_metric_keys, save_config, write_atomic
 from gen_dist.data import BadSamples, DataPosition, ShardStream, make_loader
 from gen_dist.evaluation import Evaluator, generate, sample_chunk
@@ -148,7 +148,10 @@ class Trainer:
                 self.strategy.compile(t)
         self.layout = self.strategy.weight_layout(acc)
         sampled = self.modules[self.task.sampled]
-        self.ema = parallel.EMA(sampled, cfg.train.ema_decay, self.layout) if cfg.train.ema_decay > 0 else None
+        self.ema = (parallel.EMA(sampled, parallel.warmed_decay(cfg.train.ema_decay), self.layout)
+                    if cfg.train.ema_decay > 0 else None)
+        self.posthoc = (posthoc.Profiles(sampled, cfg.train.posthoc_ema, self.layout) if cfg.train.posthoc_ema
+                        else None)
         self.tracker = Tracker(acc, cfg, self.run_dir)
         self.watchdog = dist.Watchdog(cfg.parallel.timeout_minutes * 60, acc.process_index)
         if self.init_report:
@@ -197,6 +200,7 @@ class Trainer:
     def _prepare(self) -> None:
         o = self.cfg.optim
         kwargs = perf.optimizer_kwargs(self.cfg, self.acc.device)
+        self.strategy.before_optimizers(self.acc, {n: self.task.modules[n] for n in self.trained_names})
         opts = {}
         for n in self.trained_names:
             own = {"lr": o.lr, "betas": o.betas, **self.task.optim.get(n, {})}
@@ -239,6 +243,8 @@ class Trainer:
             self.tracker.event("data_layout_changed", saved=saved.to_list(), now=self.stream.layout.to_list())
         if self.ema is not None and desc.ema_file is not None:
             self.ema.load(desc.ema_file, desc.state["ema"])
+        if self.posthoc is not None and "posthoc" in desc.state:
+            self.posthoc.load(desc.path, desc.state["posthoc"]["updates"])
         self.tracker.event("resume", checkpoint=str(desc.path), step=self.state.step,
                            seconds=round(time.perf_counter() - t0, 3))
         return True
@@ -248,12 +254,16 @@ class Trainer:
         files = {}  # consolidated on every rank (collectives), written by the main rank
         if self.ema is not None:
             files[checkpoint.EMA] = self.ema.state_dict()
+        if self.posthoc is not None:
+            files.update(self.posthoc.files())
         if self.strategy.shards_state:
             files[checkpoint.WEIGHTS] = parallel.full_state_dict(self.modules[self.task.sampled], self.layout)
         best = self.state.best
         state = {"train": self.state.state_dict(), "data": self.position.state_dict(self.stream.layout),
                  "ema": self.ema.meta_state() if self.ema is not None else {"updates": 0},
                  "task": self.task.state_dict()}
+        if self.posthoc is not None:
+            state["posthoc"] = {"updates": self.posthoc.meta_state()}
         path = self.last_checkpoint = checkpoint.save(
             self.acc, self.run_dir, self.state.step, self.strategy.name, list(self.modules), state, files,
             self.cfg.train.keep_checkpoints, keep_also=checkpoint.step_name(best["step"]) if best else "")
@@ -340,6 +350,8 @@ class Trainer:
         self.clock.mark("collectives")
         if self.ema is not None:
             self.ema.update()
+        if self.posthoc is not None:
+            self.posthoc.update()
         self.clock.mark("ema")
         self.state.step += 1
         self.state.images += self.global_batch
@@ -540,6 +552,10 @@ class Trainer:
             if t.snapshot_every and step % t.snapshot_every == 0:
                 mark(step, "a snapshot")
                 self.write_snapshot()
+            if self.posthoc is not None and step % t.posthoc_every == 0:
+                mark(step, "a post-hoc EMA snapshot")
+                self.posthoc.write(posthoc.snapshot_path(self.run_dir, step), step, self.task.sampled,
+                                   self.task.state_dict(), dist.is_main())
             if step % t.ckpt_every == 0 or best:
                 mark(step, "a checkpoint")
                 self.save()

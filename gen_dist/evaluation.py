@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from gen_dist import dist, metrics
-from gen_dist.config import ConfigError, RunConfig
+from gen_dist.config import ConfigError, RunConfig, eval_metric_keys
 from gen_dist.data import Piece, decode_image, load_index, read_pieces
 from gen_dist.images import quantize, to_model_range
 from gen_dist.tasks.base import Task
@@ -457,3 +457,32 @@ def evaluate_snapshots(run_dir: Path, overrides: list[str], use_ema: bool, cpu: 
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps([{"step": step, **scores} for step, scores in curve], indent=1))
     return curve
+
+
+def evaluate_posthoc(run_dir: Path, stds: list[float], overrides: list[str], cpu: bool) -> tuple[list, float]:
+    """`gen-dist eval RUN --ema-stds ...`: the post-hoc EMA of each relative std reconstructed (by the main rank,
+    into RUN/posthoc/) and scored in the current process group. Returns [(std, scores)] and the best std by the
+    first metric the evaluation logs (eval/posthoc.json)."""
+    from gen_dist import posthoc
+    from gen_dist.sampling import config_for_sampling
+    from gen_dist.tasks import family
+
+    source = run_config_file(run_dir)
+    cfg = config_for_sampling(source.read_text(), str(source), overrides)
+    # An std the snapshots cannot give is refused here, before anything is sampled.
+    paths = [posthoc.output_path(run_dir, s, posthoc.plan(run_dir, s)[1]) for s in stds]
+    acc = Accelerator(cpu=cpu)
+    if dist.is_main():
+        for s, out in zip(stds, paths, strict=True):
+            posthoc.export(run_dir, s, out)
+    acc.wait_for_everyone()
+    rows = [(s, evaluate_checkpoint(out, overrides, True, cpu, acc)[0]["scores"])
+            for s, out in zip(stds, paths, strict=True)]
+    key, lower = next(iter(eval_metric_keys(cfg, family(cfg.task).task.reconstructs).items()))
+    best = (min if lower else max)(rows, key=lambda r: r[1][key])[0]
+    if dist.is_main():
+        out = run_dir / "eval" / "posthoc.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"metric": key, "best": best, "stds": [{"std": s, "scores": sc} for s, sc in rows]},
+                                  indent=1))
+    return rows, best

@@ -287,33 +287,46 @@ WeightLayout = Replicated | Zero3Partitions | FSDP2Shards
 """Where a rank's part of each weight lives, and how the whole weights are gathered from the parts."""
 
 
+def saved_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers a state dict holds (not the non-persistent ones, which the module computes itself, such as
+    a DiT's position embedding)."""
+    return {f"{prefix}.{name}".lstrip("."): b for prefix, m in module.named_modules() for name, b in m._buffers.items()
+            if b is not None and name not in m._non_persistent_buffers_set}
+
+
 def full_state_dict(module: nn.Module, layout: WeightLayout) -> dict[str, torch.Tensor]:
     """Whole fp32 weights and buffers of `module` on every rank (a collective under sharding)."""
     names, params = zip(*module.named_parameters(), strict=True)
     full = layout.gather(list(params), [layout.local(p) for p in params])
     out = {n: t.detach().float().cpu() for n, t in zip(names, full, strict=True)}
-    out.update({n: b.detach().cpu().clone() for n, b in module.named_buffers()})
+    out.update({n: b.detach().cpu().clone() for n, b in saved_buffers(module).items()})
     return out
+
+
+def warmed_decay(decay: float) -> Callable[[int], float]:
+    """train.ema_decay with warm-up, min(decay, (1 + n) / (10 + n)) after n updates: early averages are not
+    dominated by the initial weights."""
+    return lambda n: min(decay, (1 + n) / (10 + n))
 
 
 class EMA:
     """Exponential moving average of a module's parameters, held in fp32 in the layout the strategy stores them
-    in (this rank's partition under ZeRO-3), so it costs no more memory per rank than the weights."""
+    in (this rank's partition under ZeRO-3 and FSDP), so it costs no more memory per rank than the weights. `beta`
+    gives the decay of the update after n earlier ones."""
 
-    def __init__(self, module: nn.Module, decay: float, layout: WeightLayout) -> None:
-        self.module, self.decay, self.layout = module, decay, layout
+    def __init__(self, module: nn.Module, beta: Callable[[int], float], layout: WeightLayout) -> None:
+        self.module, self.beta, self.layout = module, beta, layout
         self.names = [n for n, _ in module.named_parameters()]
         self.params = [p for _, p in module.named_parameters()]
         self.shadow = [layout.local(p).detach().float().clone() for p in self.params]
-        self.buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
+        self.buffers = {n: b.detach().clone() for n, b in saved_buffers(module).items()}
         self.updates = 0
 
     @torch.no_grad()
     def update(self) -> None:
-        # Warm-up: early averages are not dominated by the initial weights.
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        d = self.beta(self.updates)
         torch._foreach_lerp_(self.shadow, [self.layout.local(p).float() for p in self.params], 1 - d)
-        for n, b in self.module.named_buffers():
+        for n, b in saved_buffers(self.module).items():
             self.buffers[n].copy_(b)
         self.updates += 1
 
@@ -447,6 +460,9 @@ class Strategy:
         prepared = acc.prepare(*[modules[k] for k in names], *opts.values(), *scheds.values())
         return {k: TrainedModule(acc, prepared[i], prepared[n + i], prepared[2 * n + i]) for i, k in enumerate(names)}
 
+    def before_optimizers(self, acc: Accelerator, modules: dict[str, nn.Module]) -> None:
+        """Change the trained modules' parameters where the strategy must before optimizers hold them."""
+
     def weight_layout(self, acc: Accelerator) -> WeightLayout:
         return Replicated()
 
@@ -454,8 +470,11 @@ class Strategy:
         """After a step's phases: leave every trained module's weights in their stored layout."""
 
     def compile(self, trained: TrainedModule) -> None:
-        """torch.compile in place (parameter names unchanged). The wrapper is compiled, so that under DDP
-        dynamo splits the graph at the gradient buckets and their all-reduce still overlaps the backward."""
+        """torch.compile in place (parameter names unchanged). A module made of repeated blocks gets each block
+        compiled instead (`compile_blocks`). Otherwise the wrapper is compiled, so that under DDP dynamo splits
+        the graph at the gradient buckets and their all-reduce still overlaps the backward."""
+        if compile_blocks(trained):
+            return
         wrapper = trained.wrapper
         wrapper.compile()
         trained.uncompiled = lambda: _swapped(wrapper, "_compiled_call_impl", None)
@@ -594,6 +613,15 @@ class FSDP(Strategy):
             out[name] = FSDPTrainedModule(acc, wrapper, opt, sched)
         return out
 
+    def before_optimizers(self, acc: Accelerator, modules: dict[str, nn.Module]) -> None:
+        """Each repeated block its own unit, before the optimizers take the parameters (then the root's
+        prepare() holds the rest)."""
+        from torch.distributed.fsdp import fully_shard
+
+        for module in modules.values():
+            for unit in shard_units(module):
+                fully_shard(unit, reshard_after_forward=True, mp_policy=acc.state.fsdp_plugin.mixed_precision_policy)
+
     def weight_layout(self, acc: Accelerator) -> WeightLayout:
         return FSDP2Shards()
 
@@ -604,10 +632,52 @@ class FSDP(Strategy):
             m.reshard()
 
     def compile(self, trained: TrainedModule) -> None:
-        """Only the module's own forward: FSDP2's all-gather and reshard hooks around it stay eager."""
+        """Only the module's (or each block's) own forward: FSDP2's all-gather and reshard hooks around it stay
+        eager."""
+        if compile_blocks(trained):
+            return
         module, forward = trained.module, trained.module.forward
         module.forward = torch.compile(forward)
         trained.uncompiled = lambda: _swapped(module, "forward", forward)
+
+
+def blocks(module: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a module that names their class in `_no_split_modules` (as transformers do)."""
+    names = set(getattr(module, "_no_split_modules", None) or ())
+    return [m for m in module.modules() if names & {c.__name__ for c in type(m).__mro__}]
+
+
+def shard_units(module: nn.Module) -> list[nn.Module]:
+    """FSDP units below a module's root: its repeated blocks, each gathered only while it runs, except those the
+    module also uses outside their own forward (`_root_blocks`; diffusers' DiT reads its first block's
+    conditioning embedding for its output layer), which stay in the root's unit."""
+    keep = {id(m) for m in getattr(module, "_root_blocks", ())}
+    return [b for b in blocks(module) if id(b) not in keep]
+
+
+def compile_blocks(trained: TrainedModule) -> bool:
+    """Regional compilation: each repeated block's forward is compiled, the rest of the module stays eager. The
+    blocks share one graph (their parameters are its inputs), so compile time does not grow with depth, and
+    FSDP's per-block hooks stay outside it. False for a module without repeated blocks."""
+    found = blocks(trained.module)
+    if not found:
+        return False
+    forwards = [(b, b.forward, torch.compile(b.forward)) for b in found]
+    for b, _, compiled in forwards:
+        b.forward = compiled
+
+    @contextmanager
+    def eager() -> Iterator[None]:
+        for b, plain, _ in forwards:
+            b.forward = plain
+        try:
+            yield
+        finally:
+            for b, _, compiled in forwards:
+                b.forward = compiled
+
+    trained.uncompiled = eager
+    return True
 
 
 STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (DDP, DeepSpeed, FSDP)}

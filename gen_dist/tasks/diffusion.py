@@ -1,6 +1,9 @@
-"""Denoising diffusion of a diffusers UNet: DDPM noise schedule, epsilon / v / x0 prediction with optional
-Min-SNR-gamma weighting, label dropout for classifier-free guidance, and diffusers' samplers (DDIM, DPM-Solver++,
-Euler, Euler ancestral, Heun); in pixel space or on the latents of a frozen autoencoder (latent diffusion)."""
+"""Diffusion with a diffusers UNet or DiT backbone and one of three objectives: DDPM (noise schedule, epsilon /
+v / x0 prediction, optional Min-SNR-gamma weighting, diffusers' samplers DDIM, DPM-Solver++, Euler, Euler
+ancestral, Heun), flow matching (rectified flow: velocity on the linear path, uniform or logit-normal time, time
+shift) or EDM (preconditioning, log-normal noise levels, the rho schedule); flow and EDM sample with an Euler or
+Heun ODE solver. Label dropout for classifier-free guidance (with an optional guidance interval); in pixel space
+or on the latents of a frozen autoencoder (latent diffusion)."""
 
 from __future__ import annotations
 
@@ -23,6 +26,22 @@ if TYPE_CHECKING:
 
 @dataclass
 class DiffusionConfig:
+    backbone: str = "unet"
+    """unet (diffusers' UNet2DModel: channels, attention, layers_per_block, head_dim, norm_groups) or dit
+    (diffusers' DiTTransformer2DModel: dit_depth, dit_heads, dit_head_dim, patch_size)."""
+    objective: str = "ddpm"
+    """ddpm (a discrete noise schedule; prediction, snr_gamma, beta_schedule), flow (rectified flow: the network
+    predicts the velocity noise - x on the straight path from data to noise; time_sampling, time_shift) or edm
+    (Karras et al. 2022: preconditioned denoiser, log-normal noise levels; sigma_data, p_mean, p_std, sigma_min,
+    sigma_max, rho)."""
+    dit_depth: int = 6
+    """DiT: transformer blocks."""
+    dit_heads: int = 4
+    """DiT: attention heads (width = dit_heads x dit_head_dim)."""
+    dit_head_dim: int = 32
+    """DiT: channels per attention head."""
+    patch_size: int = 2
+    """DiT: side of the square patches that become tokens; must divide the (latent) resolution."""
     channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     """UNet channels per resolution level."""
     attention: list[bool] = field(default_factory=lambda: [False, False, True])
@@ -51,11 +70,38 @@ class DiffusionConfig:
     guidance: float = 1.0
     """Classifier-free guidance scale w of samples (grids, `gen-dist sample` and eval): the prediction is
     uncond + w (cond - uncond), costing a second network pass per step; 1 = the conditional model alone."""
-    sampler: str = "dpm++"
-    """Sampler (a diffusers scheduler): ddim, dpm++ (DPM-Solver++ 2M), dpm++_sde (its stochastic form), euler,
-    euler_a (ancestral) or heun (2nd order: two network passes per step)."""
+    guidance_interval: list[float] = field(default_factory=list)
+    """flow and edm: [low, high] of the noise level (flow's t in [0, 1], edm's sigma) where guidance applies;
+    outside it the conditional model alone is used (Kynkaanniemi et al. 2024). Empty = everywhere."""
+    sampler: str = "auto"
+    """ddpm: a diffusers scheduler: ddim, dpm++ (DPM-Solver++ 2M), dpm++_sde (its stochastic form), euler,
+    euler_a (ancestral) or heun (2nd order: two network passes per step). flow and edm: the ODE solver euler or
+    heun (2nd order; its last step is Euler). auto = dpm++ for ddpm, heun otherwise."""
     sample_steps: int = 20
-    """Sampler steps; the timesteps are spaced to end at the last training timestep ('trailing')."""
+    """Sampler steps. ddpm: timesteps spaced to end at the last training timestep ('trailing'); flow: the time
+    grid of diffusers' FlowMatchEulerDiscreteScheduler (shifted by time_shift); edm: the rho schedule."""
+    time_sampling: str = "logit_normal"
+    """flow: how training times t are drawn: uniform, or logit_normal (sigmoid of a normal with logit_mean,
+    logit_std: more weight on the middle of the path; Esser et al. 2024)."""
+    logit_mean: float = 0.0
+    """flow: mean of the logit-normal time density."""
+    logit_std: float = 1.0
+    """flow: std of the logit-normal time density."""
+    time_shift: float = 1.0
+    """flow: t -> s t / (1 + (s - 1) t) for training and sampling times; s > 1 spends more time at high noise
+    (larger images or latents want it); 1 = no shift."""
+    sigma_data: float = 0.5
+    """edm: std of the data (images in [-1, 1] have about 0.5), which sets the preconditioning."""
+    p_mean: float = -1.2
+    """edm: mean of ln(sigma) of training noise levels."""
+    p_std: float = 1.2
+    """edm: std of ln(sigma) of training noise levels."""
+    sigma_min: float = 0.002
+    """edm: smallest noise level of the sampler."""
+    sigma_max: float = 80.0
+    """edm: largest noise level of the sampler (where sampling starts)."""
+    rho: float = 7.0
+    """edm: the sampler's schedule exponent: larger spends more steps at low noise."""
     ddim_eta: float = 1.0
     """DDIM noise: 1 = ancestral (DDPM-like), 0 = deterministic DDIM."""
     first_stage: str = ""
@@ -80,6 +126,19 @@ SAMPLERS = {
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
 }
+OBJECTIVES = ("ddpm", "flow", "edm")
+ODE_SAMPLERS = ("euler", "heun")
+"""The samplers of flow and edm: solvers of the probability-flow ODE over the noise level."""
+TIME_SCALE = 1000.0
+"""flow's t in [0, 1] and edm's c_noise are multiplied by this before the network's sinusoidal timestep
+embedding, which diffusers builds for DDPM's timesteps 0..999."""
+
+
+def sampler_name(d: DiffusionConfig) -> str:
+    """diffusion.sampler with auto resolved."""
+    if d.sampler != "auto":
+        return d.sampler
+    return "dpm++" if d.objective == "ddpm" else "heun"
 
 
 def check(cfg: RunConfig) -> None:
@@ -89,10 +148,14 @@ def check(cfg: RunConfig) -> None:
     if cfg.task != "diffusion":
         return
     size = latent_shape(cfg)[1] if d.first_stage else cfg.data.resolution
-    if size % 2 ** (len(d.channels) - 1):
-        where = "the first stage's latent resolution" if d.first_stage else "data.resolution"
+    where = "the first stage's latent resolution" if d.first_stage else "data.resolution"
+    if d.backbone == "unet" and size % 2 ** (len(d.channels) - 1):
         raise ConfigError(f"{where} {size} must be divisible by {2 ** (len(d.channels) - 1)} for "
                           f"{len(d.channels)} UNet levels")
+    if d.backbone == "dit" and size % d.patch_size:
+        raise ConfigError(f"diffusion.patch_size={d.patch_size} does not divide {where} {size}: the DiT cuts the "
+                          f"image into whole patches")
+    _check_objective(d)
     if cfg.data.latents and not d.first_stage:
         raise ConfigError("data.latents needs diffusion.first_stage (the autoencoder that encoded them)")
     if cfg.data.latents and cfg.data.hflip:
@@ -103,12 +166,34 @@ def check(cfg: RunConfig) -> None:
     if d.snr_gamma < 0 or d.guidance < 0 or d.latent_scale < 0:
         raise ConfigError("config keys 'diffusion.snr_gamma', 'diffusion.guidance' and 'diffusion.latent_scale' "
                           "must be >= 0")
-    if d.sampler == "euler_a" and d.prediction == "sample":
+    if d.objective == "ddpm" and d.sampler == "euler_a" and d.prediction == "sample":
         raise ConfigError("diffusion.sampler=euler_a does not take diffusion.prediction=sample (diffusers' "
                           "ancestral Euler has no x0 form); use euler, heun, dpm++ or ddim")
     if d.guidance != 1 and not (d.num_classes and d.label_dropout > 0):
         raise ConfigError(f"diffusion.guidance={d.guidance} needs a model trained with classifier-free guidance "
                           f"(diffusion.num_classes > 0 and diffusion.label_dropout > 0); use diffusion.guidance=1")
+
+
+def _check_objective(d: DiffusionConfig) -> None:
+    """The keys that belong to one objective are not set with another."""
+    if d.objective == "ddpm":
+        if d.guidance_interval:
+            raise ConfigError("diffusion.guidance_interval applies to objective=flow or edm (a noise-level "
+                              "interval of their ODE samplers)")
+        return
+    if d.sampler not in ("auto", *ODE_SAMPLERS):
+        raise ConfigError(f"diffusion.sampler={d.sampler} is a DDPM sampler; objective={d.objective} samples with "
+                          f"the ODE solvers {' or '.join(ODE_SAMPLERS)}")
+    if d.prediction != "epsilon" or d.snr_gamma:
+        raise ConfigError(f"diffusion.prediction and diffusion.snr_gamma belong to objective=ddpm; objective="
+                          f"{d.objective} has its own target ({'velocity' if d.objective == 'flow' else 'EDM'})")
+    if d.guidance_interval and (len(d.guidance_interval) != 2 or not 0 <= d.guidance_interval[0]
+                                < d.guidance_interval[1]):
+        raise ConfigError(f"diffusion.guidance_interval must be [low, high] with 0 <= low < high, got "
+                          f"{d.guidance_interval}")
+    if d.objective == "edm" and not 0 < d.sigma_min < d.sigma_max:
+        raise ConfigError(f"diffusion.sigma_min and sigma_max must satisfy 0 < sigma_min < sigma_max, got "
+                          f"{d.sigma_min}, {d.sigma_max}")
 
 
 def first_stage_config(path: Path) -> RunConfig:
@@ -208,6 +293,46 @@ def build_unet(cfg: RunConfig, channels: int, size: int) -> UNet2DModel:
     )
 
 
+def build_dit(cfg: RunConfig, channels: int, size: int) -> nn.Module:
+    """diffusers' DiT with adaLN-Zero's zero initialisation (every block starts as the identity, the output at
+    zero; Peebles & Xie 2023). Its label embeddings keep their null class (index num_classes) but do not drop
+    labels themselves: each block has its own embedding, and a drop must be the same in all of them, so the
+    task drops labels once (diffusion.label_dropout) before the call."""
+    from diffusers import DiTTransformer2DModel
+    from diffusers.models.embeddings import LabelEmbedding
+
+    d = cfg.diffusion
+    net = DiTTransformer2DModel(
+        num_attention_heads=d.dit_heads, attention_head_dim=d.dit_head_dim, in_channels=channels,
+        out_channels=channels, num_layers=d.dit_depth, sample_size=size, patch_size=d.patch_size,
+        num_embeds_ada_norm=max(d.num_classes, 1))  # an unconditional DiT sees class 0 throughout
+    for m in net.modules():
+        if isinstance(m, LabelEmbedding):
+            m.dropout_prob = 0.0
+    for layer in [*(b.norm1.linear for b in net.transformer_blocks), net.proj_out_1, net.proj_out_2]:
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+    # The repeated block: FSDP shards each one on its own (but the first, whose embedding the output layer also
+    # reads), and train.compile compiles it once for all.
+    net._no_split_modules = ["BasicTransformerBlock"]
+    net._root_blocks = [net.transformer_blocks[0]]
+    return net
+
+
+def build_backbone(cfg: RunConfig, channels: int, size: int) -> nn.Module:
+    return (build_dit if cfg.diffusion.backbone == "dit" else build_unet)(cfg, channels, size)
+
+
+def flow_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
+    return t if shift == 1 else shift * t / (1 + (shift - 1) * t)
+
+
+def edm_scalings(sigma: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, ...]:
+    """EDM preconditioning (Karras et al. 2022, Table 1): D(x, sigma) = c_skip x + c_out F(c_in x, c_noise)."""
+    total = sigma.square() + sigma_data**2
+    return sigma_data**2 / total, sigma * sigma_data / total.sqrt(), total.rsqrt(), sigma.log() / 4
+
+
 class DiffusionTask(Task):
     sampled = "denoiser"
 
@@ -226,7 +351,7 @@ class DiffusionTask(Task):
             if cfg.data.latents:
                 check_latents(cfg, self.frozen["first_stage"])
             self.latent_scale = d.latent_scale or None
-        self.modules = {"denoiser": build_unet(cfg, *shape)}
+        self.modules = {"denoiser": build_backbone(cfg, *shape)}
         self.scheduler = DDPMScheduler(num_train_timesteps=d.train_timesteps, beta_schedule=d.beta_schedule,
                                        prediction_type=d.prediction)
         self.phases = [Phase("denoise", "denoiser", self.loss)]
@@ -285,52 +410,132 @@ class DiffusionTask(Task):
             return encode_latents(first, batch["x"])  # the FLOP count's batch: no measurement for it
         return encode_latents(first, batch["x"]) * self.latent_scale
 
+    def _net(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The backbone's output at (x, t): t is one value per image or one for all."""
+        if labels is None and self.cfg.backbone == "dit":
+            labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        return net(x, t.expand(x.shape[0]), class_labels=labels).sample
+
     def loss(self, nets: Nets, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = self.latents(nets, batch) if self.frozen else batch["x"]
+        err, weight = getattr(self, f"_{self.cfg.objective}_error")(nets["denoiser"], x, self._train_labels(batch))
+        loss = (err * weight).mean()
+        return loss, {"loss": loss.detach(), "mse": err.detach().mean()}
+
+    # Each objective's (per-image squared error of the network's output, its loss weight).
+
+    def _ddpm_error(self, net: nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
         noise = torch.randn_like(x)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x.shape[0],), device=x.device)
-        xt = self.scheduler.add_noise(x, noise, t)
-        pred = nets["denoiser"](xt, t, class_labels=self._train_labels(batch)).sample
+        pred = self._net(net, self.scheduler.add_noise(x, noise, t), t, labels)
         err = (pred.float() - self._target(x, noise, t).float()).square().mean(dim=(1, 2, 3))
-        stats = {"mse": err.detach().mean()}
-        if self.cfg.snr_gamma > 0:
-            err = err * self._snr_weight(t)
-        loss = err.mean()
-        return loss, {"loss": loss.detach(), **stats}
+        return err, self._snr_weight(t) if self.cfg.snr_gamma > 0 else 1.0
+
+    def _flow_error(self, net: nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
+        """Rectified flow: x_t = (1 - t) x + t noise, whose velocity is noise - x."""
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        d = self.cfg
+        noise = torch.randn_like(x)
+        u = compute_density_for_timestep_sampling(d.time_sampling, x.shape[0], d.logit_mean, d.logit_std,
+                                                  device=x.device)
+        t = flow_shift(u, d.time_shift)
+        tb = t.view(-1, 1, 1, 1)
+        pred = self._net(net, (1 - tb) * x + tb * noise, t * TIME_SCALE, labels)
+        return (pred.float() - (noise - x).float()).square().mean(dim=(1, 2, 3)), 1.0
+
+    def _edm_error(self, net: nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
+        """EDM's loss lambda(sigma) |D(x + n) - x|^2 as the plain error of F against its effective target
+        (x - c_skip (x + n)) / c_out, equal because lambda = 1 / c_out^2 (Karras et al. 2022, eq. 8)."""
+        d = self.cfg
+        sigma = (torch.randn(x.shape[0], device=x.device) * d.p_std + d.p_mean).exp()
+        c_skip, c_out, c_in, c_noise = (c.view(-1, 1, 1, 1) for c in edm_scalings(sigma, d.sigma_data))
+        noisy = x + torch.randn_like(x) * sigma.view(-1, 1, 1, 1)
+        pred = self._net(net, c_in * noisy, c_noise.flatten() * TIME_SCALE, labels)
+        return (pred.float() - ((x - c_skip * noisy) / c_out).float()).square().mean(dim=(1, 2, 3)), 1.0
 
     def make_sampler(self) -> Any:
-        """A fresh diffusers scheduler for diffusion.sampler, configured from the training schedule."""
+        """A fresh diffusers scheduler for objective=ddpm's diffusion.sampler, configured from the training
+        schedule."""
         import diffusers
 
-        name, extra = SAMPLERS[self.cfg.sampler]
+        name, extra = SAMPLERS[sampler_name(self.cfg)]
         sched = getattr(diffusers, name).from_config(self.scheduler.config, timestep_spacing="trailing", **extra)
         sched.set_timesteps(self.cfg.sample_steps)
         return sched
 
-    def _predict(self, net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
-                 labels: torch.Tensor | None) -> torch.Tensor:
-        """The network's prediction at (x, t), guided: uncond + w (cond - uncond) in one doubled batch."""
-        w = self.cfg.guidance
+    def _predict(self, net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
+                 w: float | None = None) -> torch.Tensor:
+        """The network's output at (x, t), guided: uncond + w (cond - uncond) in one doubled batch."""
+        w = self.cfg.guidance if w is None else w
         if labels is None or w == 1:
-            return net(x, t, class_labels=labels).sample.float()
+            return self._net(net, x, t, labels).float()
         null = torch.full_like(labels, self.num_classes)
-        cond, uncond = net(torch.cat([x, x]), t, class_labels=torch.cat([labels, null])).sample.float().chunk(2)
+        cond, uncond = self._net(net, torch.cat([x, x]), t, torch.cat([labels, null])).float().chunk(2)
         return uncond + w * (cond - uncond)
+
+    def _guidance_at(self, level: float) -> float:
+        lo_hi = self.cfg.guidance_interval
+        return self.cfg.guidance if not lo_hi or lo_hi[0] <= level <= lo_hi[1] else 1.0
+
+    def noise_levels(self) -> torch.Tensor:
+        """flow and edm: the sampler's grid of noise levels, from the start down to 0 (diffusers' schedulers
+        give it: the shifted flow-matching grid, and EDM's rho schedule)."""
+        from diffusers import EDMEulerScheduler, FlowMatchEulerDiscreteScheduler
+
+        d = self.cfg
+        if d.objective == "flow":
+            sched = FlowMatchEulerDiscreteScheduler(shift=d.time_shift)
+        else:
+            sched = EDMEulerScheduler(sigma_min=d.sigma_min, sigma_max=d.sigma_max, sigma_data=d.sigma_data, rho=d.rho)
+        sched.set_timesteps(d.sample_steps)
+        return sched.sigmas.double()
+
+    def _derivative(self, net: nn.Module, x: torch.Tensor, level: float, labels: torch.Tensor | None) -> torch.Tensor:
+        """dx / d(noise level) of the probability-flow ODE at x: flow's velocity, or EDM's (x - D(x)) / sigma."""
+        w = self._guidance_at(level)
+        if self.cfg.objective == "flow":
+            return self._predict(net, x, torch.tensor(level * TIME_SCALE, device=x.device), labels, w)
+        c_skip, c_out, c_in, c_noise = edm_scalings(torch.tensor(level, dtype=torch.float64), self.cfg.sigma_data)
+        f = self._predict(net, x * float(c_in), torch.tensor(float(c_noise) * TIME_SCALE, device=x.device), labels, w)
+        return (x - (float(c_skip) * x + float(c_out) * f)) / level
+
+    def _solve(self, net: nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """Euler or Heun (the trapezoid correction, Karras et al. 2022 Algorithm 1 without churn) over the grid;
+        the step to 0 is always Euler."""
+        grid = self.noise_levels().tolist()
+        x = x * grid[0]
+        for s, s_next in zip(grid[:-1], grid[1:], strict=True):
+            d = self._derivative(net, x, s, labels)
+            x_next = x + (s_next - s) * d
+            if sampler_name(self.cfg) == "heun" and s_next > 0:
+                x_next = x + (s_next - s) * (d + self._derivative(net, x_next, s_next, labels)) / 2
+            x = x_next
+        return x
+
+    def _ddpm_sample(self, net: nn.Module, x: torch.Tensor, labels: torch.Tensor | None,
+                     generator: torch.Generator) -> torch.Tensor:
+        sched = self.make_sampler()
+        name = sampler_name(self.cfg)
+        step_kwargs: dict[str, Any] = {"eta": self.cfg.ddim_eta} if name == "ddim" else {}
+        if name in ("ddim", "euler_a", "dpm++", "dpm++_sde"):
+            step_kwargs["generator"] = generator
+        x = x * sched.init_noise_sigma
+        for t in sched.timesteps:  # on the CPU, where the scheduler looks its index up
+            out = self._predict(net, sched.scale_model_input(x, t), t.to(x.device), labels)
+            x = sched.step(out, t, x, **step_kwargs).prev_sample
+        return x
 
     @torch.no_grad()
     def sample(self, net: torch.nn.Module, labels: torch.Tensor | None, n: int,
                generator: torch.Generator) -> torch.Tensor:
         device = next(net.parameters()).device
-        sched = self.make_sampler()
-        step_kwargs: dict[str, Any] = {"eta": self.cfg.ddim_eta} if self.cfg.sampler == "ddim" else {}
-        if self.cfg.sampler in ("ddim", "euler_a", "dpm++", "dpm++_sde"):
-            step_kwargs["generator"] = generator
         size = net.config.sample_size
         x = torch.randn((n, net.config.in_channels, size, size), generator=generator).to(device)
-        x = x * sched.init_noise_sigma
-        for t in sched.timesteps:  # on the CPU, where the scheduler looks its index up
-            out = self._predict(net, sched.scale_model_input(x, t), t.to(device), labels)
-            x = sched.step(out, t, x, **step_kwargs).prev_sample
+        if self.cfg.objective == "ddpm":
+            x = self._ddpm_sample(net, x, labels, generator)
+        else:
+            x = self._solve(net, x, labels)
         if self.frozen:
             if self.latent_scale is None:
                 raise ConfigError("this latent diffusion model has no latent scale: it was saved before training "
@@ -340,8 +545,12 @@ class DiffusionTask(Task):
 
 
 register(Family("diffusion", DiffusionConfig, DiffusionTask,
-                "denoising diffusion of a diffusers UNet: epsilon/v/x0, Min-SNR, guidance, DDIM/DPM++/Euler/Heun",
-                choices={"beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
-                         "prediction": ("epsilon", "v_prediction", "sample"), "sampler": tuple(SAMPLERS)},
-                positive=("sample_steps", "head_dim", "layers_per_block", "norm_groups", "train_timesteps"),
+                "diffusion: UNet or DiT; DDPM (epsilon/v/x0, Min-SNR), flow matching or EDM; guidance; samplers",
+                choices={"backbone": ("unet", "dit"), "objective": OBJECTIVES,
+                         "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
+                         "prediction": ("epsilon", "v_prediction", "sample"), "sampler": ("auto", *SAMPLERS),
+                         "time_sampling": ("uniform", "logit_normal")},
+                positive=("sample_steps", "head_dim", "layers_per_block", "norm_groups", "train_timesteps",
+                          "dit_depth", "dit_heads", "dit_head_dim", "patch_size", "sigma_data", "rho", "logit_std",
+                          "time_shift"),
                 check=check))
