@@ -10,7 +10,7 @@ RUNS=${1:-runs/objectives}
 CLASSIFIER=${2:-runs/results/classifier}
 GD=${GD:-.venv/bin/gen-dist}
 export WANDB_MODE=${WANDB_MODE:-offline} WANDB_SILENT=true
-declare -A CONFIG=([unet_ddpm]=diffusion [unet_flow]=flow [unet_edm]=flow [dit_flow]=dit)
+declare -A CONFIG=([unet_ddpm]=diffusion [unet_flow]=diffusion_flow [unet_edm]=diffusion_flow [dit_flow]=diffusion_dit)
 declare -A EXTRA=([unet_ddpm]="" [unet_flow]="" [unet_edm]="diffusion.objective=edm" [dit_flow]="")
 for name in unet_ddpm unet_flow unet_edm dit_flow; do
     if [ ! -f "$RUNS/$name/samples/step_00002000.png" ]; then

@@ -167,7 +167,8 @@ def _sampler_overrides(args: argparse.Namespace) -> list[str]:
 
 def _add_sampler_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=_finite, help="diffusion: classifier-free guidance scale (1 = none)")
-    p.add_argument("--sampler", help="diffusion: dpm++, dpm++_sde, ddim, euler, euler_a or heun")
+    p.add_argument("--sampler", help="diffusion: dpm++, dpm++_sde, ddim, euler, euler_a or heun (objective=ddpm); "
+                                     "euler or heun (flow, edm)")
     p.add_argument("--steps", type=_count, help="diffusion: sampler steps")
 
 

@@ -483,9 +483,12 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def check_same_model(saved: RunConfig, cfg: RunConfig) -> None:
     """A run directory can only be resumed with the model it was trained with."""
+    from gen_dist.tasks import family
+
     sections = ("task", "data.resolution", "data.channels", f"{cfg.task}.")
+    free = {f"{cfg.task}.{k}" for k in family(cfg.task).sampling_keys}  # how it samples, not what it is
     old, new = _flatten(to_dict(saved)), _flatten(to_dict(cfg))
-    changed = [k for k in new if k.startswith(sections) and old.get(k) != new[k]]
+    changed = [k for k in new if k.startswith(sections) and k not in free and old.get(k) != new[k]]
     if changed:
         diff = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
         raise ConfigError(f"run directory {cfg.out_dir} holds checkpoints of another model ({diff}); "

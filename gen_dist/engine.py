@@ -464,6 +464,8 @@ class Trainer:
             global_batch=self.global_batch, flops_per_image=self.flops_per_image,
             peak_tflops=self.peak_tflops or f"unknown ({self.device_name} is not in gen_dist.perf.PEAK_TFLOPS)",
             compile=self.compiled, channels_last=self.channels_last,
+            compiled_blocks={n: len(parallel.blocks(m)) for n, m in self.modules.items()} if self.compiled else {},
+            sharding_units={n: self.strategy.sharding_units(m) for n, m in self.modules.items()},
             activation_checkpointing=cfg.train.activation_checkpointing,
             optimizer=perf.optimizer_kwargs(cfg, acc.device))
 

@@ -483,6 +483,11 @@ class Strategy:
         """Elements of the whole parameter `p`, however little of it this rank holds."""
         return p.numel()
 
+    def sharding_units(self, module: nn.Module) -> list[str] | int:
+        """The groups whose weights are gathered together: the FSDP units by name, or how many submodules ZeRO-3
+        gathers one by one; 1 for a whole module."""
+        return 1
+
 
 class DDP(Strategy):
     """Every rank holds the whole modules and optimizer state; gradients are all-reduced."""
@@ -568,6 +573,12 @@ class DeepSpeed(Strategy):
     def numel(self, p: torch.Tensor) -> int:
         return getattr(p, "ds_numel", p.numel())
 
+    def sharding_units(self, module: nn.Module) -> list[str] | int:
+        """ZeRO-3 gathers each submodule's own parameters when its forward runs."""
+        if self.cfg.parallel.zero_stage != 3:
+            return 1
+        return sum(1 for m in module.modules() if next(m.parameters(recurse=False), None) is not None)
+
 
 class FSDP(Strategy):
     """FSDP2 (`fully_shard` per trained module) through Accelerate, fp32 parameters and reductions."""
@@ -624,6 +635,11 @@ class FSDP(Strategy):
 
     def weight_layout(self, acc: Accelerator) -> WeightLayout:
         return FSDP2Shards()
+
+    def sharding_units(self, module: nn.Module) -> list[str] | int:
+        from torch.distributed.fsdp import FSDPModule
+
+        return [n or "(root)" for n, m in module.named_modules() if isinstance(m, FSDPModule)]
 
     def end_step(self, modules: dict[str, nn.Module]) -> None:
         """FSDP2 keeps a root module's gathered weights after its forward for the backward that follows; a

@@ -8,9 +8,11 @@ import shutil
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import CONFIGS, events, free_port, run_cli, smoke_args, step_records
+from PIL import Image
 from safetensors.torch import load_file
 
 from gen_dist.config import ConfigError, load_config
@@ -201,6 +203,18 @@ def test_first_stage_stays_frozen_and_bad_first_stages_fail_before_training(
                            (str(tmp_path / "run"), "is a diffusion model, not an autoencoder")):
         with pytest.raises(ConfigError, match=message):
             load_config(CONFIGS / "smoke_diffusion.yaml", [f"data.path={digits}", f"diffusion.first_stage={value}"])
+    # The DiT with EDM on the same latents: trained, sampled and decoded to images.
+    dit = ["diffusion.backbone=dit", "diffusion.objective=edm", "diffusion.dit_depth=2", "diffusion.dit_heads=2",
+           "diffusion.dit_head_dim=8", "diffusion.patch_size=2"]
+    cfg = load_config(CONFIGS / "smoke_diffusion.yaml", [f"run_dir={tmp_path / 'dit'}", f"data.path={digits}",
+                                                         "track.backends=[jsonl]", "train.steps=2", *LATENT, *dit,
+                                                         f"diffusion.first_stage={first_stage}", "train.sample_n=4"])
+    Trainer(cfg).train()
+    grid = np.asarray(Image.open(tmp_path / "dit" / "samples" / "step_00000002.png"))
+    assert grid.std() > 0
+    with pytest.raises(ConfigError, match="patch_size=3 does not divide the first stage's latent resolution 4"):
+        load_config(CONFIGS / "smoke_diffusion.yaml", [f"data.path={digits}", f"diffusion.first_stage={first_stage}",
+                                                       *dit, "diffusion.patch_size=3"])
     with pytest.raises(ConfigError, match="latent resolution 4 must be divisible by 8"):
         load_config(CONFIGS / "smoke_diffusion.yaml", [f"data.path={digits}", f"diffusion.first_stage={first_stage}",
                                                        "diffusion.channels=[8,8,8,8]",

@@ -26,8 +26,9 @@ COMMON = [f"train.steps={STEPS}", "train.ckpt_every=1", "train.log_every=1", "tr
           "train.keep_checkpoints=2", "track.backends=[jsonl]", "data.num_workers=1"]
 
 
-def _command(task: str, run_dir: Path, digits: Path, nproc: int) -> list[str]:
-    return [sys.executable, "-m", "gen_dist", *train_command(nproc, *smoke_args(task, run_dir, digits), *COMMON)]
+def _command(task: str, run_dir: Path, digits: Path, nproc: int, extra: tuple[str, ...] = ()) -> list[str]:
+    return [sys.executable, "-m", "gen_dist", *train_command(nproc, *smoke_args(task, run_dir, digits), *COMMON,
+                                                             *extra)]
 
 
 def _steps_logged(run_dir: Path) -> int:
@@ -84,20 +85,27 @@ def _state(run_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-# Every family on 1 and 2 ranks; the VQ-VAE (codebook buffers, a discriminator phase from step 2) on 2.
-CASES = [(task, nproc) for nproc in (1, 2) for task in ("diffusion", "gan", "vae")] + [("vqvae", 2)]
+# Every family on 2 ranks and the GAN and VAE on 1; the VQ-VAE (codebook buffers, a discriminator phase from
+# step 2); the DiT with flow matching and post-hoc EMA profiles, and the UNet with EDM.
+DIT_FLOW = ("diffusion.backbone=dit", "diffusion.objective=flow", "diffusion.dit_depth=2", "diffusion.dit_heads=2",
+            "diffusion.dit_head_dim=8", "train.posthoc_ema=[0.05,0.1]", "train.posthoc_every=3")
+# (task, ranks, overrides, kills): the objectives' own cases are killed twice, the kill mechanics being shared.
+CASES = [("gan", 1, (), KILLS), ("vae", 1, (), KILLS),
+         *[(t, 2, (), KILLS) for t in ("diffusion", "gan", "vae", "vqvae")],
+         ("diffusion", 2, DIT_FLOW, 2), ("diffusion", 2, ("diffusion.objective=edm",), 2)]
+IDS = [f"{task}-{n}" + "".join(f"-{x.split('=')[1]}" for x in extra[:2]) for task, n, extra, _ in CASES]
 
 
-@pytest.mark.parametrize(("task", "nproc"), CASES)
-def test_kill9_anywhere_then_resume_equals_uninterrupted(task: str, nproc: int, tmp_path: Path,
-                                                        digits: Path) -> None:
+@pytest.mark.parametrize(("task", "nproc", "extra", "kills"), CASES, ids=IDS)
+def test_kill9_anywhere_then_resume_equals_uninterrupted(task: str, nproc: int, extra: tuple[str, ...], kills: int,
+                                                        tmp_path: Path, digits: Path) -> None:
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(_command(task, straight, digits, nproc), cwd=ROOT, check=True, capture_output=True,
+    subprocess.run(_command(task, straight, digits, nproc, extra), cwd=ROOT, check=True, capture_output=True,
                    env={**os.environ, "WANDB_MODE": "disabled"})
-    rng = random.Random(f"{task}{nproc}")
-    kills = sum(_kill_during_training(_command(task, killed, digits, nproc), killed, rng) for _ in range(KILLS))
-    assert kills == KILLS, "the run finished before it could be killed 5 times"
-    run_cli(*_command(task, killed, digits, nproc)[3:])  # to the end
+    rng = random.Random(f"{task}{nproc}{extra}")
+    done = sum(_kill_during_training(_command(task, killed, digits, nproc, extra), killed, rng) for _ in range(kills))
+    assert done == kills, f"the run finished before it could be killed {kills} times"
+    run_cli(*_command(task, killed, digits, nproc, extra)[3:])  # to the end
     a, b = _state(straight), _state(killed)
     assert a.keys() == b.keys()
     for k in a:
@@ -105,3 +113,8 @@ def test_kill9_anywhere_then_resume_equals_uninterrupted(task: str, nproc: int, 
     keys_a, keys_b = _keys(straight), _keys(killed)
     assert len(keys_a) == STEPS * nproc and keys_a == keys_b
     assert not list((killed / "checkpoints").glob(".tmp_*"))
+    if "train.posthoc_ema=[0.05,0.1]" in extra:  # the profiles are in the checkpoint, and their snapshots agree
+        assert any(k.startswith("posthoc_1.safetensors:") for k in a)
+        for f in sorted((straight / "posthoc").glob("step_*.safetensors")):
+            x, y = load_file(str(f)), load_file(str(killed / "posthoc" / f.name))
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), f.name

@@ -169,3 +169,31 @@ def test_unreachable_posthoc_std_is_refused_naming_the_range(tmp_path) -> None:
 def test_bad_backbone_objective_and_posthoc_options_are_config_errors(bad: list[str], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         load_config(SMOKE, bad)
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow", "edm"])
+def test_dit_trains_under_bf16_autocast_with_every_objective(objective: str) -> None:
+    task = _task(*TINY_DIT, f"diffusion.objective={objective}", "diffusion.num_classes=10")
+    net = task.modules["denoiser"]
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    batch = {"x": torch.rand(8, 1, 8, 8) * 2 - 1, "label": torch.arange(8)}
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = task.loss({"denoiser": net}, batch, 0)
+        loss.backward()
+        assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in net.parameters())
+        opt.step()
+        opt.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        images = task.sample(net.eval(), task.sample_labels(2, torch.device("cpu")), 2, torch.Generator())
+    assert torch.isfinite(images).all()
+
+
+def test_a_run_resumes_with_other_sampling_settings_but_not_another_objective() -> None:
+    from gen_dist.config import check_same_model
+
+    saved = load_config(SMOKE, ["diffusion.objective=flow"])
+    check_same_model(saved, load_config(SMOKE, ["diffusion.objective=flow", "diffusion.sampler=euler",
+                                                "diffusion.sample_steps=50", "diffusion.guidance_interval=[0,0.5]"]))
+    with pytest.raises(ConfigError, match="diffusion.objective: 'flow' -> 'edm'"):
+        check_same_model(saved, load_config(SMOKE, ["diffusion.objective=edm"]))

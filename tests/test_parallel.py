@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -13,6 +14,8 @@ import torch
 import yaml
 from conftest import ROOT, events, free_port, run_cli, smoke_args, step_records, train_command
 from safetensors.torch import load_file
+
+from gen_dist import posthoc
 
 # Same global batch for both runs; a record per step; no clipping, so the two clipping implementations cannot
 # differ.
@@ -116,6 +119,55 @@ def _check_resumed_matches(ref: Path, task: str, sharded: list[str], kind: str, 
     losses = [(r["step"], v) for r in step_records(run_dir) for k, v in sorted(r.items()) if k.endswith("loss")]
     assert [s for s, _ in losses] == [s for s, _ in ref_losses]
     assert [v for _, v in losses] == pytest.approx([v for _, v in ref_losses], rel=1e-4, abs=1e-5)
+
+
+# A small DiT with flow matching and two post-hoc EMA profiles.
+DIT = ["diffusion.backbone=dit", "diffusion.objective=flow", "diffusion.dit_depth=3", "diffusion.dit_heads=2",
+       "diffusion.dit_head_dim=8", "train.posthoc_ema=[0.05,0.1]", "train.posthoc_every=2"]
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [r["denoise/loss"] for r in step_records(run_dir)]
+
+
+def test_dit_under_zero3_and_fsdp_matches_ddp_and_so_does_its_posthoc_ema(tmp_path: Path, digits: Path,
+                                                                          ddp_runs) -> None:
+    """The DiT trains under ZeRO-3, and under FSDP with each block its own unit (but the first, which the output
+    layer also reads), compiled per block and checkpointed per block, as under DDP, each stopped at step 3 and
+    resumed. The post-hoc EMA reconstructed from each run's half-precision snapshots is the same; for a tracked
+    length it is that profile; `eval --ema-stds` scores lengths and refuses one the snapshots cannot give."""
+    ref = ddp_runs("diffusion", *DIT)
+    zero3, fsdp = tmp_path / "zero3", tmp_path / "fsdp"
+    _check_resumed_matches(ref, "diffusion", [*SHARDED["zero3"], *DIT], "DEEPSPEED", zero3, digits)
+    fast = ["train.compile=on", "train.activation_checkpointing=true"]
+    _launch("diffusion", fsdp, digits, *SHARDED["fsdp"], *DIT, *fast, "train.steps=3")
+    _launch("diffusion", fsdp, digits, *SHARDED["fsdp"], *DIT, *fast)
+    start = events(fsdp, "start")[-1]
+    assert start["resumed"] and start["compile"] and start["activation_checkpointing"]
+    units = start["sharding_units"]["denoiser"]
+    assert {"(root)", "transformer_blocks.1", "transformer_blocks.2"} <= set(units)
+    assert "transformer_blocks.0" not in units and start["compiled_blocks"] == {"denoiser": 3}
+    assert _losses(fsdp) == pytest.approx(_losses(ref), rel=1e-3)
+
+    made = {run.name: posthoc.reconstruct(run, 0.09)[0] for run in (ref, zero3, fsdp)}
+    for run in (zero3, fsdp):
+        for k, v in made[ref.name].items():
+            torch.testing.assert_close(made[run.name][k], v, rtol=1e-3, atol=2e-3, msg=k)
+    tracked = tmp_path / "tracked.safetensors"
+    run_cli("ema", str(ref), "--std", "0.1", "--out", str(tracked))
+    profile = load_file(str(ref / "checkpoints" / "step_00000006" / "posthoc_1.safetensors"))
+    rebuilt = {k.removeprefix("ema."): v for k, v in load_file(str(tracked)).items()}
+    assert rebuilt.keys() == profile.keys()
+    for k, v in profile.items():  # through a half-precision snapshot
+        torch.testing.assert_close(rebuilt[k], v, rtol=2e-3, atol=1e-4, msg=k)
+
+    proc = run_cli("eval", str(ref), "--ema-stds", "0.25", "--nproc", "2", check=False)
+    assert proc.returncode == 2 and "post-hoc EMA std 0.25 cannot be reconstructed" in proc.stderr
+    run_cli("eval", str(ref), "--ema-stds", "0.07,0.1", "--n", "8", "--reference-n", "16", "--metrics", "fid",
+            "--batch-size", "8")
+    report = json.loads((ref / "eval" / "posthoc.json").read_text())
+    assert [r["std"] for r in report["stds"]] == [0.07, 0.1] and report["best"] in (0.07, 0.1)
+    assert all(math.isfinite(r["scores"]["eval/inception/fid8"]) for r in report["stds"])
 
 
 @pytest.mark.parametrize(("task", "strategy"), BF16)

@@ -150,6 +150,8 @@ class Family:
     """Allowed values of section keys (relative names)."""
     positive: tuple[str, ...] = ()
     """Section keys that must be > 0."""
+    sampling_keys: tuple[str, ...] = ()
+    """Section keys that only change how samples are drawn: a run may resume with other values."""
     check: Callable[[RunConfig], None] | None = None
     """Checks across keys; run for every registered family (`cfg.task` tells whether it is the one trained)."""
 

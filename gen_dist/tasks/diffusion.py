@@ -553,4 +553,5 @@ register(Family("diffusion", DiffusionConfig, DiffusionTask,
                 positive=("sample_steps", "head_dim", "layers_per_block", "norm_groups", "train_timesteps",
                           "dit_depth", "dit_heads", "dit_head_dim", "patch_size", "sigma_data", "rho", "logit_std",
                           "time_shift"),
+                sampling_keys=("guidance", "guidance_interval", "sampler", "sample_steps", "ddim_eta"),
                 check=check))
