@@ -45,6 +45,22 @@ under torchrun or accelerate launch it uses the process group it is in. The repo
 RUN_DIR/eval/<checkpoint>.json.
 Example: gen-dist eval runs/x --metrics fid,kid,pr --n 10000 --extractors inception,runs/classifier"""
 
+SWEEP_HELP = """Run a hyperparameter sweep: `gen-dist sweep SWEEP.yaml --workers K [--nproc N]` runs K trials at a
+time, each an ordinary run (N processes) of the sweep's config with the sampled values of its space, in
+SWEEP_DIR/trials/trial_NNNN. Running the same command again continues the sweep: finished trials are kept, an
+interrupted one resumes from its own checkpoint. `gen-dist sweep status SWEEP_DIR [--plot out.png]` prints the
+trials table and the best trial's command. The sweep file (docs/sweeps.md):
+  name: lr_ema                          # the folder: runs/<name> (or dir: ...)
+  config: configs/diffusion_fashion_mnist.yaml
+  overrides: [train.steps=400, eval.every=200]
+  space:
+    optim.lr: {type: float, low: 1.0e-4, high: 3.0e-3, log: true}
+    diffusion.guidance: {type: categorical, choices: [1.5, 2.0, 3.0]}
+  objective: {metric: eval/inception/fid1k, direction: minimize, at: last}   # at: last | best
+  trials: 8
+  sampler: tpe                          # tpe | random | grid; seed: 0
+  pruner: median                        # none | median (fed by the in-training evaluations)"""
+
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -182,6 +198,23 @@ def cmd_ema(args: argparse.Namespace) -> None:
     out, info = posthoc.export(Path(args.run_dir), args.std, Path(args.out) if args.out else None, args.step)
     print(f"ema std {info['sigma_rel']} at step {info['step']} from {info['snapshots']} snapshots (profile error "
           f"{info['profile_error']:.2%}) -> {out}")
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from gen_dist import sweep
+
+    if args.sweep == "status":
+        if not args.sweep_dir:
+            _fail("gen-dist sweep status SWEEP_DIR [--plot out.png]")
+        print(sweep.format_status(Path(args.sweep_dir)))
+        if args.plot:
+            print(f"wrote {sweep.plot(Path(args.sweep_dir), Path(args.plot))}")
+        return
+    if args.sweep_dir or args.plot:
+        _fail("gen-dist sweep SWEEP.yaml [--workers K] [--nproc N] runs a sweep; `gen-dist sweep status DIR` shows one")
+    s = sweep.load_sweep(Path(args.sweep))
+    sweep.run_local(s, args.workers, sweep.Launch(nproc=args.nproc, cpu=args.cpu))
+    print(sweep.format_status(s.dir))
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -396,6 +429,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_options(se)
     _add_job_options(se)
     se.set_defaults(func=cmd_slurm_submit_eval)
+
+    sw = sub.add_parser("sweep", help="hyperparameter search over config keys (Optuna), resumable",
+                        description=SWEEP_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sw.add_argument("sweep", help="a sweep file to run, or 'status'")
+    sw.add_argument("sweep_dir", nargs="?", help="status: the sweep folder")
+    sw.add_argument("--workers", type=_count, default=1, help="trials run at a time (default 1)")
+    sw.add_argument("--nproc", type=_count, default=1, help="processes of each trial (default 1)")
+    sw.add_argument("--cpu", action="store_true", help="CPU processes (gloo) even with GPUs present")
+    sw.add_argument("--plot", help="status: also draw the objective and each parameter against it (PNG)")
+    sw.set_defaults(func=cmd_sweep)
 
     from gen_dist import monitor
 

@@ -166,6 +166,8 @@ class WandbConfig:
     """W&B entity; empty = the default of the account."""
     mode: str = "auto"
     """auto (online with an API key, offline without), online, offline or disabled."""
+    group: str = ""
+    """W&B group of the run (a sweep sets it to the sweep's name, so its trials are shown together)."""
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gen_dist import checkpoint, dist, parallel, perf, posthoc, sampling
+from gen_dist import checkpoint, dist, parallel, perf, posthoc, sampling, sweep
 from gen_dist.config import ConfigError, RunConfig, eval_metric_keys, save_config, write_atomic
 from gen_dist.data import BadSamples, DataPosition, ShardStream, make_loader
 from gen_dist.evaluation import Evaluator, generate, sample_chunk
@@ -158,6 +158,8 @@ class Trainer:
             self.tracker.event("init_from", source=cfg.train.init_from,
                                modules={n: {k: len(v) for k, v in r.items()} for n, r in self.init_report.items()})
         self.clock = perf.StepClock(acc.device)
+        self.trial = sweep.TrialLink.from_env()  # a sweep's trial: its pruner may stop the run early
+        self.pruned = False
 
     # ------------------------------------------------------------------------------------------ set-up
 
@@ -513,6 +515,8 @@ class Trainer:
             self.watchdog.close()
         if signum:
             self._stop(signum, saved=saved_at == self.state.step)
+        elif self.pruned:
+            self._prune(saved_at)
         else:
             self._finish(saved_at)
         return self.state
@@ -551,6 +555,7 @@ class Trainer:
                 mark(step, "evaluation")
                 scores = self.evaluate()
                 best = bool(t.keep_best) and self._better(scores)
+                self.pruned = self.trial is not None and self._prune_agreed(scores)
             if t.snapshot_every and step % t.snapshot_every == 0:
                 mark(step, "a snapshot")
                 self.write_snapshot()
@@ -564,7 +569,7 @@ class Trainer:
                 saved_at = step
             if best:
                 self._write_best()
-            if signum:
+            if signum or self.pruned:
                 return signum, saved_at
         return 0, saved_at
 
@@ -582,6 +587,20 @@ class Trainer:
             self.write_samples()
         self.tracker.event("end", step=self.state.step)
         self.tracker.close("ended")
+
+    def _prune_agreed(self, scores: dict[str, float]) -> bool:
+        """The sweep's pruner asked once, by the main rank, from this evaluation; every rank takes its answer."""
+        flag = float(self.trial.should_prune(self.state.step, scores)) if dist.is_main() else 0.0
+        return dist.max_across_ranks(self.acc, {"prune": flag})["prune"] > 0
+
+    def _prune(self, saved_at: int) -> None:
+        """The sweep pruned this trial at this step: a checkpoint, and a marker its worker records."""
+        path = self.last_checkpoint if saved_at == self.state.step else self.save()
+        if dist.is_main():
+            marker = {"step": self.state.step, "checkpoint": str(path)}
+            write_atomic(self.run_dir / sweep.PRUNED, json.dumps(marker))
+        self.tracker.event("pruned", step=self.state.step)
+        self.tracker.close("pruned")
 
     def _stop(self, signum: int, saved: bool) -> None:
         """Every rank agreed to stop after this step: one checkpoint, and a marker telling a job script to

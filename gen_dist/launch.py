@@ -31,6 +31,15 @@ class LaunchSpec:
     """parallel.strategy of the run: DeepSpeed must not see ACCELERATE_USE_CPU (it turns DeepSpeed off)."""
 
 
+def free_port() -> int:
+    """A TCP port free on this host now (for a rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def use_cpu(spec: LaunchSpec) -> bool:
     return spec.cpu or not torch.cuda.is_available()
 

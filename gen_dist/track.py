@@ -53,6 +53,8 @@ def wandb_init_kwargs(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             "mode": wandb_mode(cfg)}
     if cfg.wandb.entity:
         init["entity"] = cfg.wandb.entity
+    if cfg.wandb.group:
+        init["group"] = cfg.wandb.group
     return init
 
 

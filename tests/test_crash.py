@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from gen_dist import checkpoint
 
 STEPS = 30
-KILLS = 5
+KILLS = 3
 # A checkpoint every step, so that kills land inside checkpoint writes too.
 COMMON = [f"train.steps={STEPS}", "train.ckpt_every=1", "train.log_every=1", "train.log_keys=true",
           "train.keep_checkpoints=2", "track.backends=[jsonl]", "data.num_workers=1"]
