@@ -1,26 +1,31 @@
 """Compile time and step time of the DiT: regional compilation (each block's forward, as train.compile does for
 a model with repeated blocks) against compiling the whole model, at two depths, with activation checkpointing off
-and on. Each case runs in a fresh process, so no compiled code is reused between cases.
+and on. Each case runs in a fresh process with inductor's caches off, so no compiled code is reused between cases.
 
     python benchmarks/dit_compile.py [--depths 2 8] [--width 128] [--tokens-side 7] [--batch 32] [--steps 5]
 
-On a GPU it runs on the GPU in bf16 (and prints peak memory); on CPU in fp32 with inductor's C++ backend.
+On a GPU it runs in bf16 and prints peak memory and MFU (model FLOPs counted in eager against the device's
+bf16 peak); on CPU in fp32 with inductor's C++ backend.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
+import types
 
 
 def case(depth: int, width: int, side: int, batch: int, steps: int, mode: str, checkpointing: bool) -> dict:
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     from gen_dist.config import load_config
     from gen_dist.parallel import blocks
+    from gen_dist.perf import peak_tflops
     from gen_dist.tasks.diffusion import build_dit
 
     cuda = torch.cuda.is_available()
@@ -30,16 +35,21 @@ def case(depth: int, width: int, side: int, batch: int, steps: int, mode: str, c
                              f"diffusion.dit_head_dim={width // heads}", "diffusion.patch_size=2",
                              f"data.resolution={2 * side}", "data.channels=3", "diffusion.num_classes=10"])
     net = build_dit(cfg, 3, 2 * side).to(device)
+    x = torch.randn(batch, 3, 2 * side, 2 * side, device=device)
+    t, labels = torch.rand(batch, device=device) * 1000, torch.randint(0, 10, (batch,), device=device)
+    with FlopCounterMode(display=False) as counter:  # eager, before any switch: the model's own FLOPs
+        net(x, t, class_labels=labels).sample.float().square().mean().backward()
+    net.zero_grad(set_to_none=True)
+    flops_per_image = counter.get_total_flops() / batch
     if checkpointing:
         net.enable_gradient_checkpointing()
-    if mode == "regional":
+    if mode == "regional":  # as train.compile does it (gen_dist.parallel.compile_blocks)
+        compiled = torch.compile(type(blocks(net)[0]).forward)
         for b in blocks(net):
-            b.forward = torch.compile(b.forward)
+            b.forward = types.MethodType(compiled, b)
     elif mode == "whole":
         net.compile()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    x = torch.randn(batch, 3, 2 * side, 2 * side, device=device)
-    t, labels = torch.rand(batch, device=device) * 1000, torch.randint(0, 10, (batch,), device=device)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -66,6 +76,10 @@ def case(depth: int, width: int, side: int, batch: int, steps: int, mode: str, c
            "params_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 2)}
     if cuda:
         out["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        cfg.train.mixed_precision = "bf16"
+        peak, _ = peak_tflops(cfg, device)
+        if peak:
+            out["mfu"] = round(flops_per_image * batch / per_step / (peak * 1e12), 3)
     return out
 
 
@@ -83,17 +97,20 @@ def main() -> None:
     if args.case:
         print(json.dumps(case(**json.loads(args.case))))
         return
-    print(f"{'depth':>5} {'mode':>8} {'ckpt':>4} {'params M':>8} {'first step s':>12} {'images/s':>9} {'peak GiB':>8}")
+    print(f"{'depth':>5} {'mode':>8} {'ckpt':>4} {'params M':>8} {'first step s':>12} {'images/s':>9} {'peak GiB':>8} "
+          f"{'MFU':>6}")
     for depth in args.depths:
         for mode in args.modes:
             for ckpt in args.checkpointing:
                 spec = {"depth": depth, "width": args.width, "side": args.tokens_side, "batch": args.batch,
                         "steps": args.steps, "mode": mode, "checkpointing": bool(ckpt)}
+                # Inductor's on-disk caches would hand one case the kernels another compiled.
+                env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
                 proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(spec)], capture_output=True,
-                                      text=True, check=True)
+                                      text=True, check=True, env=env)
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
                 print(f"{depth:>5} {mode:>8} {int(ckpt):>4} {r['params_m']:>8} {r['first_step_s']:>12} "
-                      f"{r['images_per_s']:>9} {r.get('peak_gib', '-'):>8}", flush=True)
+                      f"{r['images_per_s']:>9} {r.get('peak_gib', '-'):>8} {r.get('mfu', '-'):>6}", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import types
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import timedelta
@@ -677,7 +678,10 @@ def compile_blocks(trained: TrainedModule) -> bool:
     found = blocks(trained.module)
     if not found:
         return False
-    forwards = [(b, b.forward, torch.compile(b.forward)) for b in found]
+    # One compiled function per block class, bound to each block: the block is an argument of the graph, not a
+    # constant of it, so every block reuses the graph (compiling each bound forward would recompile per block).
+    shared = {cls: torch.compile(cls.forward) for cls in {type(b) for b in found}}
+    forwards = [(b, b.forward, types.MethodType(shared[type(b)], b)) for b in found]
     for b, _, compiled in forwards:
         b.forward = compiled
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import socket
 import subprocess
@@ -365,6 +366,8 @@ def _claim(run_dir: Path, **extra: Any) -> None:
 class Launch:
     nproc: int = 1
     cpu: bool = False
+    threads: int = 0
+    """CPU threads of each trial process (OMP_NUM_THREADS, unless set); 0 = torch's default (every core)."""
 
 
 def trial_command(s: Sweep, number: int, params: dict[str, Any], launch: Launch) -> list[str]:
@@ -415,6 +418,8 @@ def run_trial(s: Sweep, study: optuna.Study, number: int, params: dict[str, Any]
 def _launch_trial(s: Sweep, number: int, params: dict[str, Any], launch: Launch) -> int:
     run_dir = trial_dir(s.dir, number)
     env = {**os.environ, TRIAL_ENV: f"{s.dir.resolve()}#{number}"}
+    if launch.threads:
+        env.setdefault("OMP_NUM_THREADS", str(launch.threads))
     (run_dir / "preempted.json").unlink(missing_ok=True)  # an earlier stop's marker, not this run's
     with open(run_dir / "trial.log", "a") as out:
         # Its own process group: the sweep stops a trial as a whole with SIGUSR1 (the agreed stop: all ranks
@@ -442,6 +447,7 @@ def _record(s: Sweep, study: optuna.Study, number: int, params: dict[str, Any], 
     attempts = int(trial.user_attrs.get("attempts", 0)) + 1
     study._storage.set_trial_user_attr(trial._trial_id, "attempts", attempts)
     if code < 0 or _was_stopped(run_dir):
+        (run_dir / CLAIM).unlink(missing_ok=True)  # free for the next worker at once
         return "interrupted"
     if (run_dir / PRUNED).is_file():
         _tell(study, number, state=optuna.trial.TrialState.PRUNED)
@@ -638,6 +644,7 @@ def plot(sweep_dir: Path, out: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     s, table, _ = rows(sweep_dir)
     done = [r for r in table if r["value"] is not None]
@@ -654,6 +661,7 @@ def plot(sweep_dir: Path, out: Path) -> Path:
         if r["state"] == "pruned":
             ax.axvline(r["number"], color="0.85", lw=0.8)
     ax.set(xlabel="trial", ylabel=s.metric, title=f"{s.name}: objective")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7)
     for i, p in enumerate(s.space, start=1):
         ax = axes[0][i]
@@ -662,11 +670,9 @@ def plot(sweep_dir: Path, out: Path) -> Path:
             labels = [str(c) for c in p.choices]
             ax.scatter([labels.index(str(v)) for v in values], ys, s=18)
             ax.set_xticks(range(len(labels)), labels)
-        else:
-            ax.scatter(values, ys, s=18)
-            if p.log:
-                ax.set_xscale("log")
-        ax.set(xlabel=p.key, ylabel=s.metric)
+        else:  # a log range as log10 on a linear axis: a narrow one has no decade to label
+            ax.scatter([math.log10(v) for v in values] if p.log else values, ys, s=18)
+        ax.set(xlabel=f"log10 {p.key}" if p.log and p.kind != "categorical" else p.key, ylabel=s.metric)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
