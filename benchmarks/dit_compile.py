@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import time
-import types
 
 
 def case(depth: int, width: int, side: int, batch: int, steps: int, mode: str, checkpointing: bool) -> dict:
@@ -24,7 +23,7 @@ def case(depth: int, width: int, side: int, batch: int, steps: int, mode: str, c
     from torch.utils.flop_counter import FlopCounterMode
 
     from gen_dist.config import load_config
-    from gen_dist.parallel import blocks
+    from gen_dist.parallel import compile_block_forwards
     from gen_dist.perf import peak_tflops
     from gen_dist.tasks.diffusion import build_dit
 
@@ -43,10 +42,8 @@ def case(depth: int, width: int, side: int, batch: int, steps: int, mode: str, c
     flops_per_image = counter.get_total_flops() / batch
     if checkpointing:
         net.enable_gradient_checkpointing()
-    if mode == "regional":  # as train.compile does it (gen_dist.parallel.compile_blocks)
-        compiled = torch.compile(type(blocks(net)[0]).forward)
-        for b in blocks(net):
-            b.forward = types.MethodType(compiled, b)
+    if mode == "regional":  # as train.compile does it
+        compile_block_forwards(net)
     elif mode == "whole":
         net.compile()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)

@@ -277,18 +277,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
         from gen_dist.evaluation import evaluate_posthoc
 
         rows, best = evaluate_posthoc(path, args.ema_stds, overrides, cpu=args.cpu)
-        keys = [k for k in rows[0][1] if k != "eval/seconds"]
-        dist.print0("ema std   " + "  ".join(f"{k.removeprefix('eval/'):>18}" for k in keys))
-        for std, scores in rows:
-            dist.print0(f"{std:<9.3f} " + "  ".join(f"{scores.get(k, float('nan')):>18.6g}" for k in keys))
+        _print_scores("ema std", [(f"{std:.3f}", scores) for std, scores in rows])
         dist.print0(f"best: ema std {best} (wrote {path / 'eval' / 'posthoc.json'})")
         return
     if args.snapshots:
         curve = evaluate_snapshots(path, overrides, use_ema=not args.raw, cpu=args.cpu)
-        keys = [k for k in curve[0][1] if k != "eval/seconds"]
-        dist.print0("step      " + "  ".join(f"{k.removeprefix('eval/'):>18}" for k in keys))
-        for step, scores in curve:
-            dist.print0(f"{step:<9} " + "  ".join(f"{scores.get(k, float('nan')):>18.6g}" for k in keys))
+        _print_scores("step", [(str(step), scores) for step, scores in curve])
         dist.print0(f"wrote {path / 'eval' / 'snapshots.json'}")
         return
     report, out = evaluate_checkpoint(path, overrides, use_ema=not args.raw, cpu=args.cpu)
@@ -297,6 +291,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for note in report["skipped"]:
         dist.print0(f"not computed: {note}")
     dist.print0(f"wrote {out}")
+
+
+def _print_scores(label: str, rows: list[tuple[str, dict[str, float]]]) -> None:
+    """One line of scores per evaluated model (a snapshot's step, a post-hoc EMA length), on the main rank."""
+    from gen_dist import dist
+
+    keys = [k for k in rows[0][1] if k != "eval/seconds"]
+    dist.print0(f"{label:<9} " + "  ".join(f"{k.removeprefix('eval/'):>18}" for k in keys))
+    for name, scores in rows:
+        dist.print0(f"{name:<9} " + "  ".join(f"{scores.get(k, float('nan')):>18.6g}" for k in keys))
 
 
 def _job_spec(args: argparse.Namespace) -> object:

@@ -53,7 +53,7 @@ def step_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if "event" not in r and isinstance(r.get("step"), int)]
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
     """A small JSON object file, or None where it is missing or (being rewritten) unreadable."""
     try:
         found = json.loads(path.read_text())
@@ -148,7 +148,7 @@ def _files(run_dir: Path) -> dict[str, Any]:
     ckpts = list_checkpoints(run_dir)
     sample = _newest_sample(run_dir)
     return {"checkpoint": str(ckpts[-1]) if ckpts else None, "checkpoints": len(ckpts),
-            "samples": str(sample) if sample else None, "best": _read_json(run_dir / "best.json")}
+            "samples": str(sample) if sample else None, "best": read_json(run_dir / "best.json")}
 
 
 def _last_event(records: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -162,7 +162,7 @@ def status(run_dir: Path) -> dict[str, Any]:
     records = read_records(run_dir)
     cfg = _config(run_dir)
     train = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
-    heartbeat = _read_json(run_dir / "heartbeat.json")
+    heartbeat = read_json(run_dir / "heartbeat.json")
     total = next((t for t in (train.get("steps"), (heartbeat or {}).get("total")) if isinstance(t, int)), None)
     alive, why = liveness(heartbeat)
     job = str((heartbeat or {}).get("slurm_job_id") or "")
@@ -176,7 +176,7 @@ def status(run_dir: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ liveness
 
 
-def _pid_exists(pid: int) -> bool:
+def pid_exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -199,7 +199,7 @@ def liveness(heartbeat: dict[str, Any] | None, now: float | None = None) -> tupl
     if state not in ("running", "starting"):
         return False, f"{state} ({where})"
     if host == socket.gethostname():
-        if isinstance(pid, int) and pid > 0 and _pid_exists(pid):
+        if isinstance(pid, int) and pid > 0 and pid_exists(pid):
             return True, f"{state} ({where})"
         return False, f"process gone without a final heartbeat ({where})"
     limit = max(STALE_S, 5 * float(heartbeat.get("log_every_s") or 0))

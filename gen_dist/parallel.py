@@ -671,19 +671,25 @@ def shard_units(module: nn.Module) -> list[nn.Module]:
     return [b for b in blocks(module) if id(b) not in keep]
 
 
-def compile_blocks(trained: TrainedModule) -> bool:
-    """Regional compilation: each repeated block's forward is compiled, the rest of the module stays eager. The
-    blocks share one graph (their parameters are its inputs), so compile time does not grow with depth, and
-    FSDP's per-block hooks stay outside it. False for a module without repeated blocks."""
-    found = blocks(trained.module)
-    if not found:
-        return False
-    # One compiled function per block class, bound to each block: the block is an argument of the graph, not a
-    # constant of it, so every block reuses the graph (compiling each bound forward would recompile per block).
+def compile_block_forwards(module: nn.Module) -> list[tuple[nn.Module, Callable, Callable]]:
+    """Each repeated block's forward replaced by one compiled function per block class, bound to the block: the
+    block is an argument of the graph, not a constant of it, so every block reuses the graph (compiling each
+    bound forward would recompile per block). Returns (block, plain forward, compiled forward)."""
+    found = blocks(module)
     shared = {cls: torch.compile(cls.forward) for cls in {type(b) for b in found}}
     forwards = [(b, b.forward, types.MethodType(shared[type(b)], b)) for b in found]
     for b, _, compiled in forwards:
         b.forward = compiled
+    return forwards
+
+
+def compile_blocks(trained: TrainedModule) -> bool:
+    """Regional compilation: each repeated block's forward is compiled, the rest of the module stays eager. The
+    blocks share one graph (their parameters are its inputs), so compile time does not grow with depth, and
+    FSDP's per-block hooks stay outside it. False for a module without repeated blocks."""
+    forwards = compile_block_forwards(trained.module)
+    if not forwards:
+        return False
 
     @contextmanager
     def eager() -> Iterator[None]:

@@ -76,18 +76,15 @@ class Profiles:
 
     def write(self, path: Path, step: int, module: str, task_state: dict, main: bool) -> None:
         """A half-precision snapshot of every profile (consolidated on every rank, written by the main one)."""
-        from safetensors.torch import save_file
+        from gen_dist.sampling import save_atomic
 
         tensors = {}
         for i, e in enumerate(self.emas):
             tensors.update({f"p{i}.{k}": (v.half() if v.is_floating_point() else v).contiguous()
                             for k, v in e.state_dict().items()})
         if main:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            save_file(tensors, str(tmp), metadata={"step": str(step), "sigma_rels": json.dumps(self.sigma_rels),
-                                                  "module": module, "task_state": json.dumps(task_state)})
-            tmp.replace(path)
+            save_atomic(path, tensors, {"step": str(step), "sigma_rels": json.dumps(self.sigma_rels),
+                                        "module": module, "task_state": json.dumps(task_state)})
 
 
 def checkpoint_file(i: int) -> str:

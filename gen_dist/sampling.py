@@ -73,6 +73,11 @@ def write_weights_file(out: Path, groups: dict[str, dict[str, torch.Tensor]], co
                for k, v in group.items()}
     meta = {"config": config, "step": str(step), "module": module, "task_state": json.dumps(task_state),
             "frozen_from": json.dumps(frozen_from or {}), "frozen_configs": json.dumps(frozen_configs or {})}
+    save_atomic(out, tensors, meta)
+
+
+def save_atomic(out: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """A safetensors file written whole under another name, then renamed: a reader never sees half of one."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     save_file(tensors, str(tmp), metadata=meta)

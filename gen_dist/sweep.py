@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from gen_dist.config import ConfigError, RunConfig, eval_metric_keys, load_config, write_atomic
+from gen_dist.monitor import pid_exists, read_json
 
 if TYPE_CHECKING:
     import optuna
@@ -281,20 +282,7 @@ def worker_id() -> dict[str, Any]:
 
 
 def _read(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
+    return read_json(path) or {}
 
 
 def claim_alive(run_dir: Path, stale_s: float, now: float | None = None) -> bool:
@@ -308,7 +296,7 @@ def claim_alive(run_dir: Path, stale_s: float, now: float | None = None) -> bool
     if claim.get("slurm_job") and (claim["slurm_job"], claim["slurm_task"]) == (me["slurm_job"], me["slurm_task"]):
         return claim["pid"] == me["pid"] and claim["host"] == me["host"]
     if claim["host"] == me["host"]:
-        return _pid_alive(claim["pid"])
+        return pid_exists(claim["pid"])
     last = _read(run_dir / "heartbeat.json").get("time", claim["time"])
     return (now or time.time()) - max(last, claim["time"]) < stale_s
 
