@@ -61,6 +61,14 @@ trials table and the best trial's command. The sweep file (docs/sweeps.md):
   sampler: tpe                          # tpe | random | grid; seed: 0
   pruner: median                        # none | median (fed by the in-training evaluations)"""
 
+SLURM_SWEEP_HELP = """Check SWEEP.yaml (and its config on nodes x processes ranks), render slurm/sweep.sbatch as a job
+array of --array tasks and sbatch it. Each task is a sweep worker: it takes trials one after another and runs
+each on all its nodes (torchrun). A task stopped by --signal or scancel --signal=USR1 checkpoints its trial and
+requeues itself; the requeued task resumes that trial, in the same run directory and W&B run. A trial whose
+heartbeat stops for the sweep's stale_minutes is taken over by another task, or failed after `retries`.
+Logs: SWEEP_DIR/slurm/slurm-<array job>_<task>.out; `gen-dist sweep status SWEEP_DIR` shows the trials.
+Example: gen-dist slurm sweep configs/sweeps/x.yaml --array 8 --nodes 1 --gpus-per-node 8 --time 04:00:00"""
+
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -210,6 +218,9 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         if args.plot:
             print(f"wrote {sweep.plot(Path(args.sweep_dir), Path(args.plot))}")
         return
+    if args.sweep == "worker":
+        _sweep_worker(args)
+        return
     if args.sweep_dir or args.plot:
         _fail("gen-dist sweep SWEEP.yaml [--workers K] [--nproc N] runs a sweep; `gen-dist sweep status DIR` shows one")
     import os
@@ -222,6 +233,43 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     threads = max(1, (os.cpu_count() or 1) // (args.workers * args.nproc)) if cpu else 0
     sweep.run_local(s, args.workers, sweep.Launch(nproc=args.nproc, cpu=args.cpu, threads=threads))
     print(sweep.format_status(s.dir))
+
+
+def _sweep_worker(args: argparse.Namespace) -> None:
+    """`gen-dist sweep worker SWEEP_DIR`: one task of the job array `gen-dist slurm sweep` submits. It runs the
+    sweep kept in SWEEP_DIR, each trial on all the nodes of its allocation, and exits with REQUEUE_EXIT after
+    stopping a trial at a checkpoint, so that the job script requeues it."""
+    import os
+
+    from gen_dist import sweep
+
+    if not args.sweep_dir:
+        _fail("gen-dist sweep worker SWEEP_DIR [--nproc N] [--cpu] (run by slurm/sweep.sbatch)")
+    if not os.environ.get("SLURM_JOB_ID"):
+        _fail("gen-dist sweep worker runs inside a SLURM job (gen-dist slurm sweep); on one machine use "
+              "gen-dist sweep SWEEP.yaml --workers K")
+    sweep_dir = Path(args.sweep_dir)
+    s = sweep.load_sweep(sweep_dir / sweep.SWEEP_FILE)
+    s.dir = sweep_dir
+    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or 0)
+    threads = max(1, cpus // args.nproc) if args.cpu and cpus else 0
+    if sweep.run_local(s, 1, sweep.Launch(nproc=args.nproc, cpu=args.cpu, threads=threads, slurm=True)):
+        sys.exit(sweep.REQUEUE_EXIT)
+    print(sweep.format_status(s.dir))
+
+
+def cmd_slurm_sweep(args: argparse.Namespace) -> None:
+    from gen_dist.slurm import render_sweep, submit
+    from gen_dist.sweep import prepare
+
+    script, s = render_sweep(args.sweep, args.array, _job_spec(args))
+    if args.dry_run:
+        print(script, end="")
+        return
+    prepare(s)
+    (s.dir / "slurm").mkdir(exist_ok=True)  # sbatch writes the tasks' logs there and does not make it
+    print(submit(script, s.dir.resolve(), "slurm/sweep.sbatch"))
+    print(f"sweep folder {s.dir}; gen-dist sweep status {s.dir}")
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -441,10 +489,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_options(se)
     se.set_defaults(func=cmd_slurm_submit_eval)
 
+    ss = sl_sub.add_parser("sweep", help="run a sweep as a job array of sweep workers",
+                           description=SLURM_SWEEP_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ss.add_argument("sweep", help="the sweep file (docs/sweeps.md)")
+    ss.add_argument("--array", type=_count, required=True, help="array tasks: sweep workers running at a time")
+    ss.add_argument("--nodes", type=_count, default=1, help="nodes of each task, which each of its trials spans")
+    ss.add_argument("--signal-seconds", type=_natural, default=120,
+                    help="SIGUSR1 this long before the time limit: the trial checkpoints, the task requeues")
+    _add_job_options(ss)
+    ss.set_defaults(func=cmd_slurm_sweep)
+
     sw = sub.add_parser("sweep", help="hyperparameter search over config keys (Optuna), resumable",
                         description=SWEEP_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sw.add_argument("sweep", help="a sweep file to run, or 'status'")
-    sw.add_argument("sweep_dir", nargs="?", help="status: the sweep folder")
+    sw.add_argument("sweep", help="a sweep file to run, 'status', or 'worker' (a task of gen-dist slurm sweep)")
+    sw.add_argument("sweep_dir", nargs="?", help="status, worker: the sweep folder")
     sw.add_argument("--workers", type=_count, default=1, help="trials run at a time (default 1)")
     sw.add_argument("--nproc", type=_count, default=1, help="processes of each trial (default 1)")
     sw.add_argument("--cpu", action="store_true", help="CPU processes (gloo) even with GPUs present")

@@ -1,5 +1,6 @@
-"""`gen-dist slurm submit` and `submit-eval`: render slurm/train.sbatch for a config, or slurm/eval.sbatch for an
-evaluation of a run, and hand it to sbatch.
+"""`gen-dist slurm submit`, `submit-eval` and `sweep`: render slurm/train.sbatch for a config, slurm/eval.sbatch
+for an evaluation of a run, or slurm/sweep.sbatch (a job array of sweep workers) for a sweep file, and hand it to
+sbatch.
 
 The config (or the run to evaluate) is validated, and paths made absolute, before anything is submitted. Every
 value reaches the script through `shlex.quote`, so no config value or option is ever parsed by the shell."""
@@ -9,15 +10,20 @@ from __future__ import annotations
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gen_dist.config import ConfigError, load_config
 from gen_dist.preflight import preflight
 
+if TYPE_CHECKING:
+    from gen_dist.sweep import Sweep
+
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "slurm" / "train.sbatch"
 EVAL_TEMPLATE = ROOT / "slurm" / "eval.sbatch"
+SWEEP_TEMPLATE = ROOT / "slurm" / "sweep.sbatch"
 
 
 @dataclass
@@ -60,11 +66,15 @@ def _directives(spec: JobSpec, name: str, log: Path) -> list[str]:
     return [f"#SBATCH {shlex.quote(o)}" for o in [*opts, *spec.sbatch_args]]
 
 
+def _check_spec(spec: JobSpec) -> None:
+    if spec.nodes < 1 or spec.gpus_per_node < 0 or spec.nproc_per_node < 0:
+        raise ConfigError("--nodes must be >= 1, --gpus-per-node and --nproc-per-node >= 0")
+
+
 def render(config: str, overrides: list[str], spec: JobSpec) -> tuple[str, Path]:
     """(job script, run directory) for CONFIG + overrides on spec.nodes x spec.nproc ranks; a ConfigError or
     DataError when the config cannot run there."""
-    if spec.nodes < 1 or spec.gpus_per_node < 0 or spec.nproc_per_node < 0:
-        raise ConfigError("--nodes must be >= 1, --gpus-per-node and --nproc-per-node >= 0")
+    _check_spec(spec)
     cfg = load_config(config, overrides)
     run_dir = cfg.out_dir.resolve()
     fixed = [f"run_dir={run_dir}"] + ([] if spec.gpus_per_node else ["train.cpu=true"])
@@ -94,6 +104,24 @@ def render_eval(target: str, eval_args: list[str], spec: JobSpec) -> tuple[str, 
     log.parent.mkdir(parents=True, exist_ok=True)
     return _script(EVAL_TEMPLATE, spec, f"eval-{run_dir.name}", run_dir, log, "EVAL_ARGS",
                    [str(path), *eval_args, *cpu]), run_dir
+
+
+def render_sweep(sweep_file: str, array: int, spec: JobSpec) -> tuple[str, Sweep]:
+    """(job script, sweep) of a job array of `array` sweep workers, each running its trials on spec.nodes x
+    spec.nproc ranks. The sweep file, and its base config on that many ranks, are checked first."""
+    from gen_dist.sweep import load_sweep
+
+    _check_spec(spec)
+    if array < 1:
+        raise ConfigError(f"--array must be >= 1, got {array}")
+    s = load_sweep(Path(sweep_file))
+    cpu = [] if spec.gpus_per_node else ["train.cpu=true"]
+    preflight(load_config(s.config, [*s.overrides, *cpu]), world_size=spec.nodes * spec.nproc)
+    sweep_dir = s.dir.resolve()
+    spec = replace(spec, sbatch_args=[f"--array=0-{array - 1}", *spec.sbatch_args])
+    args = [str(sweep_dir), "--nproc", str(spec.nproc), *(["--cpu"] if cpu else [])]
+    return _script(SWEEP_TEMPLATE, spec, s.name, sweep_dir, sweep_dir / "slurm" / "slurm-%A_%a.out", "SWEEP_ARGS",
+                   args), s
 
 
 def _script(template: Path, spec: JobSpec, name: str, run_dir: Path, log: Path, args_var: str,

@@ -40,6 +40,11 @@ JOURNAL = "study.journal"
 TRIALS = "trials"
 CLAIM = "claim.json"
 PRUNED = "pruned.json"
+REQUEUE_EXIT = 75
+"""A SLURM sweep worker's exit code after stopping its trial at a checkpoint: the job script requeues the task."""
+HUNG = 124
+"""The outcome code of a trial stopped by its worker because its heartbeat went stale while it ran."""
+POLL_S = 2.0
 TRIAL_ENV = "GEN_DIST_TRIAL"
 """Set for a trial's processes: SWEEP_DIR#NUMBER, so that the trainer can report to the study and be pruned."""
 KINDS = ("float", "int", "categorical")
@@ -285,61 +290,107 @@ def _read(path: Path) -> dict[str, Any]:
     return read_json(path) or {}
 
 
-def claim_alive(run_dir: Path, stale_s: float, now: float | None = None) -> bool:
-    """Whether the worker that claimed this trial still runs it: its process, when on this host; else the
-    trial's heartbeat (or the claim itself, before the first beat) younger than `stale_s`. A claim made by this
-    same SLURM array task in an earlier run of it (a requeue) is gone."""
+def claim_state(run_dir: Path, stale_s: float, now: float | None = None) -> str:
+    """Whether the worker that claimed this trial still runs it: 'alive'; 'gone' when its process is known to
+    have ended (on this host, or this same SLURM array task in an earlier run of it); 'stale' when neither the
+    trial's heartbeat nor the claim is younger than `stale_s` (a worker on another host, or a requeued task
+    that has not come back)."""
     claim = _read(run_dir / CLAIM)
     if not claim:
-        return False
+        return "gone"
     me = worker_id()
     if claim.get("slurm_job") and (claim["slurm_job"], claim["slurm_task"]) == (me["slurm_job"], me["slurm_task"]):
-        return claim["pid"] == me["pid"] and claim["host"] == me["host"]
-    if claim["host"] == me["host"]:
-        return pid_exists(claim["pid"])
-    last = _read(run_dir / "heartbeat.json").get("time", claim["time"])
-    return (now or time.time()) - max(last, claim["time"]) < stale_s
+        return "alive" if (claim["pid"], claim["host"]) == (me["pid"], me["host"]) else "gone"
+    if claim["host"] == me["host"] and not claim.get("requeued"):
+        return "alive" if pid_exists(claim["pid"]) else "gone"
+    return "stale" if silent(run_dir, claim["time"], stale_s, now) else "alive"
 
 
-def _stop_leftover(run_dir: Path) -> None:
-    """A trial whose worker died may still be training on this host: stop it (it checkpoints) before another
-    worker resumes the trial, so that two never write one run directory."""
-    claim = _read(run_dir / CLAIM)
-    group = claim.get("trial_pgid")
-    if not group or claim.get("host") != socket.gethostname():
-        return
+def silent(run_dir: Path, since: float, stale_s: float, now: float | None = None) -> bool:
+    """No heartbeat from the trial since max(`since`, its last one) for longer than its limit: `stale_s`, or
+    five of its own intervals between beats where those are longer (as `gen-dist status` judges a run)."""
+    beat = _read(run_dir / "heartbeat.json")
+    limit = max(stale_s, 5 * float(beat.get("log_every_s") or 0))
+    return (now or time.time()) - max(since, float(beat.get("time") or 0)) > limit
+
+
+def _stop_group(group: int, sig: int, grace_s: float) -> None:
+    """Signal a trial's process group, then SIGKILL whatever is left of it after `grace_s`."""
     import signal
 
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(group, signal.SIGUSR1)  # the agreed stop; the launchers ignore it and outlive their ranks
-        deadline = time.time() + 120
+        os.killpg(group, sig)
+        deadline = time.time() + grace_s
         while time.time() < deadline:
             os.killpg(group, 0)
             time.sleep(0.2)
         os.killpg(group, signal.SIGKILL)
 
 
-def claim_next(s: Sweep, study: optuna.Study) -> tuple[int, dict[str, Any]] | None:
+def _stop_leftover(run_dir: Path) -> None:
+    """A trial whose worker died may still be training on this host: stop it (it checkpoints) before another
+    worker resumes the trial, so that two never write one run directory."""
+    import signal
+
+    claim = _read(run_dir / CLAIM)
+    group = claim.get("trial_pgid")
+    if group and claim.get("host") == socket.gethostname():
+        _stop_group(group, signal.SIGUSR1, 120)  # the agreed stop; the launchers ignore it and outlive their ranks
+
+
+WAIT = "wait"
+
+
+def claim_next(s: Sweep, study: optuna.Study) -> tuple[int, dict[str, Any]] | str | None:
     """(number, params) of the trial this worker runs next: one left by a worker that is gone, else a new one
-    while the sweep has trials left; None when neither."""
+    while the sweep has trials left. WAIT when none is free but other workers still run trials (one of them may
+    go quiet and need taking over); None when the sweep is done."""
     import optuna
 
     with _locked(s.dir):
         trials = study.get_trials(deepcopy=False)
+        held = False
         for t in trials:
-            if t.state == optuna.trial.TrialState.RUNNING:
-                run_dir = trial_dir(s.dir, t.number)
-                if not claim_alive(run_dir, s.stale_minutes * 60):
-                    _stop_leftover(run_dir)
-                    _claim(run_dir)
-                    return t.number, t.params
+            if t.state != optuna.trial.TrialState.RUNNING:
+                continue
+            run_dir = trial_dir(s.dir, t.number)
+            state = claim_state(run_dir, s.stale_minutes * 60)
+            held |= state == "alive"
+            if state == "alive" or (state == "stale" and not _retry_lost(s, study, t)):
+                continue
+            _stop_leftover(run_dir)
+            _claim(run_dir)
+            return t.number, t.params
         if len(trials) >= s.trials:
-            return None
+            return WAIT if held else None
         study.sampler = make_sampler(s, s.seed + len(trials))
         trial = study.ask()
         params = suggest(trial, s.space)
         _claim(trial_dir(s.dir, trial.number))
         return trial.number, params
+
+
+def _failures(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> int:
+    """One more failed attempt of the trial (an exit with an error, or its worker gone silent); the count so far."""
+    n = int(study.trials[trial.number].user_attrs.get("failures", 0)) + 1
+    study._storage.set_trial_user_attr(trial._trial_id, "failures", n)
+    return n
+
+
+def _retry_lost(s: Sweep, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+    """A trial whose worker went silent (no heartbeat for stale_minutes): taken over while it has retries
+    left, else recorded as failed."""
+    import optuna
+
+    if _failures(study, trial) <= s.retries:
+        return True
+    _fail(study, trial, f"no heartbeat for {s.stale_minutes:g} min")
+    _tell(study, trial.number, state=optuna.trial.TrialState.FAIL)
+    return False
+
+
+def _fail(study: optuna.Study, trial: optuna.trial.FrozenTrial, why: str) -> None:
+    study._storage.set_trial_system_attr(trial._trial_id, "fail_reason", why)
 
 
 def _claim(run_dir: Path, **extra: Any) -> None:
@@ -356,12 +407,18 @@ class Launch:
     cpu: bool = False
     threads: int = 0
     """CPU threads of each trial process (OMP_NUM_THREADS, unless set); 0 = torch's default (every core)."""
+    slurm: bool = False
+    """A worker of a SLURM job array: each trial runs on every node of the task's allocation (slurm/ranks.sh)."""
 
 
 def trial_command(s: Sweep, number: int, params: dict[str, Any], launch: Launch) -> list[str]:
     from gen_dist.launch import free_port
 
     args = [s.config, *trial_overrides(s, number, params)]
+    if launch.slurm:
+        from gen_dist.slurm import ROOT
+
+        return ["bash", str(ROOT / "slurm" / "ranks.sh"), *args, *(["train.cpu=true"] if launch.cpu else [])]
     if launch.nproc > 1:
         args = ["launch", *args, "--nproc", str(launch.nproc), "--port", str(free_port())]
     else:
@@ -408,6 +465,8 @@ def _launch_trial(s: Sweep, number: int, params: dict[str, Any], launch: Launch)
     env = {**os.environ, TRIAL_ENV: f"{s.dir.resolve()}#{number}"}
     if launch.threads:
         env.setdefault("OMP_NUM_THREADS", str(launch.threads))
+    if launch.slurm:
+        env.update(NPROC=str(launch.nproc), RDZV_ID=f"{s.name}_trial_{number}_{os.getpid()}_{time.time_ns()}")
     (run_dir / "preempted.json").unlink(missing_ok=True)  # an earlier stop's marker, not this run's
     with open(run_dir / "trial.log", "a") as out:
         # Its own process group: the sweep stops a trial as a whole with SIGUSR1 (the agreed stop: all ranks
@@ -417,9 +476,24 @@ def _launch_trial(s: Sweep, number: int, params: dict[str, Any], launch: Launch)
         _claim(run_dir, trial_pgid=proc.pid)
         RUNNING.add(proc)
         try:
-            return proc.wait()
+            return _wait_beating(proc, run_dir, s.stale_minutes * 60)
         finally:
             RUNNING.discard(proc)
+
+
+def _wait_beating(proc: subprocess.Popen, run_dir: Path, stale_s: float) -> int:
+    """The trial's exit code; HUNG after stopping a trial that stopped beating its heartbeat while it ran (a
+    hung collective, a stalled file system), which would otherwise hold its worker forever."""
+    import signal
+
+    started = time.time()
+    while True:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return proc.wait(timeout=POLL_S)
+        if silent(run_dir, started, stale_s):
+            _stop_group(proc.pid, signal.SIGTERM, 10)
+            proc.wait()
+            return HUNG
 
 
 BOOKKEEPING: dict[int, float] = {}
@@ -432,11 +506,8 @@ def _record(s: Sweep, study: optuna.Study, number: int, params: dict[str, Any], 
 
     run_dir = trial_dir(s.dir, number)
     trial = study.trials[number]
-    attempts = int(trial.user_attrs.get("attempts", 0)) + 1
-    study._storage.set_trial_user_attr(trial._trial_id, "attempts", attempts)
-    if code < 0 or _was_stopped(run_dir):
-        (run_dir / CLAIM).unlink(missing_ok=True)  # free for the next worker at once
-        return "interrupted"
+    if code != HUNG and (code < 0 or _was_stopped(run_dir) or (code and STOP.is_set())):
+        return "interrupted"  # stopped on a signal: by the sweep, its job, or a launcher that took it first
     if (run_dir / PRUNED).is_file():
         _tell(study, number, state=optuna.trial.TrialState.PRUNED)
         return "pruned"
@@ -445,11 +516,13 @@ def _record(s: Sweep, study: optuna.Study, number: int, params: dict[str, Any], 
         _tell(study, number, values=value)
         _hparams(s, number, params, value)
         return "complete"
-    if code != 0 and attempts <= s.retries:
-        log(f"trial {number}: exited with {code}; resuming it from its checkpoint ({attempts}/{s.retries})")
+    why = (f"no heartbeat for {s.stale_minutes:g} min while it ran" if code == HUNG
+           else f"exit code {code}" if code else f"{s.metric} was not logged")
+    failures = _failures(study, trial) if code else s.retries + 1
+    if failures <= s.retries:
+        log(f"trial {number}: {why}; resuming it from its checkpoint ({failures}/{s.retries})")
         return "retry"
-    why = f"exit code {code}" if code else f"{s.metric} was not logged"
-    study._storage.set_trial_system_attr(trial._trial_id, "fail_reason", why)
+    _fail(study, trial, why)
     _tell(study, number, state=optuna.trial.TrialState.FAIL)
     log(f"trial {number}: failed ({why}); see {run_dir / 'trial.log'}")
     return "fail"
@@ -482,28 +555,43 @@ def _hparams(s: Sweep, number: int, params: dict[str, Any], value: float) -> Non
                       {s.metric: value}, run_name=f"trial_{number:04d}")
 
 
-def work(s: Sweep, launch: Launch, log: Any = print) -> int:
-    """One worker: trials until none is left to take; returns how many it ran."""
+def work(s: Sweep, launch: Launch, log: Any = print) -> bool:
+    """One worker: trials until none is left to take, or until the sweep is stopped; returns whether it stopped
+    a trial at a checkpoint. A worker of a SLURM array keeps its claim on that trial, so that its requeued task
+    resumes it; a local one frees it at once for the next worker."""
     study = open_study(s)
-    done = 0
-    while True:
+    while not STOP.is_set():
         t0 = time.perf_counter()
         nxt = claim_next(s, study)
         if nxt is None:
-            return done
+            return False
+        if nxt == WAIT:
+            STOP.wait(POLL_S)
+            continue
         number, params = nxt
         claimed = time.perf_counter() - t0
         state = run_trial(s, study, number, params, launch, log)
         log(f"trial {number}: {state} (sweep bookkeeping {claimed + BOOKKEEPING.pop(number, 0.0):.2f} s: claim, "
             f"outcome, records)")
         if state == "interrupted":
-            return done
-        done += 1
+            run_dir = trial_dir(s.dir, number)
+            if launch.slurm:
+                _claim(run_dir, requeued=True)
+            else:
+                (run_dir / CLAIM).unlink(missing_ok=True)
+            STOP.set()  # the whole worker is being stopped (or preempted): it takes no other trial
+            return True
+    return False
 
 
-def run_local(s: Sweep, workers: int, launch: Launch) -> None:
-    """`gen-dist sweep SWEEP.yaml --workers K`: K workers in this process, each running one trial at a time.
-    SIGINT or SIGTERM stops the running trials with a checkpoint each; the same command resumes them."""
+STOP = threading.Event()
+"""Set when the sweep (or its job) is being stopped: its workers take no further trial."""
+
+
+def run_local(s: Sweep, workers: int, launch: Launch) -> bool:
+    """`gen-dist sweep SWEEP.yaml --workers K` (and each task of a SLURM array, with K = 1): K workers in this
+    process, each running one trial at a time. SIGINT, SIGTERM or SIGUSR1 stops the running trials with a
+    checkpoint each; the same command resumes them. Returns whether a trial was stopped so."""
     import signal
 
     prepare(s)
@@ -515,17 +603,22 @@ def run_local(s: Sweep, workers: int, launch: Launch) -> None:
 
     def stop(signum: int, frame: Any) -> None:
         log(f"{signal.Signals(signum).name}: stopping {len(RUNNING)} running trial(s) at a checkpoint")
+        STOP.set()
         for proc in list(RUNNING):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGUSR1)  # the agreed stop; the launchers ignore it
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, stop)
-    threads = [threading.Thread(target=work, args=(s, launch, log), daemon=True) for _ in range(workers)]
+    stopped: list[bool] = []
+    threads = [threading.Thread(target=lambda: stopped.append(work(s, launch, log)), daemon=True)
+               for _ in range(workers)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        while t.is_alive():  # a join with a timeout lets the signal handlers run
+            t.join(timeout=1.0)
+    return any(stopped)
 
 
 # ---------------------------------------------------------------------------------------------- inside a trial
@@ -584,8 +677,11 @@ def rows(sweep_dir: Path) -> tuple[Sweep, list[dict[str, Any]], dict[str, Any] |
         run_dir = trial_dir(sweep_dir, t.number)
         beat = _read(run_dir / "heartbeat.json")
         state = t.state.name.lower()
-        if state == "running" and not claim_alive(run_dir, s.stale_minutes * 60):
-            state = "interrupted"
+        if state == "running":
+            if claim_state(run_dir, s.stale_minutes * 60) != "alive":
+                state = "interrupted"
+            elif _read(run_dir / CLAIM).get("requeued"):
+                state = "requeued"
         out.append({"number": t.number, "state": state, "params": t.params, "value": t.value,
                     "step": beat.get("step"), "total": beat.get("total"), "run_dir": str(run_dir)})
     done = [r for r in out if r["state"] == "complete"]
@@ -613,7 +709,7 @@ def format_status(sweep_dir: Path) -> str:
     widths = [max(len(x) for x in col) for col in zip(head, *lines, strict=True)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     counts = {st: sum(r["state"] == st for r in table) for st in ("complete", "pruned", "fail", "running",
-                                                                  "interrupted")}
+                                                                  "requeued", "interrupted")}
     out = [f"sweep {s.name}: {len(table)}/{s.trials} trials ({', '.join(f'{n} {k}' for k, n in counts.items() if n)}"
            f"); objective {s.direction} {s.metric} ({s.at})", fmt.format(*head), *(fmt.format(*x) for x in lines)]
     if best is not None:

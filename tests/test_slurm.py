@@ -1,6 +1,7 @@
 """Against a real two-node SLURM cluster on this machine (munged, slurmctld and two slurmd, brought up by
-slurm/local_cluster.sh): jobs submitted with `gen-dist slurm submit` train across both nodes, and a job
-signalled mid-run checkpoints, requeues itself and resumes where it stopped, in the same W&B run."""
+slurm/local_cluster.sh): jobs submitted with `gen-dist slurm submit` train across both nodes, a job signalled
+mid-run checkpoints, requeues itself and resumes where it stopped, in the same W&B run, and a sweep's job array
+does the same for the trial of a requeued task."""
 
 from __future__ import annotations
 
@@ -179,6 +180,67 @@ def test_evaluation_runs_as_its_own_job(slurm_env: dict, data: Path, tmp_path: P
     curve = json.loads((run_dir / "eval" / "snapshots.json").read_text())
     assert sorted(logged) == [3, 6]
     assert {c["step"]: c["eval/domain/fid20"] for c in curve} == pytest.approx(logged, rel=1e-6)
+
+
+def _array_left(env: dict, job: str) -> list[str] | None:
+    """The states of the array's tasks still in the queue (pending, running, requeued), or None where squeue
+    did not answer (then it is asked again, never taken for an empty queue)."""
+    proc = subprocess.run(["squeue", "-h", "-r", "-j", job, "-o", "%T"], env=env, capture_output=True, text=True)
+    if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
+        return None
+    return proc.stdout.split()
+
+
+def test_sweep_array_resumes_the_trial_of_a_requeued_task(slurm_env: dict, data: Path, tmp_path: Path) -> None:
+    """`gen-dist slurm sweep --array 2`: two array tasks share 4 trials. One task, signalled mid-trial (as
+    --signal does before the time limit), stops its trial at a checkpoint and requeues itself; the other task
+    leaves that trial alone; the requeued task resumes it in the same run directory and W&B run. Every trial
+    ends complete, begun once, with no step twice and none missing."""
+    import yaml
+
+    from gen_dist import sweep
+
+    steps, sweep_dir = 200, tmp_path / "sweep"
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "array", "dir": str(sweep_dir), "config": str(CONFIGS / "smoke_diffusion.yaml"),
+        "overrides": [f"data.path={data}", "train.log_every=1", f"train.steps={steps}", "train.ckpt_every=1000"],
+        "space": {"optim.lr": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True}},
+        "objective": {"metric": "denoise/loss", "direction": "minimize"}, "trials": 4, "sampler": "random"}))
+    proc = subprocess.run([sys.executable, "-m", "gen_dist", "slurm", "sweep", str(path), "--array", "2",
+                           "--cpus-per-task", "1", "--time", "00:20:00"], env=slurm_env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    job = _job_id(proc)
+
+    def training() -> Path | None:
+        for run_dir in sorted(sweep_dir.glob("trials/trial_*")):
+            if (run_dir / "metrics.jsonl").is_file() and len(step_records(run_dir)) >= 10 \
+                    and not events(run_dir, "end"):
+                return run_dir
+        return None
+
+    _wait(lambda: training() is not None, 300, "a trial in training", sweep_dir / "slurm" / f"slurm-{job}_0.out")
+    target = training()
+    task = json.loads((target / sweep.CLAIM).read_text())["slurm_task"]
+    subprocess.run(["scancel", "--signal=USR1", "--full", f"{job}_{task}"], env=slurm_env, check=True)
+    log = sweep_dir / "slurm" / f"slurm-{job}_{task}.out"
+    _wait(lambda: _array_left(slurm_env, job) == [], 600, "the array to finish", log)
+    status = subprocess.run([sys.executable, "-m", "gen_dist", "sweep", "status", str(sweep_dir)], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout
+    assert "4/4 trials (4 complete)" in status and "best: trial" in status, status
+    for run_dir in sorted(sweep_dir.glob("trials/trial_*")):
+        assert [s["resumed"] for s in events(run_dir, "start")].count(False) == 1
+        assert [r["step"] for r in step_records(run_dir)] == list(range(1, steps + 1)), run_dir
+        assert events(run_dir, "end")
+    (stop,) = events(target, "preempted")
+    assert [e["step"] for e in events(target, "resume")] == [stop["step"]] and 10 <= stop["step"] < steps
+    assert json.loads((target / sweep.CLAIM).read_text())["slurm_task"] == task  # the requeued task resumed it
+    assert _wandb_ids(target) == {(target / "wandb_run_id").read_text().strip()}
+    text = log.read_text()
+    assert f"requeueing array task {job}_{task}" in text and "restart 1" in text
+    other = sweep_dir / "slurm" / f"slurm-{job}_{1 - int(task)}.out"
+    assert "restart 1" not in other.read_text()  # only the signalled task was requeued
+    print(re.findall(r"sweep bookkeeping [0-9.]+ s", "".join(p.read_text() for p in log.parent.glob("*.out"))))
 
 
 def test_rendered_multinode_gpu_script_passes_sbatch_test_only(slurm_env: dict, data: Path, tmp_path: Path) -> None:

@@ -127,6 +127,63 @@ def test_pruned_trial_stops_on_every_rank_at_the_same_step(tmp_path: Path, digit
     assert best["number"] == 0
 
 
+def test_silent_trial_is_taken_over_then_failed(tmp_path: Path, digits: Path) -> None:
+    """A trial claimed on another host is left alone while its heartbeat (or claim) is fresh, judged against
+    its own interval between beats where that is longer; taken over once it is silent for stale_minutes; and
+    recorded as failed when that happens again with no retry left."""
+    s = sweep.load_sweep(_write(tmp_path / "s.yaml", _base(tmp_path, digits, trials=1, stale_minutes=1,
+                                                            retries=1)))
+    sweep.prepare(s)
+    study = sweep.open_study(s)
+    number, params = sweep.claim_next(s, study)
+    run_dir = sweep.trial_dir(s.dir, number)
+
+    def elsewhere(claim_age: float, beat_age: float | None = None, every: float = 0.0) -> None:
+        now = time.time()
+        (run_dir / sweep.CLAIM).write_text(json.dumps({**sweep.worker_id(), "host": "node-b", "time": now - claim_age}))
+        beat = {} if beat_age is None else {"time": now - beat_age, "log_every_s": every, "state": "running"}
+        (run_dir / "heartbeat.json").write_text(json.dumps(beat))
+
+    elsewhere(30)
+    assert sweep.claim_next(s, study) == sweep.WAIT  # its worker claimed it 30 s ago: nothing to take
+    elsewhere(600, beat_age=90, every=30)
+    assert sweep.claim_next(s, study) == sweep.WAIT  # beats every 30 s: 90 s of silence is not yet stale
+    elsewhere(600, beat_age=90)
+    assert sweep.claim_next(s, study) == (number, params)  # taken over, as its one retry
+    assert json.loads((run_dir / sweep.CLAIM).read_text())["pid"] == os.getpid()
+    elsewhere(600, beat_age=90)
+    assert sweep.claim_next(s, study) is None
+    trial = sweep.open_study(s).trials[number]
+    assert trial.state.name == "FAIL" and trial.system_attrs["fail_reason"] == "no heartbeat for 1 min"
+    assert [r["state"] for r in sweep.rows(s.dir)[1]] == ["fail"]
+
+
+def test_trial_that_stops_beating_is_stopped_and_failed(tmp_path: Path, digits: Path) -> None:
+    """A trial whose process stops (SIGSTOP: as a hung collective, it neither beats nor answers signals) is
+    killed by its worker after stale_minutes without a heartbeat and, with no retry left, recorded as failed."""
+    path = _write(tmp_path / "s.yaml", _base(tmp_path, digits, trials=1, retries=0, stale_minutes=0.5, overrides=[
+        *_base(tmp_path, digits)["overrides"], "train.steps=100000", "train.ckpt_every=100000"]))
+    run_dir = tmp_path / "sweep" / "trials" / "trial_0000"
+    cmd = [sys.executable, "-m", "gen_dist", "sweep", str(path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    beat: dict = {}
+    deadline = time.monotonic() + 120
+    while beat.get("step", 0) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        beat = sweep.read_json(run_dir / "heartbeat.json") or {}
+    assert beat.get("step", 0) >= 2, proc.stdout.read() if proc.poll() is not None else "no heartbeat in 120 s"
+    os.kill(beat["pid"], signal.SIGSTOP)
+    stopped = time.monotonic()
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out
+    assert 25 < time.monotonic() - stopped < 90  # stale after 30 s, then at most 10 s to stop it
+    assert not sweep.pid_exists(beat["pid"])
+    trial = sweep.open_study(sweep.load_sweep(path)).trials[0]
+    assert trial.state.name == "FAIL" and trial.system_attrs["fail_reason"] == "no heartbeat for 0.5 min while it ran"
+    assert "trial 0: failed (no heartbeat for 0.5 min while it ran)" in out
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in (CONFIGS / "sweeps").glob("*.yaml")))
 def test_shipped_sweep_files_load(name: str) -> None:
     s = sweep.load_sweep(CONFIGS / "sweeps" / name)
