@@ -44,6 +44,13 @@ def use_cpu(spec: LaunchSpec) -> bool:
     return spec.cpu or not torch.cuda.is_available()
 
 
+def cpu_threads(nproc: int) -> int:
+    """Threads per CPU rank: OMP_NUM_THREADS where the caller set it (a sweep running several trials at once
+    divides the cores among them), else the cores divided by the ranks."""
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    return int(given) if given.isdigit() and int(given) > 0 else max(1, (os.cpu_count() or 1) // nproc)
+
+
 def launch_command(spec: LaunchSpec, args: list[str], command: str = "train") -> tuple[list[str], dict[str, str]]:
     """The accelerate launch command running `gen-dist COMMAND ARGS`, and the extra environment it needs.
 
@@ -64,7 +71,7 @@ def launch_command(spec: LaunchSpec, args: list[str], command: str = "train") ->
     if total > 1 and not spec.accelerate_config:
         cmd += ["--multi_gpu"]
     if use_cpu(spec):
-        cmd += ["--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // nproc))]
+        cmd += ["--num_cpu_threads_per_process", str(cpu_threads(nproc))]
     cmd += ["--num_processes", str(total), "--num_machines", str(spec.num_machines),
             "--machine_rank", str(spec.machine_rank),
             "--mixed_precision", "no" if strategy.own_precision else spec.mixed_precision,

@@ -37,13 +37,24 @@ PORTS=3
 
 die() { echo "local_cluster.sh: $*" >&2; exit 1; }
 
+installed() {
+    command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sinfo >/dev/null \
+        && command -v munged >/dev/null
+}
+
 install_packages() {
     local pkgs=(slurmctld slurmd slurm-client munge)
-    command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sinfo >/dev/null \
-        && command -v munged >/dev/null && return
+    installed && return
+    # Clusters brought up side by side (parallel test workers) install one at a time, and apt waits for a dpkg
+    # lock held by anything else instead of failing at once.
+    exec 8>/tmp/gen_dist_slurm_install.lock
+    flock -w 900 8 || die "waited 15 min for another cluster's package install"
+    installed && { exec 8>&-; return; }
     export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null \
-        || { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null; }
+    local apt=(apt-get -o DPkg::Lock::Timeout=600)
+    "${apt[@]}" install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null \
+        || { "${apt[@]}" update -qq && "${apt[@]}" install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null; }
+    exec 8>&-
 }
 
 # Live (not zombie) pids among "${@:2}", the processes carrying the tag $1, and all their descendants (tasks that

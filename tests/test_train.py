@@ -161,6 +161,22 @@ def test_launch_command_gives_one_gloo_group() -> None:
     assert cmd[cmd.index("--num_processes") + 1] == "4" and cmd[cmd.index("--machine_rank") + 1] == "1"
 
 
+def test_cpu_ranks_take_the_threads_they_are_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each CPU rank gets the cores divided by the ranks, or OMP_NUM_THREADS where it is set: the share of the
+    cores a sweep gives each of its concurrent trials."""
+    from gen_dist.launch import LaunchSpec, launch_command
+
+    def threads() -> str:
+        cmd, _ = launch_command(LaunchSpec(nproc=2, cpu=True), ["c.yaml"])
+        return cmd[cmd.index("--num_cpu_threads_per_process") + 1]
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert threads() == "8"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads() == "3"
+
+
 @pytest.mark.parametrize("command", ["train", "launch", "data", "sample"])
 def test_help(command: str) -> None:
     assert "usage: gen-dist " + command in run_cli(command, "--help").stdout
