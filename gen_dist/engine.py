@@ -595,21 +595,21 @@ class Trainer:
 
     def _prune(self, saved_at: int) -> None:
         """The sweep pruned this trial at this step: a checkpoint, and a marker its worker records."""
-        path = self.last_checkpoint if saved_at == self.state.step else self.save()
-        if dist.is_main():
-            marker = {"step": self.state.step, "checkpoint": str(path)}
-            write_atomic(self.run_dir / sweep.PRUNED, json.dumps(marker))
-        self.tracker.event("pruned", step=self.state.step)
-        self.tracker.close("pruned")
+        self._halt(saved_at == self.state.step, sweep.PRUNED, "pruned")
 
     def _stop(self, signum: int, saved: bool) -> None:
         """Every rank agreed to stop after this step: one checkpoint, and a marker telling a job script to
         requeue (the restarted run resumes from the checkpoint by itself)."""
-        path = self.last_checkpoint if saved else self.save()
         name = signal.Signals(signum).name
-        if dist.is_main():
-            marker = {"step": self.state.step, "signal": name, "checkpoint": str(path)}
-            (self.run_dir / PREEMPTED).write_text(json.dumps(marker))
-        self.tracker.event("preempted", step=self.state.step, signal=name, checkpoint=str(path))
-        self.tracker.close("preempted")
+        self._halt(saved, PREEMPTED, "preempted", signal=name)
         self.stopped = name
+
+    def _halt(self, saved: bool, marker: str, status: str, **fields: str) -> None:
+        """Ends the run before train.steps: the last checkpoint (written now unless this step has one), a marker
+        file in the run directory naming it, and the tracker closed with that status."""
+        path = self.last_checkpoint if saved else self.save()
+        record = {"step": self.state.step, **fields, "checkpoint": str(path)}
+        if dist.is_main():
+            write_atomic(self.run_dir / marker, json.dumps(record))
+        self.tracker.event(status, **record)
+        self.tracker.close(status)
