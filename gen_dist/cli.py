@@ -223,14 +223,14 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         return
     if args.sweep_dir or args.plot:
         _fail("gen-dist sweep SWEEP.yaml [--workers K] [--nproc N] runs a sweep; `gen-dist sweep status DIR` shows one")
-    import os
-
     import torch
+
+    from gen_dist.launch import cpu_threads
 
     s = sweep.load_sweep(Path(args.sweep))
     # On CPUs the trials share the cores: each process gets its part instead of all of them.
     cpu = args.cpu or not torch.cuda.is_available()
-    threads = max(1, (os.cpu_count() or 1) // (args.workers * args.nproc)) if cpu else 0
+    threads = cpu_threads(args.workers * args.nproc) if cpu else 0
     sweep.run_local(s, args.workers, sweep.Launch(nproc=args.nproc, cpu=args.cpu, threads=threads))
     print(sweep.format_status(s.dir))
 

@@ -24,12 +24,11 @@ from gen_dist.config import ConfigError, RunConfig, eval_metric_keys, save_confi
 from gen_dist.data import BadSamples, DataPosition, ShardStream, make_loader
 from gen_dist.evaluation import Evaluator, generate, sample_chunk
 from gen_dist.images import grid, to_hwc, to_model_range
+from gen_dist.monitor import PREEMPTED
 from gen_dist.preflight import preflight
 from gen_dist.tasks import Phase, Task, family
 from gen_dist.track import Progress, Tracker, wandb_mode
 
-PREEMPTED = "preempted.json"
-"""Written to the run directory when a signal stopped the run after a checkpoint; job scripts requeue on it."""
 SNAPSHOTS = "snapshots"
 """train.snapshot_every's weight files, kept for good."""
 BEST = "best.json"

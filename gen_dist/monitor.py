@@ -28,6 +28,8 @@ RATE_WINDOW = 5
 STALE_S = 600.0
 """A heartbeat from another host older than max(STALE_S, 5 x its refresh interval) means a dead run."""
 SLURM_TIMEOUT_S = 10.0
+PREEMPTED = "preempted.json"
+"""Written to the run directory when a signal stopped the run after a checkpoint; job scripts requeue on it."""
 
 
 # ------------------------------------------------------------------------------------------ reading a run

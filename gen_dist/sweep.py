@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from gen_dist.config import ConfigError, RunConfig, eval_metric_keys, load_config, write_atomic
-from gen_dist.monitor import pid_exists, read_json
+from gen_dist.monitor import PREEMPTED, pid_exists, read_json
 
 if TYPE_CHECKING:
     import optuna
@@ -467,7 +467,7 @@ def _launch_trial(s: Sweep, number: int, params: dict[str, Any], launch: Launch)
         env.setdefault("OMP_NUM_THREADS", str(launch.threads))
     if launch.slurm:
         env.update(NPROC=str(launch.nproc), RDZV_ID=f"{s.name}_trial_{number}_{os.getpid()}_{time.time_ns()}")
-    (run_dir / "preempted.json").unlink(missing_ok=True)  # an earlier stop's marker, not this run's
+    (run_dir / PREEMPTED).unlink(missing_ok=True)  # an earlier stop's marker, not this run's
     with open(run_dir / "trial.log", "a") as out:
         # Its own process group: the sweep stops a trial as a whole with SIGUSR1 (the agreed stop: all ranks
         # checkpoint at the same step).
@@ -543,7 +543,7 @@ RUNNING: set[subprocess.Popen] = set()
 
 def _was_stopped(run_dir: Path) -> bool:
     """The trial checkpointed and stopped on a signal (the sweep or its job is being stopped)."""
-    return (run_dir / "preempted.json").is_file()
+    return (run_dir / PREEMPTED).is_file()
 
 
 def _hparams(s: Sweep, number: int, params: dict[str, Any], value: float) -> None:
