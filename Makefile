@@ -36,6 +36,7 @@ demo: setup data
 
 test: setup
 	$(VENV)/bin/ruff check gen_dist tests
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup --durations=15 tests
 
 # The single-GPU tests (tests/test_gpu.py; `make test` skips them without CUDA). TORCH must name a CUDA build.

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from gen_dist.data import Piece, decode_image, load_index, read_pieces
-from gen_dist.evaluation import DomainClassifier
+from gen_dist.tasks.classifier import DomainClassifier
 
 root = Path("data/fashion_mnist")
 test = load_index(root)["splits"]["test"]

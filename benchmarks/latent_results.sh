@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The autoencoder and latent-diffusion rows of the README's results: train the KL autoencoder, the VQ-VAE and
+# The autoencoder and latent-diffusion rows of docs/results.md: train the KL autoencoder, the VQ-VAE and
 # latent diffusion on the KL autoencoder's latents (each timed, 2 CPU processes), score reconstructions and
 # samples as eval_results.sh scores the other families, and print the VQ-VAE's codebook usage on the test split.
 #   benchmarks/latent_results.sh [RUNS_DIR] [CLASSIFIER_RUN]   (N=1000 samples, REF=2000 test images)
@@ -32,7 +32,7 @@ import torch
 
 from gen_dist.data import Piece, decode_image, load_index, read_pieces
 from gen_dist.images import to_model_range
-from gen_dist.sampling import load_model
+from gen_dist.artifact import load_model
 
 _, task, net = load_model(Path(sys.argv[1]), use_ema=True, device=torch.device("cpu"))
 root = Path("data/fashion_mnist")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The objective x backbone table of the README: the demo's UNet with DDPM (v-prediction, Min-SNR), flow matching
+# The objective x backbone table of docs/results.md: the demo's UNet with DDPM (v-prediction, Min-SNR), flow matching
 # and EDM, and the DiT with flow matching, each trained on 2 CPU processes for the demo's budget (2,000 steps x
 # 64), then scored as the results table is (1,000 samples against 2,000 test images, Inception and the domain
 # classifier). A run directory that already holds a finished run is only scored.

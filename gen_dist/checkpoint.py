@@ -18,13 +18,15 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from accelerate import Accelerator
 from safetensors.torch import save_file
 
 from gen_dist import dist
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 META = "meta.json"
 EMA = "ema.safetensors"

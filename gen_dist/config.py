@@ -1,252 +1,33 @@
-"""Typed run configuration: YAML file < dotted CLI overrides, unknown keys and wrong types are errors."""
+"""The run config as a whole: the core sections (`gen_dist.schema`), one section per registered model family, and
+the checks that need the families and the parallel strategies. Precedence: defaults < YAML file < dotted
+overrides; unknown keys, wrong types and impossible values are errors naming the key, before any process starts."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
-import os
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem, reported before any training starts."""
-
-
-class Switch(str):
-    """Type of a fast-path switch (the config holds the plain string): auto (gen_dist decides from the device
-    and strategy), on or off. YAML's true/false (and on/off, which YAML reads as booleans) are accepted."""
-
-    VALUES = ("auto", "on", "off")
-
-
-@dataclass
-class DataConfig:
-    path: str = "data/fashion_mnist"
-    """Directory written by `gen-dist data` (holds index.json and the .tar shards)."""
-    split: str = "train"
-    """Which split of the index to train on."""
-    resolution: int = 28
-    """Square image size fed to the model; images are resized when they differ."""
-    channels: int = 1
-    """1 for grayscale, 3 for RGB."""
-    batch_size: int = 64
-    """Batch size per process and per micro-step (global batch = this x processes x grad_accum)."""
-    num_workers: int = 1
-    """DataLoader worker processes per rank; 0 reads in the training process."""
-    shuffle_buffer: int = 1000
-    """Samples held in each worker's shuffle buffer (on top of a per-epoch shard shuffle)."""
-    hflip: bool = False
-    """Random horizontal flips."""
-    latents: str = ""
-    """Latent diffusion: a directory of the training split's latents pre-encoded by the run's first stage
-    (`gen-dist data latents`), read instead of encoding data.path's images on the fly; the same batches,
-    without the encoder's cost. data.path still gives the evaluation images."""
-    prefetch: int = 4
-    """Batches each loader worker prepares ahead (on GPUs they are copied from pinned memory)."""
-    strict: bool = False
-    """Stop at the first unreadable shard, undecodable image or sample without image or label, naming shard and
-    key. Otherwise such a sample is logged, counted in the data/bad_samples metric and replaced in its batch
-    by a good one, so that every rank still takes the planned steps."""
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 2e-4
-    """Peak learning rate of every optimizer."""
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    """Adam betas."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    schedule: str = "constant"
-    """LR schedule after warmup: constant, linear or cosine (decaying to 0 at train.steps)."""
-    warmup_steps: int = 0
-    """Linear warmup steps."""
-    grad_clip: float = 1.0
-    """Clip the gradient norm of each phase to this; 0 disables clipping (the norm is still reported)."""
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 1000
-    """Optimizer steps to train (per phase that runs every step)."""
-    grad_accum: int = 1
-    """Micro-batches accumulated per optimizer step."""
-    mixed_precision: str = "no"
-    """no, bf16 or fp16 (fp16 needs a GPU)."""
-    loss_scaling: bool = True
-    """fp16: dynamic loss scaling (a GradScaler). Without it small fp16 gradients flush to zero."""
-    ema_decay: float = 0.999
-    """EMA decay of the generator/denoiser; 0 disables EMA. Warmed up as min(decay, (1+n)/(10+n))."""
-    seed: int = 0
-    """Base seed; per-step randomness derives from (seed, rank, step)."""
-    log_every: int = 10
-    """Steps between metric records."""
-    sample_every: int = 0
-    """Steps between sample grids; 0 = only at the end."""
-    sample_n: int = 64
-    """Images in a sample grid."""
-    ckpt_every: int = 500
-    """Steps between checkpoints (a checkpoint is also written at the end)."""
-    keep_checkpoints: int = 2
-    """Newest checkpoints kept."""
-    snapshot_every: int = 0
-    """Steps between snapshots: the EMA (or raw) weights of the sampled module alone, in the export format,
-    kept for good in snapshots/ (`gen-dist sample` and `gen-dist eval` read them); 0 = none."""
-    posthoc_ema: list[float] = field(default_factory=list)
-    """Post-hoc EMA (EDM2): relative stds (sigma_rel, e.g. [0.05, 0.10]) of power-function EMA profiles of the
-    sampled module, kept beside train.ema_decay's and written in half precision to posthoc/ every
-    train.posthoc_every steps; `gen-dist ema RUN --std S` then makes the EMA of any length from them. Empty =
-    none."""
-    posthoc_every: int = 0
-    """Steps between post-hoc EMA snapshots (needed with train.posthoc_ema)."""
-    keep_best: str = ""
-    """An in-training eval metric (e.g. eval/inception/fid1k; needs eval.every > 0): the checkpoint of its best
-    value is kept beside the newest ones and named in best.json. Lower is better for FID and KID, higher for
-    the others."""
-    log_keys: bool = False
-    """Write the sample keys of every step to keys_rank<R>.jsonl in the run directory (to audit the data order)."""
-    max_nonfinite_steps: int = 5
-    """Steps with a non-finite loss or gradient are skipped (and counted); this many in a row stop the run."""
-    cpu: bool = False
-    """Train on CPU even when a GPU is present."""
-    progress: bool = True
-    """Report progress on the main process: a bar on a terminal, else one plain line per log record."""
-    compile: Switch = "auto"
-    """torch.compile each trained module (DDP and FSDP; DeepSpeed refuses it). auto = on for CUDA devices."""
-    channels_last: Switch = "auto"
-    """Channels-last memory format for the trained modules and image batches. auto = on for CUDA devices."""
-    tf32: bool = True
-    """Allow TF32 matmuls and convolutions (GPUs that have them) for the fp32 parts of the computation."""
-    activation_checkpointing: bool = False
-    """Recompute activations in backward instead of keeping them: less memory, about one more forward."""
-    init_from: str = ""
-    """Start a new run from trained weights: a run directory (its latest checkpoint), a checkpoint or a file of
-    `gen-dist export`. Matching tensors are loaded (the sampled module's EMA where kept), the rest are reported;
-    optimizers, schedules and the step start fresh. Ignored once the run has its own checkpoints."""
-
-
-@dataclass
-class ParallelConfig:
-    strategy: str = "ddp"
-    """How trained modules are spread over ranks: ddp (replicated), deepspeed (ZeRO, one engine per trained
-    module) or fsdp (PyTorch FSDP2 through Accelerate)."""
-    zero_stage: int = 2
-    """DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters."""
-    offload_optimizer: bool = False
-    """DeepSpeed: keep optimizer state on the CPU and step it there (DeepSpeedCPUAdam)."""
-    offload_params: bool = False
-    """DeepSpeed ZeRO-3: keep parameter partitions on the CPU between uses."""
-    deepspeed_config: str = ""
-    """Optional DeepSpeed JSON (e.g. launcher/deepspeed/zero3.json) whose zero_optimization and communication
-    settings are used; batch size, accumulation, clipping and precision always come from this config."""
-    timeout_minutes: float = 30.0
-    """How long a collective waits for the other ranks before the process group gives up; the rank then
-    reports the step and phase it was in. Raise it for long evaluations or slow checkpoint storage."""
-
-
-@dataclass
-class TrackConfig:
-    backends: list[str] = field(default_factory=lambda: ["wandb", "tensorboard", "jsonl"])
-    """Where metrics go besides train.log: wandb (Weights & Biases, see wandb.*), tensorboard (event files in
-    <run_dir>/tensorboard) and jsonl (<run_dir>/metrics.jsonl, which `gen-dist status` and `plot` read)."""
-
-
-@dataclass
-class WandbConfig:
-    project: str = "gen_dist"
-    """W&B project."""
-    entity: str = ""
-    """W&B entity; empty = the default of the account."""
-    mode: str = "auto"
-    """auto (online with an API key, offline without), online, offline or disabled."""
-    group: str = ""
-    """W&B group of the run (a sweep sets it to the sweep's name, so its trials are shown together)."""
-
-
-@dataclass
-class EvalConfig:
-    every: int = 0
-    """Steps between evaluations during training (and one at the end); 0 = none."""
-    n: int = 1000
-    """Generated samples per evaluation; the metric names carry it (fid1k, kid1k, ...)."""
-    metrics: list[str] = field(default_factory=lambda: ["fid"])
-    """Any of fid, kid, is, pr (precision/recall)."""
-    extractors: list[str] = field(default_factory=lambda: ["inception"])
-    """Feature extractors: 'inception' (the standard InceptionV3, offline) or the path of a classifier run,
-    checkpoint or export trained by gen_dist on the dataset (fast; not comparable with published FIDs)."""
-    reference_split: str = "test"
-    """Split of data.path the samples are compared with."""
-    reference_n: int = 0
-    """Real images used for the reference statistics; 0 = the whole split."""
-    batch_size: int = 250
-    """Images generated and embedded at once per rank."""
-    seed: int = 0
-    """Seed of the evaluation samples (fixed, so successive evaluations compare the same noise)."""
-
-
-@dataclass
-class RunConfig:
-    """The sections every run has. The class a config is loaded into (`config_class()`) adds one section per
-    registered model family, named after it (`diffusion.*`, `gan.*`, ...)."""
-
-    task: str = "diffusion"
-    """Model family (`gen-dist train --help` lists the registered ones); classifier trains the domain feature
-    extractor of eval."""
-    name: str = "run"
-    """Run name (the W&B run name too)."""
-    run_dir: str = ""
-    """Output directory; empty = runs/<name>. An existing run directory is resumed."""
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    track: TrackConfig = field(default_factory=TrackConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-
-    @property
-    def out_dir(self) -> Path:
-        return Path(self.run_dir or f"runs/{self.name}")
-
-
-METRICS = ("fid", "kid", "is", "pr")
-BACKENDS = ("wandb", "tensorboard", "jsonl")
-
-
-def eval_metric_keys(cfg: RunConfig, reconstructs: bool) -> dict[str, bool]:
-    """The metrics an evaluation under cfg.eval logs, each with whether lower is better."""
-    e = cfg.eval
-    tag = f"{e.n // 1000}k" if e.n % 1000 == 0 else str(e.n)
-    out = {"eval/psnr": False} if reconstructs else {}
-    for spec in e.extractors:
-        name = "inception" if spec == "inception" else "domain"
-        names = {"fid": ["fid"], "kid": ["kid"], "pr": ["precision", "recall"],
-                 "is": ["is"] if name == "domain" else []}
-        for metric in e.metrics:
-            out.update({f"eval/{name}/{m}{tag}": m in ("fid", "kid") for m in names[metric]})
-    return out
-CHOICES = {
-    "optim.schedule": ("constant", "linear", "cosine"),
-    "train.mixed_precision": ("no", "bf16", "fp16"),
-    "wandb.mode": ("auto", "online", "offline", "disabled"),
-    "parallel.zero_stage": (1, 2, 3),
-}
-POSITIVE = ("data.resolution", "data.batch_size", "data.prefetch", "train.steps", "train.grad_accum", "train.log_every",
-            "train.sample_n", "train.ckpt_every", "train.max_nonfinite_steps", "train.keep_checkpoints",
-            "eval.n", "eval.batch_size")
+from gen_dist.family import families, family
+from gen_dist.parallel import STRATEGIES
+from gen_dist.schema import (
+    ConfigError,
+    RunConfig,
+    apply_values,
+    check_keys,
+    parse_override,
+    read_yaml,
+    to_dict,
+    validate_core,
+    validate_eval,
+)
 
 
 def config_class() -> type[RunConfig]:
     """RunConfig with a section for every registered family, made once per set of families."""
-    from gen_dist.tasks import families
-
     found = families()
     key = tuple((f.name, f.section) for f in found.values())
     if key not in _CLASSES:
@@ -258,195 +39,21 @@ def config_class() -> type[RunConfig]:
 _CLASSES: dict[tuple, type[RunConfig]] = {}
 
 
-def check_divisible(cfg: RunConfig, factor: int, why: str) -> None:
-    """data.resolution must be divisible by `factor` (levels that halve the resolution ask for it)."""
-    if cfg.data.resolution % factor:
-        raise ConfigError(f"data.resolution {cfg.data.resolution} must be divisible by {factor} {why}")
-
-
-def check_halving_levels(cfg: RunConfig, key: str) -> None:
-    """`key` lists one entry per level that halves the resolution: it must not be empty, and data.resolution
-    must be divisible by 2^len."""
-    levels = len(get_value(cfg, key))
-    if not levels:
-        raise ConfigError(f"config key '{key}' must not be empty")
-    check_divisible(cfg, 2**levels, f"(2^len({key}))")
-
-
-def _check_type(key: str, value: Any, tp: Any) -> Any:
-    """Return `value` as type `tp` or raise ConfigError naming `key`."""
-    origin = typing.get_origin(tp)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-    if tp is Switch:
-        value = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
-        if value not in Switch.VALUES:
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(Switch.VALUES)}, got {value!r}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        raise ConfigError(f"config key '{key}': union types are not supported")
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        # YAML 1.1 reads `1e-3` (no dot) as a string; accept what Python reads as a number.
-        with contextlib.suppress(ValueError):
-            value = float(value)
-    if tp in (int, float) and isinstance(value, bool):
-        raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {value!r}")
-    if not isinstance(value, tp):
-        raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {type(value).__name__} {value!r}")
-    if tp is float and not math.isfinite(value):
-        raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
-    return value
-
-
-def _apply(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
-    for k, v in values.items():
-        key = f"{prefix}{k}"
-        if k not in names:
-            raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(names))})")
-        current = getattr(obj, k)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(v, dict):
-                raise ConfigError(f"config key '{key}' must be a mapping, got {v!r}")
-            _apply(current, v, key + ".")
-        else:
-            setattr(obj, k, _check_type(key, v, hints[k]))
-
-
-def _nest(dotted: str, value: Any) -> dict[str, Any]:
-    out: dict[str, Any] = value
-    for part in reversed(dotted.split(".")):
-        out = {part: out}
-    return out
-
-
-def parse_override(text: str) -> dict[str, Any]:
-    """`train.steps=10` -> {'train': {'steps': 10}}; the value is read as YAML."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}' must look like key=value (e.g. train.steps=100)")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
-    return _nest(key.strip(), value)
-
-
-def get_value(cfg: RunConfig, dotted: str) -> Any:
-    obj: Any = cfg
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _check_keys(cfg: RunConfig, choices: dict[str, tuple], positive: tuple[str, ...]) -> None:
-    for key, allowed in choices.items():
-        value = get_value(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, allowed))}, got {value!r}")
-    for key in positive:
-        if get_value(cfg, key) <= 0:
-            raise ConfigError(f"config key '{key}' must be > 0, got {get_value(cfg, key)!r}")
-
-
-def _check_no_negative_ints(obj: Any, prefix: str = "") -> None:
-    """Every integer key is a count, a step, an index or a seed: none may be negative."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            _check_no_negative_ints(value, f"{prefix}{f.name}.")
-        elif hints[f.name] is int and value < 0:
-            raise ConfigError(f"config key '{prefix}{f.name}' must be >= 0, got {value}")
-
-
 def validate(cfg: RunConfig) -> None:
-    """Checks across fields that types alone cannot express: the core sections', every family's, the
-    strategy's and evaluation's."""
-    from gen_dist.tasks import families
-
+    """Checks across fields that types alone cannot express: the core sections', the strategy's, every
+    family's and evaluation's."""
     found = families()
-    _check_no_negative_ints(cfg)
-    _check_keys(cfg, {"task": tuple(found), **CHOICES}, POSITIVE)
-    if not cfg.run_dir and (not cfg.name or cfg.name in (".", "..") or "/" in cfg.name or "\\" in cfg.name):
-        raise ConfigError(f"config key 'name' must be a plain name (the run directory is runs/<name>), got "
-                          f"{cfg.name!r}; set run_dir to train elsewhere")
-    if cfg.data.channels not in (1, 3):
-        raise ConfigError(f"config key 'data.channels' must be 1 or 3, got {cfg.data.channels}")
-    if cfg.data.num_workers < 0:
-        raise ConfigError("config key 'data.num_workers' must be >= 0")
-    if not 0 <= cfg.train.ema_decay < 1:
-        raise ConfigError("config key 'train.ema_decay' must be in [0, 1)")
-    _validate_posthoc(cfg)
-    if len(cfg.optim.betas) != 2:
-        raise ConfigError("config key 'optim.betas' must have two values")
-    backends = cfg.track.backends
-    if set(backends) - set(BACKENDS) or len(set(backends)) != len(backends):
-        raise ConfigError(f"config key 'track.backends' must list distinct entries of {', '.join(BACKENDS)}, got "
-                          f"{backends}")
-    if cfg.parallel.timeout_minutes <= 0:
-        raise ConfigError(f"config key 'parallel.timeout_minutes' must be > 0, got {cfg.parallel.timeout_minutes}")
-    _validate_parallel(cfg)
-    for f in found.values():
-        _check_keys(cfg, {f"{f.name}.{k}": v for k, v in f.choices.items()}, tuple(f"{f.name}.{k}" for k in f.positive))
-        if f.check is not None:
-            f.check(cfg)
-    task = found[cfg.task].task
-    _validate_eval(cfg, task.generates, task.reconstructs)
-
-
-MAX_SIGMA_REL = 0.28
-"""The longest post-hoc EMA: above it the power function's exponent is negative (sigma_rel peaks at 0.2887 for an
-exponent near 0)."""
-
-
-def _validate_posthoc(cfg: RunConfig) -> None:
-    t = cfg.train
-    if not t.posthoc_ema:
-        return
-    if any(not 0 < s <= MAX_SIGMA_REL for s in t.posthoc_ema) or len(set(t.posthoc_ema)) != len(t.posthoc_ema):
-        raise ConfigError(f"config key 'train.posthoc_ema' must list distinct relative stds in (0, {MAX_SIGMA_REL}], "
-                          f"got {t.posthoc_ema}")
-    if t.posthoc_every <= 0:
-        raise ConfigError("train.posthoc_ema needs train.posthoc_every > 0 (steps between its snapshots)")
-
-
-def _validate_eval(cfg: RunConfig, generates: bool, reconstructs: bool) -> None:
-    e = cfg.eval
-    unknown = sorted(set(e.metrics) - set(METRICS))
-    if unknown or not e.metrics:
-        raise ConfigError(f"eval.metrics must be a non-empty list of {', '.join(METRICS)}; got {e.metrics}")
-    if not e.extractors:
-        raise ConfigError("eval.extractors must name at least one extractor ('inception' or a classifier run)")
-    if e.every < 0 or e.reference_n < 0:
-        raise ConfigError("eval.every and eval.reference_n must be >= 0")
-    if e.every and not generates:
-        raise ConfigError("eval.every needs a generative task; a classifier run generates nothing to evaluate")
-    if "pr" in e.metrics and e.n <= 3:
-        raise ConfigError("eval.metrics 'pr' (k-NN precision/recall, k=3) needs eval.n > 3")
-    best = cfg.train.keep_best
-    if best:
-        known = eval_metric_keys(cfg, reconstructs)
-        if not e.every:
-            raise ConfigError(f"train.keep_best={best} needs in-training evaluation: set eval.every > 0")
-        if best not in known:
-            raise ConfigError(f"train.keep_best={best} is not a metric this run's evaluation logs; it logs "
-                              f"{', '.join(known)}")
-
-
-def _validate_parallel(cfg: RunConfig) -> None:
-    from gen_dist.parallel import STRATEGIES
-
+    validate_core(cfg, tuple(found))
     if cfg.parallel.strategy not in STRATEGIES:
         raise ConfigError(f"config key 'parallel.strategy' must be one of {', '.join(STRATEGIES)}, got "
                           f"{cfg.parallel.strategy!r}")
     STRATEGIES[cfg.parallel.strategy].validate(cfg)
+    for f in found.values():
+        check_keys(cfg, {f"{f.name}.{k}": v for k, v in f.choices.items()}, tuple(f"{f.name}.{k}" for k in f.positive))
+        if f.check is not None:
+            f.check(cfg)
+    task = found[cfg.task].task
+    validate_eval(cfg, task.generates, task.reconstructs)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
@@ -464,14 +71,14 @@ def config_from_yaml(text: str, source: str, overrides: list[str] = ()) -> RunCo
     """Build a RunConfig from YAML text (a file's, or one stored in an exported checkpoint)."""
     cfg = config_class()()
     try:
-        data = yaml.safe_load(text) or {}
+        data = read_yaml(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{source} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source} must hold a mapping at the top level")
-    _apply(cfg, data)
+    apply_values(cfg, data)
     for o in overrides:
-        _apply(cfg, parse_override(o))
+        apply_values(cfg, parse_override(o))
     validate(cfg)
     return cfg
 
@@ -485,8 +92,6 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def check_same_model(saved: RunConfig, cfg: RunConfig) -> None:
     """A run directory can only be resumed with the model it was trained with."""
-    from gen_dist.tasks import family
-
     sections = ("task", "data.resolution", "data.channels", f"{cfg.task}.")
     free = {f"{cfg.task}.{k}" for k in family(cfg.task).sampling_keys}  # how it samples, not what it is
     old, new = _flatten(to_dict(saved)), _flatten(to_dict(cfg))
@@ -495,20 +100,3 @@ def check_same_model(saved: RunConfig, cfg: RunConfig) -> None:
         diff = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
         raise ConfigError(f"run directory {cfg.out_dir} holds checkpoints of another model ({diff}); "
                           f"use a new run_dir")
-
-
-def to_dict(cfg: RunConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def save_config(cfg: RunConfig, path: Path) -> None:
-    """Atomically: a run killed while writing it must still find the old file on restart."""
-    write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write the whole file under another name, then rename it: a reader, or a restart after a kill, sees the
-    old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

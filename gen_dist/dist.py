@@ -164,3 +164,12 @@ class Watchdog:
 
     def close(self) -> None:
         self._stop.set()
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (for a rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

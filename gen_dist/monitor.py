@@ -4,7 +4,6 @@ training, finished or dead, from any machine that sees the directory."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -12,14 +11,13 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from gen_dist.config import ConfigError
+from gen_dist.schema import ConfigError
 
 COUNTED = ("resume", "preempted", "bad_data", "nonfinite")
 """Events whose number so far the status reports: each one is a sign of trouble or of a restart."""
@@ -28,8 +26,15 @@ RATE_WINDOW = 5
 STALE_S = 600.0
 """A heartbeat from another host older than max(STALE_S, 5 x its refresh interval) means a dead run."""
 SLURM_TIMEOUT_S = 10.0
-PREEMPTED = "preempted.json"
-"""Written to the run directory when a signal stopped the run after a checkpoint; job scripts requeue on it."""
+
+
+def halt_marker(status: str) -> str:
+    """The file a run writes into its directory when it ends early with `status`, naming its last checkpoint."""
+    return f"{status}.json"
+
+
+PREEMPTED = halt_marker("preempted")
+"""Written when a signal stopped the run after a checkpoint; job scripts requeue on it."""
 
 
 # ------------------------------------------------------------------------------------------ reading a run
@@ -406,46 +411,3 @@ def plot(run_dir: Path, out: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ command line
-
-
-def cmd_status(args: argparse.Namespace) -> None:
-    run_dir = Path(args.run)
-    if args.watch is None:
-        print(format_status(status(run_dir)))
-        return
-    try:
-        watch(run_dir, args.watch)
-    except KeyboardInterrupt:  # the usual way to stop watching: not an error
-        print(file=sys.stderr)
-
-
-def cmd_plot(args: argparse.Namespace) -> None:
-    print(f"wrote {plot(Path(args.run), Path(args.out))}")
-
-
-def _interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
-    return value
-
-
-def add_parsers(sub: Any) -> None:
-    """The status and plot subcommands, on the subparsers of `gen-dist`."""
-    s = sub.add_parser("status", help="progress, losses, checkpoints and liveness of a run directory",
-                       description="Report a run directory: step of total, speed and ETA, latest losses and "
-                                   "eval scores, newest checkpoint and sample grid, restarts and data problems "
-                                   "so far, and whether the run is alive (heartbeat.json; SLURM job state "
-                                   "where it ran under SLURM).")
-    s.add_argument("run", help="run directory, e.g. runs/diffusion_fashion_mnist")
-    s.add_argument("--watch", nargs="?", const=10.0, type=_interval, metavar="SECONDS",
-                   help="reprint every SECONDS (default 10) until the run is no longer alive")
-    s.set_defaults(func=cmd_status)
-    p = sub.add_parser("plot", help="plot a run's losses, learning rates, throughput and eval metrics",
-                       description="Draw the curves of a run's metrics.jsonl against the step into one PNG.")
-    p.add_argument("run", help="run directory")
-    p.add_argument("--out", required=True, help="output image, e.g. curves.png")
-    p.set_defaults(func=cmd_plot)

@@ -14,8 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 if TYPE_CHECKING:
-    from gen_dist.config import RunConfig
-    from gen_dist.tasks.base import Task
+    from gen_dist.family import Task
+    from gen_dist.schema import RunConfig
 
 # Dense peak TFLOP/s per device (vendor data sheets, no sparsity): tensor-core half precision (bf16/fp16),
 # TF32, and plain fp32. Looked up by substring of torch.cuda.get_device_name, first match wins.
@@ -37,6 +37,36 @@ PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
 def switch_on(value: str, device: torch.device) -> bool:
     """A train.* switch resolved for `device`: auto means on for CUDA devices."""
     return value == "on" or (value == "auto" and device.type == "cuda")
+
+
+NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+"""CPU flags (Linux /proc/cpuinfo) of a native bf16 dot product; without them CPU autocast to bf16 emulates it
+and runs several times slower than fp32."""
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+def choose_precision(cfg: RunConfig) -> dict[str, str]:
+    """train.mixed_precision as this process will train: `auto` becomes bf16 where the device computes bf16
+    natively, else no. Returns what was asked, what was chosen and why."""
+    asked = cfg.train.mixed_precision
+    if asked != "auto":
+        return {"asked": asked, "chose": asked, "why": "set in the config"}
+    if torch.cuda.is_available() and not cfg.train.cpu:
+        if torch.cuda.is_bf16_supported():
+            return {"asked": asked, "chose": "bf16", "why": f"{torch.cuda.get_device_name()} computes bf16 natively"}
+        return {"asked": asked, "chose": "no", "why": f"{torch.cuda.get_device_name()} has no native bf16"}
+    native = sorted(set(NATIVE_BF16_CPU_FLAGS) & cpu_flags())
+    if native:
+        return {"asked": asked, "chose": "bf16", "why": f"the CPU has {' and '.join(native)}"}
+    return {"asked": asked, "chose": "no", "why": f"the CPU has none of {', '.join(NATIVE_BF16_CPU_FLAGS)}: bf16 "
+                                                  f"would be emulated, slower than fp32"}
 
 
 def configure_device(cfg: RunConfig, device: torch.device) -> None:

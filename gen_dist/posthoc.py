@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from gen_dist import checkpoint, parallel
-from gen_dist.config import MAX_SIGMA_REL, ConfigError
+from gen_dist.artifact import run_config_file, save_atomic, write_weights_file
+from gen_dist.schema import MAX_SIGMA_REL, ConfigError
 
 DIR = "posthoc"
 """The run directory's folder of post-hoc EMA snapshots (and of reconstructions)."""
@@ -76,8 +77,6 @@ class Profiles:
 
     def write(self, path: Path, step: int, module: str, task_state: dict, main: bool) -> None:
         """A half-precision snapshot of every profile (consolidated on every rank, written by the main one)."""
-        from gen_dist.sampling import save_atomic
-
         tensors = {}
         for i, e in enumerate(self.emas):
             tensors.update({f"p{i}.{k}": (v.half() if v.is_floating_point() else v).contiguous()
@@ -191,11 +190,7 @@ def output_path(run_dir: Path, sigma_rel: float, step: int) -> Path:
 
 def export(run_dir: Path, sigma_rel: float, out: Path | None = None, step: int = 0) -> tuple[Path, dict]:
     """`gen-dist ema`: the reconstruction as an export (`gen-dist sample` and `eval` read it)."""
-    from gen_dist.sampling import write_weights_file
-
-    config = run_dir / "config.yaml"
-    if not config.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    config = run_config_file(run_dir)
     weights, info = reconstruct(run_dir, sigma_rel, step)
     out = out or output_path(run_dir, sigma_rel, info["step"])
     write_weights_file(out, {"ema.": weights}, config.read_text(), info["step"], info["module"], info["task_state"])

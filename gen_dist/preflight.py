@@ -9,9 +9,12 @@ from pathlib import Path
 import torch
 
 from gen_dist import checkpoint
-from gen_dist.config import ConfigError, RunConfig, check_same_model, load_config
+from gen_dist.artifact import resolve
+from gen_dist.config import check_same_model, load_config
 from gen_dist.data import check_split
+from gen_dist.evaluation import check_eval
 from gen_dist.parallel import STRATEGIES, strategy_for
+from gen_dist.schema import ConfigError, RunConfig
 
 
 def preflight(cfg: RunConfig, world_size: int) -> None:
@@ -32,12 +35,8 @@ def preflight(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError("train.mixed_precision=fp16 needs a GPU (CPU autocast ignores it); use bf16 or no")
     strategy_for(cfg).preflight()
     if cfg.train.init_from and not found:
-        from gen_dist.sampling import check_init_source
-
-        check_init_source(Path(cfg.train.init_from))
+        resolve(Path(cfg.train.init_from), "train.init_from")
     if cfg.eval.every:
-        from gen_dist.evaluation import check_eval
-
         check_eval(cfg)
 
 

@@ -12,15 +12,15 @@ import subprocess
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from gen_dist.config import ConfigError, load_config
+from gen_dist.artifact import RUN_CONFIG, resolve
+from gen_dist.config import load_config
+from gen_dist.evaluation import check_eval_target
+from gen_dist.launch import ROOT
 from gen_dist.preflight import preflight
+from gen_dist.schema import ConfigError
+from gen_dist.sweep import Sweep, load_sweep
 
-if TYPE_CHECKING:
-    from gen_dist.sweep import Sweep
-
-ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "slurm" / "train.sbatch"
 EVAL_TEMPLATE = ROOT / "slurm" / "eval.sbatch"
 SWEEP_TEMPLATE = ROOT / "slurm" / "sweep.sbatch"
@@ -88,17 +88,13 @@ def render(config: str, overrides: list[str], spec: JobSpec) -> tuple[str, Path]
 def render_eval(target: str, eval_args: list[str], spec: JobSpec) -> tuple[str, Path]:
     """(job script, run directory) of `gen-dist eval TARGET EVAL_ARGS` as a one-node job of spec.nproc ranks.
     TARGET (a run directory, a checkpoint or an export) and the evaluation settings are checked first."""
-    from gen_dist.evaluation import check_eval_target
-
     if not Path(target).exists():
         raise ConfigError(f"{target} does not exist")
     overrides = [a for a in eval_args if "=" in a and not a.startswith("-")]
-    check_eval_target(Path(target), overrides, "--snapshots" in eval_args, "--raw" not in eval_args)
+    whole_run = "--snapshots" if "--snapshots" in eval_args else ""
+    check_eval_target(Path(target), overrides, whole_run, "--raw" not in eval_args)
     path = Path(target).resolve()
-    # The run directory of a run, a checkpoint (RUN/checkpoints/step_N), a snapshot or an export beside it.
-    run_dir = path if (path / "config.yaml").is_file() else path.parent
-    if run_dir.name in ("checkpoints", "snapshots"):
-        run_dir = run_dir.parent
+    run_dir = path if (path / RUN_CONFIG).is_file() else resolve(path).run_dir
     cpu = [] if spec.gpus_per_node else ["--cpu"]
     log = run_dir / "eval" / "slurm-eval-%j.out"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -109,8 +105,6 @@ def render_eval(target: str, eval_args: list[str], spec: JobSpec) -> tuple[str, 
 def render_sweep(sweep_file: str, array: int, spec: JobSpec) -> tuple[str, Sweep]:
     """(job script, sweep) of a job array of `array` sweep workers, each running its trials on spec.nodes x
     spec.nproc ranks. The sweep file, and its base config on that many ranks, are checked first."""
-    from gen_dist.sweep import load_sweep
-
     _check_spec(spec)
     if array < 1:
         raise ConfigError(f"--array must be >= 1, got {array}")

@@ -17,8 +17,8 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from tqdm.auto import tqdm
 
 from gen_dist import dist
-from gen_dist.config import RunConfig, TrackConfig, to_dict, write_atomic
 from gen_dist.monitor import duration
+from gen_dist.schema import RunConfig, TrackConfig, to_dict, write_atomic
 
 RUN_ID_FILE = "wandb_run_id"
 HEARTBEAT = "heartbeat.json"

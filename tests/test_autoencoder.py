@@ -15,8 +15,9 @@ from conftest import CONFIGS, events, free_port, run_cli, smoke_args, step_recor
 from PIL import Image
 from safetensors.torch import load_file
 
-from gen_dist.config import ConfigError, load_config
+from gen_dist.config import load_config
 from gen_dist.engine import Trainer
+from gen_dist.schema import ConfigError
 from gen_dist.tasks.autoencoder import VQVAETask
 
 pytestmark = pytest.mark.xdist_group("autoencoder")  # one worker builds the shared first stage

@@ -3,8 +3,9 @@ from pathlib import Path
 import pytest
 from conftest import CONFIGS, run_cli
 
-from gen_dist.config import ConfigError, load_config
-from gen_dist.tasks import families
+from gen_dist.config import load_config
+from gen_dist.family import families
+from gen_dist.schema import ConfigError
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
@@ -49,10 +50,42 @@ def test_overrides_take_precedence_and_are_typed() -> None:
     ("parallel.timeout_minutes=0", "'parallel.timeout_minutes' must be > 0"),
     ("train.snapshot_every=-5", "'train.snapshot_every' must be >= 0"),
     ("train.keep_best=eval/inception/fid1k", "needs in-training evaluation: set eval.every > 0"),
+    ("train.mixed_precision=yes", "'train.mixed_precision' must be one of no, bf16, fp16, auto, got 'yes'"),
+    ("optim.lr=-1e-4", "'optim.lr' must be >= 0"),
+    ("optim.betas=[0.9, 1.0]", r"'optim.betas' must both be in [0, 1)"),
+    ("optim.weight_decay=-0.1", "'optim.weight_decay' must be >= 0"),
+    ("optim.grad_clip=-1", "'optim.grad_clip' must be >= 0"),
 ])
 def test_bad_values_name_the_key(override: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
         load_config(CONFIGS / "smoke_gan.yaml", [override])
+
+
+def test_a_yaml_word_means_the_word_for_a_string_key(tmp_path: Path) -> None:
+    """YAML 1.1 reads no/yes/on/off as booleans; a config key of type str takes the word itself, a bool key its
+    truth value, on the command line and in files alike."""
+    cfg = load_config(CONFIGS / "smoke_gan.yaml", ["train.mixed_precision=no", "data.hflip=yes", "train.compile=off"])
+    assert (cfg.train.mixed_precision, cfg.data.hflip, cfg.train.compile) == ("no", True, "off")
+    path = tmp_path / "words.yaml"
+    path.write_text("task: vae\ntrain:\n  mixed_precision: no\n  tf32: off\n  compile: on\ndata:\n  hflip: On\n")
+    cfg = load_config(path)
+    assert (cfg.train.mixed_precision, cfg.train.tf32, cfg.train.compile, cfg.data.hflip) == ("no", False, "on", True)
+    with pytest.raises(ConfigError, match="'data.hflip' must be bool, got str 'maybe'"):
+        load_config(path, ["data.hflip=maybe"])
+
+
+@pytest.mark.parametrize(("flags", "chose"), [({"avx2", "avx512_bf16"}, "bf16"), ({"amx_bf16"}, "bf16"),
+                                              ({"avx2", "fma"}, "no")])
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch: pytest.MonkeyPatch, flags: set[str],
+                                                                chose: str) -> None:
+    from gen_dist import perf
+
+    monkeypatch.setattr(perf, "cpu_flags", lambda: flags)
+    cfg = load_config(CONFIGS / "smoke_gan.yaml", ["train.mixed_precision=auto", "train.cpu=true"])
+    choice = perf.choose_precision(cfg)
+    assert choice["asked"] == "auto" and choice["chose"] == chose and choice["why"]
+    cfg.train.mixed_precision = "bf16"
+    assert perf.choose_precision(cfg) == {"asked": "bf16", "chose": "bf16", "why": "set in the config"}
 
 
 def test_unknown_key_in_yaml(tmp_path: Path) -> None:

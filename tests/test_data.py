@@ -15,15 +15,14 @@ from gen_dist.data import (
     Segment,
     ShardStream,
     batch_sizes,
-    epoch_shards,
     load_index,
     pack_idx_dir,
     pack_image_folder,
     read_pieces,
-    to_pieces,
-    update_index,
     write_shards,
 )
+from gen_dist.data.pack import update_index
+from gen_dist.data.stream import epoch_shards, to_pieces
 
 
 def write_idx(path: Path, arr: np.ndarray, gz: bool) -> None:

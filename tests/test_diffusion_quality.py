@@ -11,8 +11,9 @@ import torch
 from conftest import CONFIGS, events, run_cli, smoke_args
 from safetensors.torch import load_file
 
-from gen_dist.config import ConfigError, load_config
-from gen_dist.tasks import family
+from gen_dist.config import load_config
+from gen_dist.family import family
+from gen_dist.schema import ConfigError
 from gen_dist.tasks.diffusion import SAMPLERS
 
 SMOKE = CONFIGS / "smoke_diffusion.yaml"

@@ -13,9 +13,10 @@ from conftest import CONFIGS
 from safetensors.torch import save_file
 
 from gen_dist import posthoc
-from gen_dist.config import ConfigError, load_config
+from gen_dist.config import load_config
+from gen_dist.family import family
 from gen_dist.parallel import EMA, Replicated
-from gen_dist.tasks import family
+from gen_dist.schema import ConfigError
 from gen_dist.tasks.diffusion import TIME_SCALE, edm_scalings
 
 SMOKE = CONFIGS / "smoke_diffusion.yaml"

@@ -12,8 +12,9 @@ import torch
 from conftest import CONFIGS, events, records, run_cli, smoke_args, step_records, train_command
 
 from gen_dist.data import Piece, decode_image, load_index, read_pieces
-from gen_dist.evaluation import STATS_DIR, DomainClassifier, InceptionV3
+from gen_dist.evaluation import STATS_DIR, InceptionV3
 from gen_dist.metrics import fid
+from gen_dist.tasks.classifier import DomainClassifier
 
 EVAL = ["eval.every=3", "eval.n=40", "eval.batch_size=16", "eval.metrics=[fid,kid,pr,is]"]
 

@@ -17,9 +17,8 @@ from conftest import CONFIGS, ROOT, events, free_port, run_cli, step_records
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from gen_dist.config import ConfigError, RunConfig
-from gen_dist.tasks import Family, Phase, Task, register
-from gen_dist.tasks.base import Batch, Nets, Reduce
+from gen_dist.family import Batch, Family, Nets, Phase, Reduce, Task, register
+from gen_dist.schema import ConfigError, RunConfig
 
 HERE = Path(__file__).resolve().parent
 

@@ -12,8 +12,9 @@ from conftest import CONFIGS, run_cli, smoke_args, step_records
 from safetensors.torch import load_file
 
 from gen_dist import augment, checkpoint
-from gen_dist.config import ConfigError, load_config
+from gen_dist.config import load_config
 from gen_dist.engine import Trainer
+from gen_dist.schema import ConfigError
 from gen_dist.tasks.gan import ClassNorm, GANTask, classwise_std
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from gen_dist import monitor
 from gen_dist.checkpoint import list_checkpoints
-from gen_dist.config import ConfigError
+from gen_dist.schema import ConfigError
 
 pytestmark = pytest.mark.xdist_group("monitor")
 

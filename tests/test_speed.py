@@ -9,10 +9,10 @@ import torch
 from conftest import CONFIGS, events, free_port, run_cli, smoke_args, step_records
 from torch import nn
 
-from gen_dist.config import ConfigError, load_config
+from gen_dist.config import load_config
+from gen_dist.family import Phase, Task, family
 from gen_dist.perf import flops_per_image
-from gen_dist.tasks import family
-from gen_dist.tasks.base import Phase, Task
+from gen_dist.schema import ConfigError
 
 FAMILIES = {"diffusion": [], "gan": ["gan.r1_gamma=1.0", "gan.r1_every=1"], "vae": [], "classifier": []}
 

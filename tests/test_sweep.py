@@ -16,8 +16,8 @@ import pytest
 import yaml
 from conftest import CONFIGS, ROOT, events, run_cli, step_records
 
-from gen_dist import sweep
-from gen_dist.config import ConfigError
+from gen_dist import monitor, sweep
+from gen_dist.schema import ConfigError
 
 pytestmark = pytest.mark.xdist_group("sweep")
 
@@ -171,14 +171,14 @@ def test_trial_that_stops_beating_is_stopped_and_failed(tmp_path: Path, digits: 
     deadline = time.monotonic() + 120
     while beat.get("step", 0) < 2 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-        beat = sweep.read_json(run_dir / "heartbeat.json") or {}
+        beat = monitor.read_json(run_dir / "heartbeat.json") or {}
     assert beat.get("step", 0) >= 2, proc.stdout.read() if proc.poll() is not None else "no heartbeat in 120 s"
     os.kill(beat["pid"], signal.SIGSTOP)
     stopped = time.monotonic()
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out
     assert 25 < time.monotonic() - stopped < 90  # stale after 30 s, then at most 10 s to stop it
-    assert not sweep.pid_exists(beat["pid"])
+    assert not monitor.pid_exists(beat["pid"])
     trial = sweep.open_study(sweep.load_sweep(path)).trials[0]
     assert trial.state.name == "FAIL" and trial.system_attrs["fail_reason"] == "no heartbeat for 0.5 min while it ran"
     assert "trial 0: failed (no heartbeat for 0.5 min while it ran)" in out

@@ -67,10 +67,16 @@ def test_two_process_run(task: str, tmp_path: Path, digits: Path) -> None:
 
 def test_shipped_cpu_accelerate_config_gives_two_ranks(tmp_path: Path, digits: Path) -> None:
     run_dir = tmp_path / "vae"
-    run_cli("launch", *smoke_args("vae", run_dir, digits), "train.steps=2", "--cpu",
+    from gen_dist.perf import NATIVE_BF16_CPU_FLAGS, cpu_flags
+
+    run_cli("launch", *smoke_args("vae", run_dir, digits), "train.steps=2", "train.mixed_precision=auto", "--cpu",
             "--accelerate-config", str(ROOT / "launcher" / "accelerate" / "cpu.yaml"), "--port", free_port())
     (start,) = events(run_dir, "start")
     assert start["world_size"] == 2 and start["backend"] == "gloo"
+    # auto: bf16 on a CPU with native bf16, fp32 elsewhere; the choice and its reason are in the start event.
+    native = bool(set(NATIVE_BF16_CPU_FLAGS) & cpu_flags())
+    assert start["mixed_precision"] == ("bf16" if native else "no")
+    assert start["precision_choice"]["asked"] == "auto" and "the CPU has" in start["precision_choice"]["why"]
 
 
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -12,7 +12,8 @@ import torch
 from conftest import CONFIGS, run_cli, smoke_args, step_records, train_command
 from safetensors.torch import load_file
 
-from gen_dist.config import ConfigError, load_config
+from gen_dist.config import load_config
+from gen_dist.schema import ConfigError
 from gen_dist.tasks.vae import LIKELIHOODS, VAETask, discretised_log_prob, kl_penalty, kl_weight
 
 LEVELS = torch.arange(256, dtype=torch.float64) / 127.5 - 1

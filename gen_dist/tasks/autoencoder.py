@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gen_dist.config import ConfigError, RunConfig, check_divisible
-from gen_dist.tasks import register
-from gen_dist.tasks.base import Batch, Family, Nets, Phase, Reduce, StepSums, Task
+from gen_dist.data import reference_images
+from gen_dist.family import Batch, Family, Nets, Phase, Reduce, StepSums, Task, register
+from gen_dist.schema import ConfigError, RunConfig, check_divisible
+from gen_dist.tasks.classifier import DomainClassifier
 
 
 @dataclass
@@ -218,8 +219,6 @@ class Perceptual(nn.Module):
     length, squared distance averaged over positions, summed over levels (no learned weights)."""
 
     def __init__(self, path: Path, channels: int) -> None:
-        from gen_dist.evaluation import DomainClassifier
-
         super().__init__()
         found = DomainClassifier(path, torch.device("cpu"))
         if found.channels != channels:
@@ -303,8 +302,6 @@ class AutoencoderTask(Task):
         return net.decode(net.encode(x)).float().clamp(-1, 1)
 
     def real_images(self, start: int, size: int) -> torch.Tensor:
-        from gen_dist.evaluation import reference_images
-
         return reference_images(self.run_cfg, start, size)
 
 

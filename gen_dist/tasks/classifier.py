@@ -4,14 +4,16 @@ evaluation gets a fast domain feature extractor (its pooled penultimate layer) a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gen_dist.config import RunConfig
-from gen_dist.tasks import register
-from gen_dist.tasks.base import Batch, Checkpointable, Family, Nets, Phase, Task
+from gen_dist.artifact import resolve, weights_digest
+from gen_dist.family import Batch, Checkpointable, Family, Nets, Phase, Task, register
+from gen_dist.images import to_model_range
+from gen_dist.schema import ConfigError, RunConfig
 
 
 @dataclass
@@ -62,3 +64,33 @@ class ClassifierTask(Task):
 register(Family("classifier", ClassifierConfig, ClassifierTask,
                 "CNN classifier of the data: the domain feature extractor of evaluation (generates nothing)",
                 positive=("num_classes",)))
+
+
+class DomainClassifier:
+    """A classifier trained by gen_dist on the dataset (task: classifier); its pooled penultimate layer gives
+    the features and its head the logits. Fast on CPU; its scores are comparable only with each other."""
+
+    name = "domain"
+
+    def __init__(self, path: Path, device: torch.device) -> None:
+        art = resolve(path, "a domain classifier")
+        cfg = art.config()
+        weights = art.sampled_weights(cfg, use_ema=True)
+        if cfg.task != "classifier":
+            raise ConfigError(f"eval extractor {path} is a {cfg.task} run, not a classifier: train one with "
+                              f"`gen-dist train configs/classifier_<dataset>.yaml`")
+        self.net: nn.Module = ClassifierTask(cfg).modules["classifier"]
+        self.net.load_state_dict(weights)
+        self.net.to(device).eval()
+        self.device, self.resolution, self.channels = device, cfg.data.resolution, cfg.data.channels
+        self.ident = f"domain-{weights_digest(weights)[:12]}"
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if images.shape[1] != self.channels:
+            raise ConfigError(f"the domain classifier takes {self.channels}-channel images, got {images.shape[1]}")
+        x = to_model_range(images.to(self.device))
+        if x.shape[-1] != self.resolution:
+            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", antialias=True)
+        h = self.net.features(x)
+        return h, self.net.head(h)

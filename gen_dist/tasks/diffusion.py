@@ -7,8 +7,6 @@ or on the latents of a frozen autoencoder (latent diffusion)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,9 +14,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from gen_dist.config import ConfigError, RunConfig
-from gen_dist.tasks import family, register
-from gen_dist.tasks.base import Batch, Family, Nets, Phase, Task
+from gen_dist.data import load_index, split_images
+from gen_dist.family import Batch, Family, Nets, Phase, Task, register
+from gen_dist.images import to_model_range
+from gen_dist.schema import ConfigError, RunConfig
+from gen_dist.tasks.latents import check_latents, encode_latents, latent_shape, load_first_stage
 
 if TYPE_CHECKING:
     from diffusers import UNet2DModel
@@ -196,88 +196,6 @@ def _check_objective(d: DiffusionConfig) -> None:
                           f"{d.sigma_min}, {d.sigma_max}")
 
 
-def first_stage_config(path: Path) -> RunConfig:
-    """The config of the autoencoder diffusion.first_stage names (reads metadata only)."""
-    from gen_dist import sampling
-
-    if not path.exists():
-        raise ConfigError(f"diffusion.first_stage: {path} does not exist")
-    found = json.loads(sampling.export_metadata(path).get("frozen_configs", "{}")) if path.is_file() else {}
-    text = found.get("first_stage") or sampling.source_config_text(path)
-    cfg = sampling.config_for_sampling(text, f"first stage {path}", [])
-    if not family(cfg.task).task.reconstructs:
-        raise ConfigError(f"diffusion.first_stage: {path} is a {cfg.task} model, not an autoencoder (train one "
-                          f"with task: autoencoder or task: vqvae)")
-    return cfg
-
-
-def latent_shape(cfg: RunConfig) -> tuple[int, int]:
-    """(channels, resolution) of the first stage's latents of this run's images."""
-    first = first_stage_config(Path(cfg.diffusion.first_stage))
-    if (first.data.channels, first.data.resolution) != (cfg.data.channels, cfg.data.resolution):
-        raise ConfigError(f"diffusion.first_stage was trained on {first.data.channels}-channel "
-                          f"{first.data.resolution}px images; this run has {cfg.data.channels}-channel "
-                          f"{cfg.data.resolution}px (data.channels, data.resolution)")
-    a = getattr(first, first.task)
-    return a.latent_channels, first.data.resolution // 2 ** (len(a.channels) - 1)
-
-
-def load_first_stage(path: Path) -> nn.Module:
-    """The trained autoencoder (EMA weights where kept), frozen: `encode` and `decode` are what it serves."""
-    from gen_dist import sampling
-
-    cfg, weights = sampling.load_frozen(path, "first_stage") or sampling.load_weights(path, use_ema=True)
-    task = family(cfg.task).task(cfg)
-    net = task.modules[task.sampled]
-    net.load_state_dict(weights)
-    return net.eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def encode_latents(first: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Unscaled latents of images `x` in [-1, 1], in fp32 whatever the autocast around."""
-    with torch.autocast(x.device.type, enabled=False):
-        return first.encode(x.float()).float()
-
-
-def weights_ident(net: nn.Module) -> str:
-    """A hash of a module's weights: which first stage encoded a latent dataset."""
-    h = hashlib.sha1()
-    for k, v in sorted(net.state_dict().items()):
-        h.update(k.encode() + v.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def encode_split(first_stage: Path, data: Path, split: str, out: Path) -> dict:
-    """`gen-dist data latents`: the images of `split` of `data` encoded by `first_stage` into latent shards of
-    the same layout, for data.latents."""
-    from gen_dist.data import write_latent_shards
-    from gen_dist.images import to_model_range
-
-    cfg = first_stage_config(first_stage)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    first = load_first_stage(first_stage).to(device)
-
-    def encode(images: Any) -> Any:
-        return encode_latents(first, to_model_range(torch.from_numpy(images).to(device))).cpu().numpy()
-
-    about = {"first_stage": str(first_stage), "ident": weights_ident(first), "resolution": cfg.data.resolution}
-    return write_latent_shards(data, split, out, encode, about)
-
-
-def check_latents(cfg: RunConfig, first: nn.Module) -> None:
-    """data.latents was encoded by this run's first stage."""
-    from gen_dist.data import load_index
-
-    about = load_index(Path(cfg.data.latents)).get("latents")
-    if about is None:
-        raise ConfigError(f"data.latents: {cfg.data.latents} holds images, not latents: write them with "
-                          f"`gen-dist data latents FIRST_STAGE --data {cfg.data.path} --out DIR`")
-    if about["ident"] != weights_ident(first):
-        raise ConfigError(f"data.latents: {cfg.data.latents} was encoded by {about['first_stage']}, whose weights "
-                          f"differ from diffusion.first_stage {cfg.diffusion.first_stage}: encode them again")
-
-
 def build_unet(cfg: RunConfig, channels: int, size: int) -> UNet2DModel:
     from diffusers import UNet2DModel
 
@@ -388,10 +306,6 @@ class DiffusionTask(Task):
     def measure_scale(self, first: nn.Module) -> float:
         """1 / std of the latents of the first SCALE_IMAGES training images, in index order: the same on
         every rank without a collective."""
-        from gen_dist.data import load_index
-        from gen_dist.evaluation import split_images
-        from gen_dist.images import to_model_range
-
         d = self.run_cfg.data
         split = load_index(Path(d.path))["splits"][d.split]
         device = next(first.parameters()).device

@@ -12,9 +12,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gen_dist import augment
-from gen_dist.config import ConfigError, RunConfig, check_halving_levels
-from gen_dist.tasks import register
-from gen_dist.tasks.base import Batch, Checkpointable, Family, Nets, Phase, Reduce, StepSums, Task
+from gen_dist.family import Batch, Checkpointable, Family, Nets, Phase, Reduce, StepSums, Task, register
+from gen_dist.schema import ConfigError, RunConfig, check_halving_levels
 
 
 @dataclass

@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gen_dist.config import ConfigError, RunConfig, check_halving_levels
-from gen_dist.tasks import register
-from gen_dist.tasks.base import Batch, Checkpointable, Family, Nets, Phase, Reduce, StepSums, Task
+from gen_dist.family import Batch, Checkpointable, Family, Nets, Phase, Reduce, StepSums, Task, register
+from gen_dist.schema import ConfigError, RunConfig, check_halving_levels
 
 LIKELIHOODS = ("bernoulli", "logistic", "gaussian")
 BINS = 256

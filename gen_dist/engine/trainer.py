@@ -4,100 +4,33 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import signal
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from gen_dist import checkpoint, dist, parallel, perf, posthoc, sampling, sweep
-from gen_dist.config import ConfigError, RunConfig, eval_metric_keys, save_config, write_atomic
+from gen_dist import checkpoint, dist, parallel, perf, posthoc
+from gen_dist.artifact import RUN_CONFIG, load_partial, resolve
+from gen_dist.config import validate
 from gen_dist.data import BadSamples, DataPosition, ShardStream, make_loader
-from gen_dist.evaluation import Evaluator, generate, sample_chunk
-from gen_dist.images import grid, to_hwc, to_model_range
-from gen_dist.monitor import PREEMPTED
+from gen_dist.engine.outputs import Outputs
+from gen_dist.engine.state import MetricWindow, Supervisor, TrainState, lr_factor
+from gen_dist.evaluation import Evaluator
+from gen_dist.family import Phase, Task, family
+from gen_dist.images import to_model_range
+from gen_dist.monitor import halt_marker
 from gen_dist.preflight import preflight
-from gen_dist.tasks import Phase, Task, family
+from gen_dist.schema import ConfigError, RunConfig, save_config, write_atomic
 from gen_dist.track import Progress, Tracker, wandb_mode
 
-SNAPSHOTS = "snapshots"
-"""train.snapshot_every's weight files, kept for good."""
-BEST = "best.json"
-"""train.keep_best: the best value of the metric, its step and the checkpoint kept for it."""
 
-
-def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
-    """Multiplier of the base LR at a step: linear warmup from 0, then constant, linear decay to 0 or a half
-    cosine to 0 at `total` (the schedules of diffusers' get_scheduler, without importing diffusers)."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return step / max(1, warmup)
-        progress = (step - warmup) / max(1, total - warmup)
-        if schedule == "linear":
-            return max(0.0, 1 - progress)
-        if schedule == "cosine":
-            return max(0.0, 0.5 * (1 + math.cos(math.pi * progress)))
-        return 1.0
-
-    return factor
-
-
-class MetricWindow:
-    """Stats accumulated between two log records; stays on device until logged (no per-step sync)."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.totals: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = defaultdict(int)
-        self.wait = self.elapsed = 0.0
-        self.steps = 0
-
-    def add(self, stats: dict[str, torch.Tensor], wait: float, elapsed: float) -> None:
-        for k, v in stats.items():
-            self.totals[k] = self.totals[k] + v if k in self.totals else v.clone()
-            self.counts[k] += 1
-        self.wait, self.elapsed, self.steps = self.wait + wait, self.elapsed + elapsed, self.steps + 1
-
-    def summary(self, global_batch: int) -> dict[str, float]:
-        out = {k: (self.totals[k] / self.counts[k]).item() for k in sorted(self.totals)}
-        out["images_per_s"] = global_batch * self.steps / self.elapsed
-        out["data_wait_frac"] = self.wait / self.elapsed
-        return out
-
-
-@dataclass
-class TrainState:
-    """Counters of a run that a checkpoint carries (the data position is its own part)."""
-
-    step: int = 0
-    images: int = 0
-    """Training images consumed over all ranks."""
-    nonfinite: int = 0
-    """Consecutive steps with a phase skipped for a non-finite loss or gradient."""
-    best: dict[str, Any] | None = None
-    """train.keep_best: the best value so far, its step and checkpoint."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "images": self.images, "nonfinite": self.nonfinite, "best": self.best}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step, self.images, self.nonfinite = state["step"], state["images"], state["nonfinite"]
-        self.best = state.get("best")
-
-
-class Trainer:
+class Trainer(Outputs):
     """Trains one config, whatever its family, strategy and number of ranks.
 
     Built from the config: the task (its trained and frozen modules, phases, sampling), the strategy's
@@ -105,11 +38,15 @@ class Trainer:
     `train()` resumes from the run directory's newest good checkpoint and runs the one loop: every step each due
     phase of the task is run over the micro-batches and its optimizer stepped, then the schedules, the task's
     cross-rank update and the EMA; logging, sample grids, evaluation and checkpoints come at their intervals, and
-    a stop signal agreed on by all ranks ends the run with a checkpoint."""
+    a stop signal agreed on by all ranks, or the `supervisor` (a sweep's pruner), ends the run with a checkpoint."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, supervisor: Supervisor | None = None) -> None:
         parallel.adopt_launcher_strategy(cfg)
+        validate(cfg)
         preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        # Decided once, here, from the device this process trains on; the start event says what and why.
+        self.precision_choice = perf.choose_precision(cfg)
+        cfg.train.mixed_precision = self.precision_choice["chose"]
         self.cfg, self.run_dir = cfg, cfg.out_dir
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.task: Task = family(cfg.task).task(cfg)
@@ -119,7 +56,7 @@ class Trainer:
         self.acc = acc = self.strategy.make_accelerator(self.trained_names, "wandb" if wandb_mode(cfg) else None)
         if dist.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
+            save_config(cfg, self.run_dir / RUN_CONFIG)
         acc.wait_for_everyone()
         self.stream = ShardStream(
             cfg.data.latents or cfg.data.path, cfg.data.split, cfg.data.batch_size, acc.process_index,
@@ -157,8 +94,8 @@ class Trainer:
             self.tracker.event("init_from", source=cfg.train.init_from,
                                modules={n: {k: len(v) for k, v in r.items()} for n, r in self.init_report.items()})
         self.clock = perf.StepClock(acc.device)
-        self.trial = sweep.TrialLink.from_env()  # a sweep's trial: its pruner may stop the run early
-        self.pruned = False
+        self.supervisor = supervisor
+        self.supervised_stop = False  # the supervisor ended the run
 
     # ------------------------------------------------------------------------------------------ set-up
 
@@ -167,8 +104,8 @@ class Trainer:
         src = self.cfg.train.init_from
         if not src or checkpoint.list_checkpoints(self.cfg.out_dir):
             return {}
-        weights = sampling.init_weights(Path(src), self.task.sampled)
-        report = {name: sampling.load_partial(m, weights.get(name, {})) for name, m in self.task.modules.items()}
+        weights = resolve(Path(src), "train.init_from").trained_weights(self.task.sampled)
+        report = {name: load_partial(m, weights.get(name, {})) for name, m in self.task.modules.items()}
         if not any(r["loaded"] for r in report.values()):
             raise ConfigError(f"train.init_from: no tensor of {src} fits a module of this {self.cfg.task} model")
         for name, r in report.items():
@@ -378,81 +315,6 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ outputs
 
-    @torch.no_grad()
-    def sample(self, n: int, seed: int | None = None) -> torch.Tensor:
-        """The first `n` images (uint8, N C H W, on every rank) of the sample set of `seed` (default
-        train.seed) from the EMA (or raw) model: made in chunks of eval.batch_size spread over the ranks, so the
-        same weights give the same images on any number of ranks and in `gen-dist sample`."""
-        seed = self.cfg.train.seed if seed is None else seed
-        net, device = self._sampler(), self.acc.device
-
-        def make(start: int, size: int) -> torch.Tensor:
-            return sample_chunk(self.task, net, seed, start, size, device, lambda: self.strategy.autocast(self.acc))
-
-        d = self.cfg.data
-        return generate(n, self.cfg.eval.batch_size, make, (d.channels, d.resolution, d.resolution), self.acc)
-
-    def _sampler(self) -> torch.nn.Module:
-        """The whole sampled module with the current EMA (or raw) weights, on every rank."""
-        weights = (self.ema.state_dict() if self.ema is not None
-                   else parallel.full_state_dict(self.modules[self.task.sampled], self.layout))
-        self.sample_net.load_state_dict(weights)
-        return self.sample_net
-
-    def evaluate(self) -> dict[str, float]:
-        """eval.metrics of the EMA (or raw) model, logged at the current step."""
-        if self.evaluator is None:
-            self.evaluator = Evaluator(self.cfg, self.acc, self.run_dir)
-        scores = self.evaluator.run(self.task, self._sampler(), lambda: self.strategy.autocast(self.acc))
-        self.tracker.log(self.state.step, scores)
-        self.tracker.event("eval", step=self.state.step, n=self.cfg.eval.n, seconds=round(scores["eval/seconds"], 2),
-                           skipped=self.evaluator.skipped)
-        return scores
-
-    def write_snapshot(self) -> Path:
-        """The sampled module's EMA (or raw) weights alone, as a file `gen-dist sample` and `eval` read."""
-        weights = self._sampler().state_dict()  # consolidated on every rank: collectives
-        path = self.run_dir / SNAPSHOTS / f"{checkpoint.step_name(self.state.step)}.safetensors"
-        if dist.is_main():
-            sampling.write_weights_file(path, {("ema." if self.ema is not None else "model."): weights},
-                                        (self.run_dir / "config.yaml").read_text(), self.state.step,
-                                        self.task.sampled, self.task.state_dict())
-        self.tracker.event("snapshot", step=self.state.step, path=str(path))
-        return path
-
-    def _better(self, scores: dict[str, float]) -> bool:
-        """train.keep_best: whether these scores beat the best so far (then recorded as the best)."""
-        key = self.cfg.train.keep_best
-        value, best = scores[key], self.state.best
-        lower = eval_metric_keys(self.cfg, self.task.reconstructs)[key]
-        if best is not None and not (value < best["value"] if lower else value > best["value"]):
-            return False
-        path = checkpoint.ckpt_root(self.run_dir) / checkpoint.step_name(self.state.step)
-        self.state.best = {"metric": key, "value": value, "step": self.state.step, "path": str(path)}
-        return True
-
-    def _write_best(self) -> None:
-        if dist.is_main():
-            write_atomic(self.run_dir / BEST, json.dumps(self.state.best, indent=1))
-        self.tracker.event("best", **self.state.best)
-
-    def write_samples(self) -> Path:
-        images = self.sample(self.cfg.train.sample_n)
-        if self.task.reconstructs:  # rows of originals, each above its reconstructions
-            real = self.task.real_images(0, len(images)).to(images.device)
-            images = torch.stack([real, images], 1).unflatten(0, (-1, 10)).transpose(1, 2).flatten(0, 2)
-        images = to_hwc(images)
-        path = self.run_dir / "samples" / f"step_{self.state.step:08d}.png"
-        if dist.is_main():
-            picture = grid(images, nrow=10 if self.task.num_classes or self.task.reconstructs else 0)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            picture.save(path)
-            self.tracker.image(self.state.step, "samples", np.asarray(picture))
-        self.tracker.event("samples", step=self.state.step, path=str(path))
-        return path
-
-    # ------------------------------------------------------------------------------------------ loop
-
     def _start_event(self, resumed: bool) -> None:
         cfg, acc = self.cfg, self.acc
         self.tracker.begin(self.state.step, resumed)
@@ -460,6 +322,7 @@ class Trainer:
         self.tracker.event(
             "start", task=cfg.task, world_size=acc.num_processes, distributed_type=str(acc.distributed_type),
             backend=str(acc.state.backend), device=str(acc.device), mixed_precision=cfg.train.mixed_precision,
+            precision_choice=self.precision_choice,
             step=self.state.step, resumed=resumed, params=params,
             batches_per_epoch=self.stream.batches_per_epoch,
             global_batch=self.global_batch, flops_per_image=self.flops_per_image,
@@ -514,8 +377,8 @@ class Trainer:
             self.watchdog.close()
         if signum:
             self._stop(signum, saved=saved_at == self.state.step)
-        elif self.pruned:
-            self._prune(saved_at)
+        elif self.supervised_stop:
+            self._halt(saved_at == self.state.step, self.supervisor.status)
         else:
             self._finish(saved_at)
         return self.state
@@ -553,8 +416,8 @@ class Trainer:
             if self.cfg.eval.every and (step % self.cfg.eval.every == 0 or step == t.steps):
                 mark(step, "evaluation")
                 scores = self.evaluate()
-                best = bool(t.keep_best) and self._better(scores)
-                self.pruned = self.trial is not None and self._prune_agreed(scores)
+                best = bool(t.keep_best) and self.better(scores)
+                self.supervised_stop = self.supervisor is not None and self._supervisor_stops(scores)
             if t.snapshot_every and step % t.snapshot_every == 0:
                 mark(step, "a snapshot")
                 self.write_snapshot()
@@ -567,8 +430,8 @@ class Trainer:
                 self.save()
                 saved_at = step
             if best:
-                self._write_best()
-            if signum or self.pruned:
+                self.write_best()
+            if signum or self.supervised_stop:
                 return signum, saved_at
         return 0, saved_at
 
@@ -587,28 +450,24 @@ class Trainer:
         self.tracker.event("end", step=self.state.step)
         self.tracker.close("ended")
 
-    def _prune_agreed(self, scores: dict[str, float]) -> bool:
-        """The sweep's pruner asked once, by the main rank, from this evaluation; every rank takes its answer."""
-        flag = float(self.trial.should_prune(self.state.step, scores)) if dist.is_main() else 0.0
-        return dist.max_across_ranks(self.acc, {"prune": flag})["prune"] > 0
-
-    def _prune(self, saved_at: int) -> None:
-        """The sweep pruned this trial at this step: a checkpoint, and a marker its worker records."""
-        self._halt(saved_at == self.state.step, sweep.PRUNED, "pruned")
+    def _supervisor_stops(self, scores: dict[str, float]) -> bool:
+        """The supervisor asked once, by the main rank, after this evaluation; every rank takes its answer."""
+        flag = float(self.supervisor.should_stop(self.state.step, scores)) if dist.is_main() else 0.0
+        return dist.max_across_ranks(self.acc, {"stop": flag})["stop"] > 0
 
     def _stop(self, signum: int, saved: bool) -> None:
         """Every rank agreed to stop after this step: one checkpoint, and a marker telling a job script to
         requeue (the restarted run resumes from the checkpoint by itself)."""
         name = signal.Signals(signum).name
-        self._halt(saved, PREEMPTED, "preempted", signal=name)
+        self._halt(saved, "preempted", signal=name)
         self.stopped = name
 
-    def _halt(self, saved: bool, marker: str, status: str, **fields: str) -> None:
+    def _halt(self, saved: bool, status: str, **fields: str) -> None:
         """Ends the run before train.steps: the last checkpoint (written now unless this step has one), a marker
-        file in the run directory naming it, and the tracker closed with that status."""
+        file in the run directory naming it (`<status>.json`), and the tracker closed with that status."""
         path = self.last_checkpoint if saved else self.save()
         record = {"step": self.state.step, **fields, "checkpoint": str(path)}
         if dist.is_main():
-            write_atomic(self.run_dir / marker, json.dumps(record))
+            write_atomic(self.run_dir / halt_marker(status), json.dumps(record))
         self.tracker.event(status, **record)
         self.tracker.close(status)

@@ -1,9 +1,15 @@
-"""The task contract: what a model family declares to the engine (its modules, trained and frozen, its phases,
-an optional cross-rank update after each step, and how to sample), and how the family registers itself with its
-config section."""
+"""The task contract and the registry of model families.
+
+A task declares to the engine its modules (trained and frozen), its phases, an optional cross-rank update after
+each step, and how it samples. A family registers itself, with its config section and checks, when its module is
+imported: the built-in ones live in `gen_dist.tasks`, and GEN_DIST_PLUGINS (comma-separated module names) adds
+others, in every process of a run. Reading the registry imports the family modules, which import heavy libraries
+(diffusers) only where they use them."""
 
 from __future__ import annotations
 
+import importlib
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -13,8 +19,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint_sequential
 
+from gen_dist.schema import ConfigError
+
 if TYPE_CHECKING:
-    from gen_dist.config import RunConfig
+    from gen_dist.schema import RunConfig
 
 Batch = Mapping[str, torch.Tensor]
 Nets = Mapping[str, nn.Module]
@@ -171,3 +179,37 @@ class Checkpointable(nn.Module):
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint_sequential(layers, segments, x, use_reentrant=False)
         return layers(x)
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+BUILTIN = ("diffusion", "gan", "vae", "autoencoder", "classifier")
+PLUGINS_ENV = "GEN_DIST_PLUGINS"
+
+_FAMILIES: dict[str, Family] = {}
+_loaded = False
+
+
+def register(family: Family) -> Family:
+    """Called by a family module when it is imported."""
+    _FAMILIES[family.name] = family
+    return family
+
+
+def families() -> dict[str, Family]:
+    """Every registered family, by name: the built-in ones, then those of the modules in GEN_DIST_PLUGINS."""
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for name in BUILTIN:
+            importlib.import_module(f"gen_dist.tasks.{name}")
+        for module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                raise ConfigError(f"{PLUGINS_ENV} names {module!r}, which cannot be imported: {e}") from None
+    return _FAMILIES
+
+
+def family(name: str) -> Family:
+    return families()[name]

@@ -1,0 +1,31 @@
+"""`gen-dist sample`, `export` and `ema`: trained models on disk."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from gen_dist.commands.options import sampler_overrides
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from gen_dist.sampling import sample_checkpoint
+
+    overrides = [*sampler_overrides(args), *args.overrides]
+    out = sample_checkpoint(Path(args.checkpoint), args.n, Path(args.out), seed=args.seed, use_ema=not args.raw,
+                            overrides=overrides, only_class=args.class_)
+    print(f"wrote {out}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from gen_dist.artifact import export
+
+    print(f"wrote {export(Path(args.checkpoint), Path(args.out))}")
+
+
+def cmd_ema(args: argparse.Namespace) -> None:
+    from gen_dist import posthoc
+
+    out, info = posthoc.export(Path(args.run_dir), args.std, Path(args.out) if args.out else None, args.step)
+    print(f"ema std {info['sigma_rel']} at step {info['step']} from {info['snapshots']} snapshots (profile error "
+          f"{info['profile_error']:.2%}) -> {out}")

@@ -1,0 +1,87 @@
+"""Latent diffusion's first stage: the trained autoencoder that diffusion.first_stage names, loaded frozen, and the
+latent datasets it encodes (`gen-dist data latents`, data.latents)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gen_dist.artifact import config_for_sampling, resolve, weights_digest
+from gen_dist.data import load_index, write_latent_shards
+from gen_dist.family import family
+from gen_dist.images import to_model_range
+from gen_dist.schema import ConfigError, RunConfig
+
+
+def first_stage_config(path: Path) -> RunConfig:
+    """The config of the autoencoder diffusion.first_stage names (reads metadata only)."""
+    art = resolve(path, "diffusion.first_stage")
+    text = art.frozen_config_text("first_stage") or art.config_text()[0]
+    cfg = config_for_sampling(text, f"first stage {path}", [])
+    if not family(cfg.task).task.reconstructs:
+        raise ConfigError(f"diffusion.first_stage: {path} is a {cfg.task} model, not an autoencoder (train one "
+                          f"with task: autoencoder or task: vqvae)")
+    return cfg
+
+
+def latent_shape(cfg: RunConfig) -> tuple[int, int]:
+    """(channels, resolution) of the first stage's latents of this run's images."""
+    first = first_stage_config(Path(cfg.diffusion.first_stage))
+    if (first.data.channels, first.data.resolution) != (cfg.data.channels, cfg.data.resolution):
+        raise ConfigError(f"diffusion.first_stage was trained on {first.data.channels}-channel "
+                          f"{first.data.resolution}px images; this run has {cfg.data.channels}-channel "
+                          f"{cfg.data.resolution}px (data.channels, data.resolution)")
+    a = getattr(first, first.task)
+    return a.latent_channels, first.data.resolution // 2 ** (len(a.channels) - 1)
+
+
+def load_first_stage(path: Path) -> nn.Module:
+    """The trained autoencoder (EMA weights where kept), frozen: `encode` and `decode` are what it serves."""
+    art = resolve(path, "diffusion.first_stage")
+    carried = art.frozen("first_stage")
+    cfg, weights = carried if carried is not None else (art.config(), None)
+    weights = weights if weights is not None else art.sampled_weights(cfg, use_ema=True)
+    task = family(cfg.task).task(cfg)
+    net = task.modules[task.sampled]
+    net.load_state_dict(weights)
+    return net.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_latents(first: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Unscaled latents of images `x` in [-1, 1], in fp32 whatever the autocast around."""
+    with torch.autocast(x.device.type, enabled=False):
+        return first.encode(x.float()).float()
+
+
+def weights_ident(net: nn.Module) -> str:
+    """A hash of a module's weights: which first stage encoded a latent dataset."""
+    return weights_digest(net.state_dict())[:16]
+
+
+def encode_split(first_stage: Path, data: Path, split: str, out: Path) -> dict:
+    """`gen-dist data latents`: the images of `split` of `data` encoded by `first_stage` into latent shards of
+    the same layout, for data.latents."""
+    cfg = first_stage_config(first_stage)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    first = load_first_stage(first_stage).to(device)
+
+    def encode(images: Any) -> Any:
+        return encode_latents(first, to_model_range(torch.from_numpy(images).to(device))).cpu().numpy()
+
+    about = {"first_stage": str(first_stage), "ident": weights_ident(first), "resolution": cfg.data.resolution}
+    return write_latent_shards(data, split, out, encode, about)
+
+
+def check_latents(cfg: RunConfig, first: nn.Module) -> None:
+    """data.latents was encoded by this run's first stage."""
+    about = load_index(Path(cfg.data.latents)).get("latents")
+    if about is None:
+        raise ConfigError(f"data.latents: {cfg.data.latents} holds images, not latents: write them with "
+                          f"`gen-dist data latents FIRST_STAGE --data {cfg.data.path} --out DIR`")
+    if about["ident"] != weights_ident(first):
+        raise ConfigError(f"data.latents: {cfg.data.latents} was encoded by {about['first_stage']}, whose weights "
+                          f"differ from diffusion.first_stage {cfg.diffusion.first_stage}: encode them again")
