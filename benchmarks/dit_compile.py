@@ -25,7 +25,7 @@ def case(depth: int, width: int, side: int, batch: int, steps: int, mode: str, c
     from gen_dist.config import load_config
     from gen_dist.parallel import compile_block_forwards
     from gen_dist.perf import peak_tflops
-    from gen_dist.tasks.diffusion import build_dit
+    from gen_dist.tasks.backbones import build_dit
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

@@ -161,7 +161,7 @@ def run_diffusers(cfg: RunConfig, case: dict) -> dict[str, float]:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    from gen_dist.tasks.diffusion import build_unet
+    from gen_dist.tasks.backbones import build_unet
 
     device = device_of(cfg)
     torch.manual_seed(cfg.train.seed)

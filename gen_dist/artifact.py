@@ -178,6 +178,15 @@ def weights_digest(weights: Weights) -> str:
     return h.hexdigest()
 
 
+def config_text_of(path: Path, what: str = "") -> str:
+    """The run config's YAML of the model at `path`, read without verifying a checkpoint: the checks before
+    launch use it to tell what a path holds."""
+    run_dir = path.parent.parent if (path / checkpoint.META).is_file() else path
+    if path.is_dir() and (run_dir / RUN_CONFIG).is_file():
+        return (run_dir / RUN_CONFIG).read_text()
+    return resolve(path, what).config_text()[0]  # a weights file; anything else: resolve names the problem
+
+
 def load_model(path: Path, use_ema: bool, device: torch.device, overrides: list[str] = ()
                ) -> tuple[RunConfig, Task, torch.nn.Module]:
     """The task and its sampled module, loaded and in eval mode on `device`."""

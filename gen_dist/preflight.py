@@ -11,8 +11,9 @@ import torch
 from gen_dist import checkpoint
 from gen_dist.artifact import resolve
 from gen_dist.config import check_same_model, load_config
-from gen_dist.data import check_split
+from gen_dist.data import check_split, reference_split
 from gen_dist.evaluation import check_eval
+from gen_dist.family import family
 from gen_dist.parallel import STRATEGIES, strategy_for
 from gen_dist.schema import ConfigError, RunConfig
 
@@ -23,9 +24,14 @@ def preflight(cfg: RunConfig, world_size: int) -> None:
                         max(1, cfg.data.num_workers), cfg.data.batch_size)
     have = len(index.get("classes", []))
     want = getattr(cfg, cfg.task).__dict__.get("num_classes", 0)
-    if want > have:
-        raise ConfigError(f"{cfg.task}.num_classes={want} but {cfg.data.path} has {have} classes; "
-                          f"set {cfg.task}.num_classes={have}")
+    if want > have or 0 < want < have:
+        raise ConfigError(f"{cfg.task}.num_classes={want} but {cfg.data.path} has {have} classes (labels 0 .. "
+                          f"{have - 1}); set {cfg.task}.num_classes={have}"
+                          + (" (or 0: unconditional)" if cfg.task != "classifier" and have else ""))
+    if family(cfg.task).task.reconstructs and cfg.train.sample_n > reference_split(cfg)["count"]:
+        raise ConfigError(f"train.sample_n={cfg.train.sample_n}: {cfg.task} grids reconstruct images of "
+                          f"eval.reference_split '{cfg.eval.reference_split}', which has "
+                          f"{reference_split(cfg)['count']}")
     saved = cfg.out_dir / "config.yaml"
     found = checkpoint.list_checkpoints(cfg.out_dir)
     if saved.exists() and found:

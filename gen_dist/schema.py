@@ -262,9 +262,9 @@ CHOICES = {
     "wandb.mode": ("auto", "online", "offline", "disabled"),
     "parallel.zero_stage": (1, 2, 3),
 }
-POSITIVE = ("data.resolution", "data.batch_size", "data.prefetch", "train.steps", "train.grad_accum", "train.log_every",
-            "train.sample_n", "train.ckpt_every", "train.max_nonfinite_steps", "train.keep_checkpoints",
-            "eval.n", "eval.batch_size")
+POSITIVE = ("data.resolution", "data.batch_size", "data.prefetch", "data.shuffle_buffer", "train.steps",
+            "train.grad_accum", "train.log_every", "train.sample_n", "train.ckpt_every", "train.max_nonfinite_steps",
+            "train.keep_checkpoints", "eval.n", "eval.batch_size")
 
 
 def check_divisible(cfg: RunConfig, factor: int, why: str) -> None:
@@ -442,8 +442,15 @@ def validate_eval(cfg: RunConfig, generates: bool, reconstructs: bool) -> None:
         raise ConfigError("eval.every and eval.reference_n must be >= 0")
     if e.every and not generates:
         raise ConfigError("eval.every needs a generative task; a classifier run generates nothing to evaluate")
-    if "pr" in e.metrics and e.n <= 3:
-        raise ConfigError("eval.metrics 'pr' (k-NN precision/recall, k=3) needs eval.n > 3")
+    if e.n < 2 or e.reference_n == 1:
+        raise ConfigError("eval.n and eval.reference_n (unless 0, the whole split) must be >= 2: the metrics compare "
+                          "feature statistics of sets")
+    if "pr" in e.metrics and (e.n <= 3 or 0 < e.reference_n <= 3):
+        raise ConfigError("eval.metrics 'pr' (k-NN precision/recall, k=3) needs eval.n > 3 and eval.reference_n "
+                          "0 or > 3")
+    if reconstructs and cfg.train.sample_n % 10:
+        raise ConfigError(f"train.sample_n={cfg.train.sample_n} must be a multiple of 10 for {cfg.task}: its grid "
+                          f"has rows of 10 originals above their reconstructions")
     best = cfg.train.keep_best
     if best:
         known = eval_metric_keys(cfg, reconstructs)

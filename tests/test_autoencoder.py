@@ -140,7 +140,7 @@ def test_autoencoder_with_perceptual_loss_and_late_discriminator(tmp_path: Path,
     run_cli("train", str(CONFIGS / "smoke_classifier.yaml"), f"run_dir={classifier}", f"data.path={digits}")
     run_dir = tmp_path / "ae"
     run_cli("train", *smoke_args("autoencoder", run_dir, digits), f"autoencoder.perceptual={classifier}",
-            "autoencoder.disc_start=3", "train.log_every=1")
+            "autoencoder.disc_start=3", "train.log_every=1", "train.activation_checkpointing=true")
     records = step_records(run_dir)
     assert all("recon/perceptual" in r and "recon/kl" in r for r in records)
     assert [("disc/loss" in r, "recon/adversarial" in r) for r in records] == [(False, False)] * 3 + [(True, True)] * 3
@@ -148,6 +148,8 @@ def test_autoencoder_with_perceptual_loss_and_late_discriminator(tmp_path: Path,
     report = json.loads((run_dir / "eval" / "step_00000006.json").read_text())["scores"]
     assert 5 < report["eval/psnr"] < 60 and report["eval/domain/fid20"] > 0, proc.stdout
     run_cli("export", str(run_dir), "--out", str(tmp_path / "ae.safetensors"))
+    with pytest.raises(ConfigError, match=f"perceptual: {run_dir} holds a model of task autoencoder, not a classifier"):
+        load_config(CONFIGS / "smoke_autoencoder.yaml", [f"autoencoder.perceptual={run_dir}"])
     shutil.rmtree(classifier)
     run_cli("sample", str(tmp_path / "ae.safetensors"), "--n", "10", "--out", str(tmp_path / "recon.png"))
     run_cli("sample", str(run_dir), "--n", "10", "--out", str(tmp_path / "recon_run.png"))  # the run too

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gen_dist.artifact import config_text_of
 from gen_dist.data import reference_images
-from gen_dist.family import Batch, Family, Nets, Phase, Reduce, StepSums, Task, register
-from gen_dist.schema import ConfigError, RunConfig, check_divisible
+from gen_dist.family import Batch, Checkpointable, Family, Nets, Phase, Reduce, StepSums, Task, register
+from gen_dist.schema import ConfigError, RunConfig, check_divisible, read_yaml
 from gen_dist.tasks.classifier import DomainClassifier
 
 
@@ -67,18 +68,40 @@ def check(cfg: RunConfig) -> None:
     if cfg.task not in ("autoencoder", "vqvae"):
         return
     a = getattr(cfg, cfg.task)
+    if not a.channels:
+        raise ConfigError(f"config key '{cfg.task}.channels' must not be empty")
     check_divisible(cfg, 2 ** (len(a.channels) - 1), f"for {len(a.channels)} {cfg.task} levels")
-    for key in ("kl_weight", "perceptual_weight", "disc_weight"):  # integer keys: config's own check
-        if getattr(a, key) < 0:
+    for key in ("kl_weight", "perceptual_weight", "disc_weight", "commitment"):  # integers: config's own check
+        if getattr(a, key, 0) < 0:
             raise ConfigError(f"config key '{cfg.task}.{key}' must be >= 0, got {getattr(a, key)!r}")
     if any(c % a.norm_groups for c in a.channels):
         raise ConfigError(f"config key '{cfg.task}.channels' must be multiples of {cfg.task}.norm_groups "
                           f"({a.norm_groups}), got {a.channels}")
+    if a.disc_weight > 0:
+        _check_disc(cfg, a)
     if a.perceptual and not Path(a.perceptual).exists():
         raise ConfigError(f"{cfg.task}.perceptual: {a.perceptual} does not exist (a classifier run, checkpoint or "
                           f"export)")
+    if a.perceptual:
+        found = (read_yaml(config_text_of(Path(a.perceptual), f"{cfg.task}.perceptual")) or {}).get("task")
+        if found != "classifier":
+            raise ConfigError(f"{cfg.task}.perceptual: {a.perceptual} holds a model of task {found}, not a "
+                              f"classifier (train one with `gen-dist train configs/classifier_<dataset>.yaml`)")
+    if cfg.task == "vqvae" and a.codebook_size < 2:
+        raise ConfigError(f"config key 'vqvae.codebook_size' must be >= 2, got {a.codebook_size}")
     if cfg.task == "vqvae" and not 0 <= a.codebook_decay < 1:
         raise ConfigError(f"config key 'vqvae.codebook_decay' must be in [0, 1), got {a.codebook_decay!r}")
+
+
+def _check_disc(cfg: RunConfig, a: AutoencoderConfig) -> None:
+    """What the patch discriminator's layers refuse once built."""
+    key = f"{cfg.task}.disc_channels"
+    if any(c % 8 for c in a.disc_channels[1:]):
+        raise ConfigError(f"config key '{key}' after the first must be multiples of 8 (GroupNorm groups), got "
+                          f"{a.disc_channels}")
+    if cfg.data.resolution // 2 ** len(a.disc_channels) < 1:
+        raise ConfigError(f"config key '{key}' has {len(a.disc_channels)} levels, each halving the resolution: too "
+                          f"many for data.resolution {cfg.data.resolution}")
 
 
 # ------------------------------------------------------------------------------------------- networks
@@ -195,7 +218,7 @@ class SpatialAutoencoder(nn.Module):
         return self.decoder(self.post_quant_conv(z))
 
 
-class PatchDiscriminator(nn.Module):
+class PatchDiscriminator(Checkpointable):
     """A logit per patch (PatchGAN, as in taming): strided convolutions, GroupNorm instead of BatchNorm so that
     ranks and micro-batches do not change the statistics."""
 
@@ -209,9 +232,10 @@ class PatchDiscriminator(nn.Module):
             layers += [nn.LeakyReLU(0.2)]
             prev = c
         self.net = nn.Sequential(*layers, nn.Conv2d(prev, 1, 3, padding=1))
+        self.levels = max(1, len(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.stack(self.net, x, self.levels)
 
 
 class Perceptual(nn.Module):

@@ -61,9 +61,15 @@ class ClassifierTask(Task):
         return loss, {"loss": loss.detach(), "accuracy": accuracy.detach()}
 
 
+def check(cfg: RunConfig) -> None:
+    if cfg.task == "classifier" and any(c % 8 for c in cfg.classifier.channels):
+        raise ConfigError(f"config key 'classifier.channels' must be multiples of 8 (GroupNorm groups), got "
+                          f"{cfg.classifier.channels}")
+
+
 register(Family("classifier", ClassifierConfig, ClassifierTask,
                 "CNN classifier of the data: the domain feature extractor of evaluation (generates nothing)",
-                positive=("num_classes",)))
+                positive=("num_classes",), check=check))
 
 
 class DomainClassifier:

@@ -18,10 +18,11 @@ from gen_dist.data import load_index, split_images
 from gen_dist.family import Batch, Family, Nets, Phase, Task, register
 from gen_dist.images import to_model_range
 from gen_dist.schema import ConfigError, RunConfig
+from gen_dist.tasks.backbones import build_backbone
 from gen_dist.tasks.latents import check_latents, encode_latents, latent_shape, load_first_stage
 
 if TYPE_CHECKING:
-    from diffusers import UNet2DModel
+    pass
 
 
 @dataclass
@@ -149,6 +150,11 @@ def check(cfg: RunConfig) -> None:
         return
     size = latent_shape(cfg)[1] if d.first_stage else cfg.data.resolution
     where = "the first stage's latent resolution" if d.first_stage else "data.resolution"
+    if d.backbone == "unet":
+        _check_unet(d)
+    if d.backbone == "dit" and (d.dit_heads * d.dit_head_dim) % 4:
+        raise ConfigError(f"diffusion.dit_heads x diffusion.dit_head_dim = {d.dit_heads * d.dit_head_dim} must be a "
+                          f"multiple of 4 (the DiT's 2-D sine-cosine position embedding splits the width in four)")
     if d.backbone == "unet" and size % 2 ** (len(d.channels) - 1):
         raise ConfigError(f"{where} {size} must be divisible by {2 ** (len(d.channels) - 1)} for "
                           f"{len(d.channels)} UNet levels")
@@ -174,9 +180,27 @@ def check(cfg: RunConfig) -> None:
                           f"(diffusion.num_classes > 0 and diffusion.label_dropout > 0); use diffusion.guidance=1")
 
 
+def _check_unet(d: DiffusionConfig) -> None:
+    """What diffusers' UNet2DModel refuses once built."""
+    if not d.channels:
+        raise ConfigError("config key 'diffusion.channels' must not be empty")
+    if any(c % d.norm_groups for c in d.channels):
+        raise ConfigError(f"config key 'diffusion.channels' must be multiples of diffusion.norm_groups "
+                          f"({d.norm_groups}), got {d.channels}")
+    attended = [c for c, a in zip(d.channels, d.attention, strict=True) if a] + [d.channels[-1]]  # and the middle
+    if d.head_dim > min(attended):
+        raise ConfigError(f"diffusion.head_dim={d.head_dim} is wider than the {min(attended)} channels of an "
+                          f"attention level (or the middle block, {d.channels[-1]}); lower diffusion.head_dim")
+
+
 def _check_objective(d: DiffusionConfig) -> None:
     """The keys that belong to one objective are not set with another."""
+    if d.ddim_eta < 0:
+        raise ConfigError(f"config key 'diffusion.ddim_eta' must be >= 0, got {d.ddim_eta}")
     if d.objective == "ddpm":
+        if d.sample_steps > d.train_timesteps:
+            raise ConfigError(f"diffusion.sample_steps={d.sample_steps} must be <= diffusion.train_timesteps="
+                              f"{d.train_timesteps} (a DDPM sampler visits the training timesteps)")
         if d.guidance_interval:
             raise ConfigError("diffusion.guidance_interval applies to objective=flow or edm (a noise-level "
                               "interval of their ODE samplers)")
@@ -191,54 +215,11 @@ def _check_objective(d: DiffusionConfig) -> None:
                                 < d.guidance_interval[1]):
         raise ConfigError(f"diffusion.guidance_interval must be [low, high] with 0 <= low < high, got "
                           f"{d.guidance_interval}")
+    if d.objective == "edm" and (d.rho < 1 or d.p_std <= 0):
+        raise ConfigError(f"diffusion.rho must be >= 1 and diffusion.p_std > 0, got {d.rho}, {d.p_std}")
     if d.objective == "edm" and not 0 < d.sigma_min < d.sigma_max:
         raise ConfigError(f"diffusion.sigma_min and sigma_max must satisfy 0 < sigma_min < sigma_max, got "
                           f"{d.sigma_min}, {d.sigma_max}")
-
-
-def build_unet(cfg: RunConfig, channels: int, size: int) -> UNet2DModel:
-    from diffusers import UNet2DModel
-
-    d = cfg.diffusion
-    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in d.attention)
-    up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(d.attention))
-    return UNet2DModel(
-        sample_size=size, in_channels=channels, out_channels=channels,
-        block_out_channels=tuple(d.channels), down_block_types=down, up_block_types=up,
-        layers_per_block=d.layers_per_block, norm_num_groups=d.norm_groups,
-        # The extra embedding is the null class of classifier-free guidance.
-        num_class_embeds=(d.num_classes + (d.label_dropout > 0)) or None, attention_head_dim=d.head_dim,
-    )
-
-
-def build_dit(cfg: RunConfig, channels: int, size: int) -> nn.Module:
-    """diffusers' DiT with adaLN-Zero's zero initialisation (every block starts as the identity, the output at
-    zero; Peebles & Xie 2023). Its label embeddings keep their null class (index num_classes) but do not drop
-    labels themselves: each block has its own embedding, and a drop must be the same in all of them, so the
-    task drops labels once (diffusion.label_dropout) before the call."""
-    from diffusers import DiTTransformer2DModel
-    from diffusers.models.embeddings import LabelEmbedding
-
-    d = cfg.diffusion
-    net = DiTTransformer2DModel(
-        num_attention_heads=d.dit_heads, attention_head_dim=d.dit_head_dim, in_channels=channels,
-        out_channels=channels, num_layers=d.dit_depth, sample_size=size, patch_size=d.patch_size,
-        num_embeds_ada_norm=max(d.num_classes, 1))  # an unconditional DiT sees class 0 throughout
-    for m in net.modules():
-        if isinstance(m, LabelEmbedding):
-            m.dropout_prob = 0.0
-    for layer in [*(b.norm1.linear for b in net.transformer_blocks), net.proj_out_1, net.proj_out_2]:
-        nn.init.zeros_(layer.weight)
-        nn.init.zeros_(layer.bias)
-    # The repeated block: FSDP shards each one on its own (but the first, whose embedding the output layer also
-    # reads), and train.compile compiles it once for all.
-    net._no_split_modules = ["BasicTransformerBlock"]
-    net._root_blocks = [net.transformer_blocks[0]]
-    return net
-
-
-def build_backbone(cfg: RunConfig, channels: int, size: int) -> nn.Module:
-    return (build_dit if cfg.diffusion.backbone == "dit" else build_unet)(cfg, channels, size)
 
 
 def flow_shift(t: torch.Tensor, shift: float) -> torch.Tensor:

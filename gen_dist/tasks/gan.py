@@ -69,6 +69,12 @@ def check(cfg: RunConfig) -> None:
     g = cfg.gan
     check_halving_levels(cfg, "gan.channels")
     check_halving_levels(cfg, "gan.d_channels")
+    for key in ("channels", "d_channels"):
+        if any(c > 8 and c % 8 for c in getattr(g, key)):
+            raise ConfigError(f"config key 'gan.{key}' must hold multiples of 8 or values up to 8 (GroupNorm "
+                              f"groups), got {getattr(g, key)}")
+    if g.r1_gamma < 0:
+        raise ConfigError(f"config key 'gan.r1_gamma' must be >= 0 (0 = no R1), got {g.r1_gamma}")
     if cfg.train.mixed_precision == "fp16" and not cfg.train.loss_scaling:
         raise ConfigError("train.mixed_precision=fp16 with train.loss_scaling=false cannot train a GAN: the "
                           "adversarial gradients underflow in fp16; set train.loss_scaling=true or use bf16")
