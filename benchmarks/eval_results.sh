@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gen_dist.data import Piece, decode_image, load_index, read_pieces
+from gen_dist.data import Fields, Piece, decode_image, load_index, read_pieces
 from gen_dist.tasks.classifier import DomainClassifier
 
 root = Path("data/fashion_mnist")
 test = load_index(root)["splits"]["test"]
-pieces = [Piece(s["file"], 0, s["count"]) for s in test["shards"]]
-raw = list(read_pieces(root, pieces))
-images = torch.from_numpy(np.stack([decode_image(s, 1, 28) for s in raw]))
+pieces = [Piece(str(root / s["file"]), 0, s["count"]) for s in test["shards"]]
+raw = list(read_pieces(pieces))
+images = torch.from_numpy(np.stack([decode_image(s, Fields(1, 28)) for s in raw]))
 labels = torch.tensor([int(s["cls"]) for s in raw])
 net = DomainClassifier(Path(sys.argv[1]) / "classifier", torch.device("cpu"))
 with torch.no_grad():

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gen_dist.data import Piece, decode_image, load_index, read_pieces
+from gen_dist.data import Fields, Piece, decode_image, load_index, read_pieces
 from gen_dist.evaluation import InceptionV3
 
 
@@ -33,8 +33,8 @@ def main() -> None:
 
     root = Path(args.data)
     shard = load_index(root)["splits"]["test"]["shards"][0]["file"]
-    raw = read_pieces(root, [Piece(shard, 0, args.n)])
-    images = torch.from_numpy(np.stack([decode_image(s, 1, 28) for s in raw]))
+    raw = read_pieces([Piece(str(root / shard), 0, args.n)])
+    images = torch.from_numpy(np.stack([decode_image(s, Fields(1, 28)) for s in raw]))
 
     ours = InceptionV3(torch.device("cpu"))
     t0 = time.perf_counter()

@@ -30,15 +30,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gen_dist.data import Piece, decode_image, load_index, read_pieces
+from gen_dist.data import Fields, Piece, decode_image, load_index, read_pieces
 from gen_dist.images import to_model_range
 from gen_dist.artifact import load_model
 
 _, task, net = load_model(Path(sys.argv[1]), use_ema=True, device=torch.device("cpu"))
 root = Path("data/fashion_mnist")
 test = load_index(root)["splits"]["test"]
-raw = read_pieces(root, [Piece(s["file"], 0, s["count"]) for s in test["shards"]])
-images = torch.from_numpy(np.stack([decode_image(s, 1, 28) for s in raw]))
+raw = read_pieces([Piece(str(root / s["file"]), 0, s["count"]) for s in test["shards"]])
+images = torch.from_numpy(np.stack([decode_image(s, Fields(1, 28)) for s in raw]))
 counts = torch.zeros(task.cfg.codebook_size)
 with torch.no_grad():
     for chunk in images.split(500):

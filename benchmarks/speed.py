@@ -32,10 +32,10 @@ import torch.nn.functional as F
 
 from gen_dist import perf
 from gen_dist.config import load_config
-from gen_dist.schema import RunConfig
 from gen_dist.data import ShardStream, make_loader, pack_digits
-from gen_dist.images import to_model_range
 from gen_dist.family import family
+from gen_dist.images import to_model_range
+from gen_dist.schema import RunConfig
 
 UNET = ["task=diffusion", "diffusion.num_classes=0", "diffusion.layers_per_block=1"]
 CASES: dict[str, dict] = {

@@ -33,7 +33,10 @@ DATA_HELP = """Pack images into WebDataset .tar shards plus index.json:
   digits       scikit-learn's 8x8 digits (train/test)
   fashion-mnist   Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist)
   latents RUN  --split of the dataset --data encoded by the autoencoder RUN (a run, checkpoint or export) into
-               shards of the same layout, for latent diffusion's data.latents"""
+               shards of the same layout, for latent diffusion's data.latents
+  index SOURCE count the samples of every shard of SOURCE (a directory, S3 prefix, brace pattern or list of
+               local, http(s), s3 or pipe: URLs) with one streaming read each, in parallel, into a wids shard
+               index (--out FILE) that data.index names"""
 
 SUBMIT_HELP = """Validate CONFIG for nodes x processes ranks, render slurm/train.sbatch (one task per node,
 torchrun c10d rendezvous at the first node, SIGUSR1 before the time limit, requeue) and submit it with sbatch.
@@ -119,11 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="pack a dataset into WebDataset shards", description=DATA_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    d.add_argument("source", choices=["idx", "folder", "digits", "fashion-mnist", "latents"])
-    d.add_argument("path", nargs="?", help="source directory (idx, folder; optional for fashion-mnist), or the "
-                                           "first stage (latents)")
+    d.add_argument("source", choices=["idx", "folder", "digits", "fashion-mnist", "latents", "index"])
+    d.add_argument("path", nargs="?", help="source directory (idx, folder; optional for fashion-mnist), the "
+                                           "first stage (latents), or the shards to count (index)")
     d.add_argument("--data", help="latents: the packed image dataset to encode")
-    d.add_argument("--out", required=True, help="output directory for shards and index.json")
+    d.add_argument("--out", required=True, help="output directory for shards and index.json (index: the file)")
+    d.add_argument("--workers", type=count, default=8, help="index: shards read at once (default 8)")
     d.add_argument("--shard-size", type=count, default=10000, help="samples per shard (default 10000)")
     d.add_argument("--split", default="train", help="split name for 'folder' and 'latents' (default train)")
     d.add_argument("--channels", type=int, default=3, choices=[1, 3], help="channels for 'folder' (default 3)")
@@ -242,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     from gen_dist.parallel import NonFiniteError
     from gen_dist.schema import ConfigError
 
-    if getattr(args, "source", None) in ("idx", "folder") and not args.path:
+    if getattr(args, "source", None) in ("idx", "folder", "index") and not args.path:
         _error(f"'gen-dist data {args.source}' needs a source directory")
     try:
         args.func(args)

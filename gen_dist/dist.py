@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -97,6 +98,21 @@ def all_objects(acc: Accelerator, obj: Any) -> list[Any]:
     out: list[Any] = [None] * acc.num_processes
     torch_dist.all_gather_object(out, obj)
     return out
+
+
+def from_main(acc: Accelerator, make: Callable[[], Any]) -> Any:
+    """`make()` run by the main rank alone (resolving a data source once, say): its result on every rank, or its
+    exception raised on every rank."""
+    result: tuple[Any, Exception | None] = (None, None)
+    if is_main():
+        try:
+            result = (make(), None)
+        except Exception as e:  # noqa: BLE001 - handed to every rank below
+            result = (None, e)
+    value, error = all_objects(acc, result)[0]
+    if error is not None:
+        raise error
+    return value
 
 
 def first_error(acc: Accelerator, error: str) -> str:

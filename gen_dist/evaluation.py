@@ -24,7 +24,8 @@ from torch import nn
 
 from gen_dist import dist, metrics, posthoc
 from gen_dist.artifact import SNAPSHOTS, config_for_sampling, load_model, resolve, run_config_file
-from gen_dist.data import reference_split, split_images
+from gen_dist.data import reference_catalog, split_images
+from gen_dist.data.sources import is_remote
 from gen_dist.family import Task, family
 from gen_dist.parallel import strategy_for
 from gen_dist.sampling import rank_chunks, sample_chunk
@@ -188,7 +189,7 @@ def scores(names: list[str], real: np.ndarray, fake: np.ndarray, logits: np.ndar
 
 def check_eval(cfg: RunConfig) -> None:
     """Before launch: the reference split exists and every extractor loads (the Inception file is only found)."""
-    reference_split(cfg)
+    reference_catalog(cfg)
     for spec in cfg.eval.extractors:
         if spec == "inception":
             inception_file()
@@ -206,8 +207,8 @@ class Evaluator:
     def __init__(self, cfg: RunConfig, acc: Accelerator, run_dir: Path) -> None:
         self.cfg, self.acc, self.run_dir = cfg, acc, run_dir
         e = cfg.eval
-        self.split = reference_split(cfg)  # read once: every reference chunk needs its shard list
-        self.reference_n = min(e.reference_n or self.split["count"], self.split["count"])
+        self.split = reference_catalog(cfg)  # read once: every reference chunk needs its shard list
+        self.reference_n = min(e.reference_n or self.split.total, self.split.total)
         self.extractors = build_extractors(e.extractors, acc.device)
         self.skipped = [f"{x.name}/is: no classifier head" for x in self.extractors
                         if "is" in e.metrics and not isinstance(x, DomainClassifier)]
@@ -222,7 +223,8 @@ class Evaluator:
         d, e = self.cfg.data, self.cfg.eval
         name = (f"{e.reference_split}-{self.reference_n}-{d.channels}x{d.resolution}px-{self._data_ident()}-"
                 f"{extractor.ident}.npy")
-        places = [Path(d.path) / STATS_DIR / name, self.run_dir / STATS_DIR / name]
+        beside = [] if is_remote(self.split.source) else [Path(self.split.source) / STATS_DIR / name]
+        places = [*beside, self.run_dir / STATS_DIR / name]
         for place in places:
             if place.is_file():
                 return np.load(place)
@@ -233,10 +235,10 @@ class Evaluator:
         return feats
 
     def _data_ident(self) -> str:
-        """Changes when the split is re-packed: its index entry and its shard files' sizes."""
-        root = Path(self.cfg.data.path)
-        sizes = [(root / s["file"]).stat().st_size for s in self.split["shards"]]
-        return hashlib.sha1(json.dumps([self.split, sizes], sort_keys=True).encode()).hexdigest()[:8]
+        """Changes when the split is re-packed: its shards, their counts and sizes."""
+        shards = [(Path(s.url).name, s.count, s.size if is_remote(s.url) else Path(s.url).stat().st_size)
+                  for s in self.split.shards]
+        return hashlib.sha1(json.dumps(shards).encode()).hexdigest()[:8]
 
     def _real_images(self, start: int, size: int) -> torch.Tensor:
         return split_images(self.cfg, self.split, start, size)

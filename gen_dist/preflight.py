@@ -11,27 +11,19 @@ import torch
 from gen_dist import checkpoint
 from gen_dist.artifact import resolve
 from gen_dist.config import check_same_model, load_config
-from gen_dist.data import check_split, reference_split
+from gen_dist.data import Catalog, check_catalog, open_catalog, reference_catalog
 from gen_dist.evaluation import check_eval
 from gen_dist.family import family
 from gen_dist.parallel import STRATEGIES, strategy_for
 from gen_dist.schema import ConfigError, RunConfig
 
 
-def preflight(cfg: RunConfig, world_size: int) -> None:
-    """Checks that need the dataset or the machine; run before any process is launched."""
-    index = check_split(Path(cfg.data.latents or cfg.data.path), cfg.data.split, world_size,
-                        max(1, cfg.data.num_workers), cfg.data.batch_size)
-    have = len(index.get("classes", []))
-    want = getattr(cfg, cfg.task).__dict__.get("num_classes", 0)
-    if want > have or 0 < want < have:
-        raise ConfigError(f"{cfg.task}.num_classes={want} but {cfg.data.path} has {have} classes (labels 0 .. "
-                          f"{have - 1}); set {cfg.task}.num_classes={have}"
-                          + (" (or 0: unconditional)" if cfg.task != "classifier" and have else ""))
-    if family(cfg.task).task.reconstructs and cfg.train.sample_n > reference_split(cfg)["count"]:
-        raise ConfigError(f"train.sample_n={cfg.train.sample_n}: {cfg.task} grids reconstruct images of "
-                          f"eval.reference_split '{cfg.eval.reference_split}', which has "
-                          f"{reference_split(cfg)['count']}")
+def preflight(cfg: RunConfig, world_size: int, catalog: Catalog | None = None) -> None:
+    """Checks that need the dataset or the machine; run before any process is launched. The dataset's are
+    skipped where `catalog` is None and made by `check_data` later (the trainer's main rank resolves the source
+    once, then hands the catalog to the other ranks)."""
+    if catalog is not None:
+        check_data(cfg, catalog, world_size)
     saved = cfg.out_dir / "config.yaml"
     found = checkpoint.list_checkpoints(cfg.out_dir)
     if saved.exists() and found:
@@ -60,3 +52,22 @@ def _check_resumable(ckpt: Path, cfg: RunConfig, world_size: int) -> None:
         raise ConfigError(f"{ckpt} holds DeepSpeed ZeRO partitions of {desc.world_size} ranks, which load only "
                           f"on {desc.world_size} ranks (not {world_size}); resume on {desc.world_size} "
                           f"ranks (ddp and fsdp checkpoints resume on any number)")
+
+
+def training_catalog(cfg: RunConfig) -> Catalog:
+    """The catalog of what the run trains on: data.latents where set, else data.path."""
+    return open_catalog(cfg.data.latents or cfg.data.path, cfg.data.split, "" if cfg.data.latents else cfg.data.index)
+
+
+def check_data(cfg: RunConfig, catalog: Catalog, world_size: int) -> None:
+    """The source can feed the ranks and has the classes the model is built for."""
+    check_catalog(catalog, world_size, max(1, cfg.data.num_workers), cfg.data.batch_size)
+    have = len(catalog.classes)
+    want = getattr(cfg, cfg.task).__dict__.get("num_classes", 0)
+    if catalog.packed and (want > have or 0 < want < have):
+        raise ConfigError(f"{cfg.task}.num_classes={want} but {cfg.data.path} has {have} classes (labels 0 .. "
+                          f"{have - 1}); set {cfg.task}.num_classes={have}"
+                          + (" (or 0: unconditional)" if cfg.task != "classifier" and have else ""))
+    if family(cfg.task).task.reconstructs and cfg.train.sample_n > reference_catalog(cfg).total:
+        raise ConfigError(f"train.sample_n={cfg.train.sample_n}: {cfg.task} grids reconstruct images of the "
+                          f"evaluation reference, which has {reference_catalog(cfg).total}")

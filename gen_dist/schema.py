@@ -52,11 +52,28 @@ def read_yaml(text: str) -> Any:
 @dataclass
 class DataConfig:
     path: str = "data/fashion_mnist"
-    """Directory written by `gen-dist data` (holds index.json and the .tar shards)."""
+    """The shards: a directory `gen-dist data` wrote; a directory or S3 prefix of shards written by others; or
+    shard URLs (local, http(s), s3, pipe:) as a brace pattern or `::` list. S3 endpoint and credentials come from
+    the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE) (docs/data.md)."""
     split: str = "train"
-    """Which split of the index to train on."""
+    """Which split of a packed dataset to train on."""
+    index: str = ""
+    """A wids shard index (`gen-dist data index SOURCE --out FILE`): each shard's sample count."""
+    image_keys: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp", "bmp"])
+    """Sample members that may hold the image; the first found is used."""
+    label_key: str = "cls"
+    """The class label: a member holding an integer (cls), json:FIELD (a field of the .json), or empty: none."""
+    caption_key: str = ""
+    """The caption: a text member (txt), json:FIELD, or empty: none read."""
     resolution: int = 28
-    """Square image size fed to the model; images are resized when they differ."""
+    """Square image size fed to the model: the shorter side is resized to it, then the image cropped."""
+    crop: str = "center"
+    """center, or random (drawn per sample from the seed, epoch and key: a resumed run crops the same)."""
+    min_size: int = 0
+    """Skip images whose shorter side is below this (counted with the bad samples); 0 keeps all."""
+    retry_seconds: float = 120.0
+    """A remote read that fails is retried from the sample it reached for this long without progress; then the
+    shard is bad (an error under data.strict)."""
     channels: int = 1
     """1 for grayscale, 3 for RGB."""
     batch_size: int = 64
@@ -66,7 +83,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     """Samples held in each worker's shuffle buffer (on top of a per-epoch shard shuffle)."""
     hflip: bool = False
-    """Random horizontal flips."""
+    """Random horizontal flips (drawn per sample like data.crop)."""
     latents: str = ""
     """Latent diffusion: a directory of the training split's latents pre-encoded by the run's first stage
     (`gen-dist data latents`), read instead of encoding data.path's images on the fly; the same batches,
@@ -206,7 +223,10 @@ class EvalConfig:
     """Feature extractors: 'inception' (the standard InceptionV3, offline) or the path of a classifier run,
     checkpoint or export trained by gen_dist on the dataset (fast; not comparable with published FIDs)."""
     reference_split: str = "test"
-    """Split of data.path the samples are compared with."""
+    """Split of data.path (a packed dataset) the samples are compared with."""
+    reference_path: str = ""
+    """Another source (as data.path takes) whose images the samples are compared with; empty = data.path's
+    eval.reference_split."""
     reference_n: int = 0
     """Real images used for the reference statistics; 0 = the whole split."""
     batch_size: int = 250
@@ -258,6 +278,7 @@ def eval_metric_keys(cfg: RunConfig, reconstructs: bool) -> dict[str, bool]:
     return out
 CHOICES = {
     "optim.schedule": ("constant", "linear", "cosine"),
+    "data.crop": ("center", "random"),
     "train.mixed_precision": ("no", "bf16", "fp16", "auto"),
     "wandb.mode": ("auto", "online", "offline", "disabled"),
     "parallel.zero_stage": (1, 2, 3),

@@ -127,7 +127,7 @@ def test_cli_fails_before_training(command: str, tmp_path: Path, digits: Path) -
     assert "unknown config key 'vae.latent_dimm'" in proc.stderr
     assert not run_dir.exists()
     proc = run_cli(*args, "data.path=/no/such/data", check=False)
-    assert proc.returncode == 2 and "no index.json in /no/such/data" in proc.stderr
+    assert proc.returncode == 2 and "data.path /no/such/data does not exist" in proc.stderr
     proc = run_cli(*args, "train.mixed_precision=fp16", check=False)
     assert proc.returncode == 2 and "fp16 needs a GPU" in proc.stderr
     gan = [command, str(CONFIGS / "smoke_gan.yaml"), *args[2:]]

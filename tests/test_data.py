@@ -47,7 +47,7 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 def all_samples(root: Path, split: str) -> list[dict]:
     entry = load_index(root)["splits"][split]
-    return list(read_pieces(root, [Piece(s["file"], 0, s["count"]) for s in entry["shards"]]))
+    return list(read_pieces([Piece(str(root / s["file"]), 0, s["count"]) for s in entry["shards"]]))
 
 
 @pytest.mark.parametrize("gz", [True, False])
@@ -257,7 +257,7 @@ def _corrupt(root: Path, faults: tuple[str, ...] = ("tar", "image", "missing")) 
     if "tar" in faults:
         tar.write_bytes(bytes(raw))
     samples = [{k: v for k, v in s.items() if k in ("__key__", "png", "cls")}
-               for s in read_pieces(root, [Piece(shards[0], 0, 40)])]
+               for s in read_pieces([Piece(str(root / shards[0]), 0, 40)])]
     if "image" in faults:
         samples[3]["png"] = b"\x89PNG not really"
     if "missing" in faults:

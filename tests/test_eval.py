@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import CONFIGS, events, records, run_cli, smoke_args, step_records, train_command
 
-from gen_dist.data import Piece, decode_image, load_index, read_pieces
+from gen_dist.data import Fields, Piece, decode_image, load_index, read_pieces
 from gen_dist.evaluation import STATS_DIR, InceptionV3
 from gen_dist.metrics import fid
 from gen_dist.tasks.classifier import DomainClassifier
@@ -35,8 +35,8 @@ def one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _test_images(digits: Path) -> tuple[torch.Tensor, torch.Tensor]:
     shards = load_index(digits)["splits"]["test"]["shards"]
-    raw = list(read_pieces(digits, [Piece(s["file"], 0, s["count"]) for s in shards]))
-    images = torch.from_numpy(np.stack([decode_image(s, 1, 8) for s in raw]))
+    raw = list(read_pieces([Piece(str(digits / s["file"]), 0, s["count"]) for s in shards]))
+    images = torch.from_numpy(np.stack([decode_image(s, Fields(1, 8)) for s in raw]))
     return images, torch.tensor([int(s["cls"]) for s in raw])
 
 

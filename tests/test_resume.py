@@ -233,7 +233,7 @@ def test_corrupt_shard_is_counted_and_the_run_goes_on(tmp_path: Path) -> None:
     assert f"{shard}: unreadable after" in proc.stderr
     readable = []
     with pytest.raises(DataError):
-        readable += read_pieces(data, [Piece(shard, 0, 300)])
+        readable += read_pieces([Piece(str(data / shard), 0, 300)])
     bad = sum(r["data/bad_samples"] for r in step_records(run_dir))
     assert bad == 300 - len(readable) > 0
     reports = [s for e in events(run_dir, "bad_data") for s in e["samples"]]

@@ -24,6 +24,12 @@ def cmd_data(args: argparse.Namespace) -> None:
     elif args.source == "folder":
         done = {args.split: data.pack_image_folder(Path(args.path), out, args.split, args.shard_size,
                                                    args.channels)}
+    elif args.source == "index":
+        spec = data.index_source(args.path, out, args.workers)
+        shards = spec["shardlist"]
+        print(f"{sum(s['nsamples'] for s in shards)} samples in {len(shards)} shards of {args.path} -> {out} "
+              f"(data.index={out})")
+        return
     elif args.source == "latents":
         from gen_dist.tasks.latents import encode_split
 

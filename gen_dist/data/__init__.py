@@ -1,4 +1,5 @@
-"""Datasets as sharded WebDataset tar files: packing, and a resumable, rank- and worker-split stream.
+"""Datasets as sharded WebDataset tar files, wherever they live (local disk, http(s), S3, pipe:): packing, the
+catalog of a source's shards, reading with retries, and a resumable, rank- and worker-split stream.
 
 Layout of a packed dataset directory::
 
@@ -17,6 +18,7 @@ layout consumed are found by replaying its split and shuffle, and the rest of th
 new slots the same way.
 """
 
+from gen_dist.data.catalog import Catalog, Shard, open_catalog
 from gen_dist.data.pack import (
     pack_arrays,
     pack_digits,
@@ -26,19 +28,17 @@ from gen_dist.data.pack import (
     write_latent_shards,
     write_shards,
 )
-from gen_dist.data.shards import (
-    INDEX,
-    DataError,
-    Piece,
-    check_split,
-    decode_image,
-    decode_latent,
-    load_index,
+from gen_dist.data.reader import (
+    Retry,
+    check_catalog,
+    fields_of,
+    index_source,
     read_pieces,
+    reference_catalog,
     reference_images,
-    reference_split,
     split_images,
 )
+from gen_dist.data.shards import INDEX, DataError, Fields, Piece, decode_image, decode_latent, load_index
 from gen_dist.data.stream import (
     BadSamples,
     DataPosition,
@@ -49,7 +49,8 @@ from gen_dist.data.stream import (
     make_loader,
 )
 
-__all__ = ["INDEX", "BadSamples", "DataError", "DataPosition", "Piece", "ReadLayout", "Segment", "ShardStream",
-           "batch_sizes", "check_split", "decode_image", "decode_latent", "load_index", "make_loader", "pack_arrays",
-           "pack_digits", "pack_idx_dir", "pack_image_folder", "read_idx", "read_pieces", "reference_images",
-           "reference_split", "split_images", "write_latent_shards", "write_shards"]
+__all__ = ["INDEX", "BadSamples", "Catalog", "DataError", "DataPosition", "Fields", "Piece", "ReadLayout", "Retry",
+           "Segment", "Shard", "ShardStream", "batch_sizes", "check_catalog", "decode_image", "decode_latent",
+           "fields_of", "index_source", "load_index", "make_loader", "open_catalog", "pack_arrays", "pack_digits",
+           "pack_idx_dir", "pack_image_folder", "read_idx", "read_pieces", "reference_catalog", "reference_images",
+           "split_images", "write_latent_shards", "write_shards"]

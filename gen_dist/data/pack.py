@@ -15,7 +15,9 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from gen_dist.data.shards import IMAGE_EXTS, INDEX, LATENT, DataError, Piece, decode_image, load_index, read_pieces
+from gen_dist.data.catalog import open_catalog
+from gen_dist.data.reader import read_pieces
+from gen_dist.data.shards import IMAGE_EXTS, INDEX, LATENT, DataError, Fields, Piece, decode_image, load_index
 
 
 def _png(img: np.ndarray) -> bytes:
@@ -155,10 +157,10 @@ def write_latent_shards(root: Path, split: str, out: Path, encode: Any, about: d
     index = load_index(root)
     entry = index["splits"][split]
     out.mkdir(parents=True, exist_ok=True)
-    for shard in entry["shards"]:
-        samples = list(read_pieces(root, [Piece(shard["file"], 0, shard["count"])]))
-        channels = index.get("channels", 1)
-        images = np.stack([decode_image(s, channels, about["resolution"]) for s in samples])
+    fields = Fields(index.get("channels", 1), about["resolution"])
+    for shard, found in zip(entry["shards"], open_catalog(str(root), split).shards, strict=True):
+        samples = list(read_pieces([Piece(found.url, 0, found.count)]))
+        images = np.stack([decode_image(s, fields) for s in samples])
         latents = np.concatenate([encode(images[i : i + 256]) for i in range(0, len(images), 256)])
         tmp = out / (shard["file"] + ".tmp")
         with wds.TarWriter(str(tmp), encoder=False) as writer:

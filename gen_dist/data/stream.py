@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from gen_dist.data.shards import DataError, Piece, check_split, decode_image, decode_latent, label_of, read_pieces
+from gen_dist.data.catalog import Catalog, open_catalog
+from gen_dist.data.reader import Retry, check_catalog, read_pieces
+from gen_dist.data.shards import (
+    DataError,
+    Fields,
+    Piece,
+    SmallImage,
+    caption_of,
+    decode_image,
+    decode_latent,
+    label_of,
+)
 
 
 @dataclass(frozen=True)
@@ -186,20 +198,20 @@ class ShardStream(IterableDataset):
     'bad' and counted in 'bad_count', and its place in the batch is taken by a good sample of the batch, so
     every rank still takes the planned number of equal batches; with `strict` it raises a DataError."""
 
-    def __init__(self, root: str | Path, split: str, batch_size: int, rank: int, world_size: int,
+    def __init__(self, source: Catalog | str | Path, split: str, batch_size: int, rank: int, world_size: int,
                  num_workers: int, seed: int, shuffle_buffer: int, resolution: int, channels: int,
-                 hflip: bool, strict: bool = False) -> None:
-        self.root = Path(root)
+                 hflip: bool, strict: bool = False, fields: Fields | None = None, retry: Retry | None = None) -> None:
+        catalog = source if isinstance(source, Catalog) else open_catalog(str(source), split)
         self.workers = max(1, num_workers)
-        index = check_split(self.root, split, world_size, self.workers, batch_size)
-        entry = index["splits"][split]
-        self.shards = [(s["file"], int(s["count"])) for s in entry["shards"]]
-        self.total = int(entry["count"])
-        self.num_classes = len(index.get("classes", []))
+        check_catalog(catalog, world_size, self.workers, batch_size)
+        self.shards = [(s.url, s.count) for s in catalog.shards]
+        self.stats = {s.url: s.stat for s in catalog.shards if s.stat is not None}
+        self.total = catalog.total
+        self.num_classes = len(catalog.classes)
         self.layout = ReadLayout(world_size, self.workers, batch_size, shuffle_buffer)
-        self.rank, self.seed, self.hflip, self.strict = rank, seed, hflip, strict
-        self.resolution, self.channels = resolution, channels
-        self.latents = "latents" in index
+        self.rank, self.seed, self.hflip, self.strict, self.retry = rank, seed, hflip, strict, retry or Retry()
+        self.fields = fields or Fields(channels, resolution)
+        self.latents = catalog.latents is not None
         self.set_position(0, 0)
 
     @property
@@ -230,7 +242,7 @@ class ShardStream(IterableDataset):
         problems: list[tuple[str, int]] = []
         pieces = to_pieces(self.slots[worker], self.ordered, self.starts)
         rng = np.random.default_rng(_seed(self.seed, self.epoch, slot, self.segment))
-        stream = shuffled(read_pieces(self.root, pieces, None if self.strict else problems),
+        stream = shuffled(read_pieces(pieces, None if self.strict else problems, self.retry, self.stats),
                           self.layout.buffer, rng)
         skip = delivered(worker, self.workers, self.start_batch)
         spare: dict[str, Any] | None = None
@@ -239,33 +251,36 @@ class ShardStream(IterableDataset):
             if b < skip:
                 problems.clear()  # reported when that batch was first read
                 continue
-            decoded = self._decode(raw, problems, slot, b)
+            decoded = self._decode(raw, problems)
             problems.clear()
             yield _fill(decoded, size, spare, pieces)
             spare = decoded if decoded["image"] else spare
 
-    def _decode(self, raw: list[dict[str, Any]], problems: list[tuple[str, int]], slot: int, b: int
-                ) -> dict[str, Any]:
-        images, labels, keys = [], [], []
+    def _decode(self, raw: list[dict[str, Any]], problems: list[tuple[str, int]]) -> dict[str, Any]:
+        out: dict[str, list[Any]] = {"image": [], "label": [], "key": [], **({"caption": []} if self.fields.caption
+                                                                            else {})}
+        f = self.fields
         for s in raw:
+            # Crop and flip are drawn per sample from (seed, epoch, key): the same pixels on any layout or resume.
+            rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(str(s.get("__key__")).encode()), 0xC409])
             try:
-                image = decode_latent(s) if self.latents else decode_image(s, self.channels, self.resolution)
-                label = label_of(s, self.num_classes)
+                image = decode_latent(s) if self.latents else decode_image(s, f, rng)
+                label = label_of(s, self.num_classes, f.label)
+                caption = caption_of(s, f.caption) if f.caption else None
             except Exception as e:  # noqa: BLE001 - any decoder failure on any bytes is a bad sample
                 message = f"{s.get('__url__')}: sample {s.get('__key__')}: {type(e).__name__}: {e}"
-                if self.strict:
+                if self.strict and not isinstance(e, SmallImage):
                     raise DataError(message + " (data.strict=true)") from e
                 problems.append((message, 1))
                 continue
-            images.append(image)
-            labels.append(label)
-            keys.append(s["__key__"])
-        if images and self.hflip:
-            seed = _seed(self.seed, self.epoch, slot, self.segment, b, 0xF11D)
-            flip = np.random.default_rng(seed).random(len(images)) < 0.5
-            images = [im[:, :, ::-1] if f else im for im, f in zip(images, flip, strict=True)]
-        return {"image": images, "label": labels, "key": keys, "bad": [m for m, _ in problems],
-                "bad_count": sum(n for _, n in problems)}
+            if self.hflip and rng.random() < 0.5:
+                image = image[:, :, ::-1]
+            out["image"].append(image)
+            out["label"].append(label)
+            out["key"].append(s["__key__"])
+            if caption is not None:
+                out["caption"].append(caption)
+        return {**out, "bad": [m for m, _ in problems], "bad_count": sum(n for _, n in problems)}
 
 
 def _fill(batch: dict[str, Any], size: int, spare: dict[str, Any] | None, pieces: list[Piece]) -> dict[str, Any]:
@@ -280,6 +295,7 @@ def _fill(batch: dict[str, Any], size: int, spare: dict[str, Any] | None, pieces
         "image": torch.from_numpy(np.stack([good["image"][i] for i in take])),
         "label": torch.tensor([good["label"][i] for i in take], dtype=torch.long),
         "key": [good["key"][i] for i in take],
+        **({"caption": [good["caption"][i] for i in take]} if "caption" in good else {}),
         "bad": batch["bad"],
         "bad_count": batch["bad_count"],
     }

@@ -18,14 +18,14 @@ import torch
 from gen_dist import checkpoint, dist, parallel, perf, posthoc
 from gen_dist.artifact import RUN_CONFIG, load_partial, resolve
 from gen_dist.config import validate
-from gen_dist.data import BadSamples, DataPosition, ShardStream, make_loader
+from gen_dist.data import BadSamples, DataPosition, Retry, ShardStream, fields_of, make_loader
 from gen_dist.engine.outputs import Outputs
 from gen_dist.engine.state import MetricWindow, Supervisor, TrainState, lr_factor
 from gen_dist.evaluation import Evaluator
 from gen_dist.family import Phase, Task, family
 from gen_dist.images import to_model_range
 from gen_dist.monitor import halt_marker
-from gen_dist.preflight import preflight
+from gen_dist.preflight import check_data, preflight, training_catalog
 from gen_dist.schema import ConfigError, RunConfig, save_config, write_atomic
 from gen_dist.track import Progress, Tracker, wandb_mode
 
@@ -54,14 +54,17 @@ class Trainer(Outputs):
         self.trained_names = list(dict.fromkeys(p.trains for p in self.task.phases))
         self.strategy = parallel.strategy_for(cfg)
         self.acc = acc = self.strategy.make_accelerator(self.trained_names, "wandb" if wandb_mode(cfg) else None)
+        # The source is resolved once, by the main rank (a listing or stats files of a remote source).
+        catalog = dist.from_main(acc, lambda: training_catalog(cfg))
+        check_data(cfg, catalog, acc.num_processes)
         if dist.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / RUN_CONFIG)
         acc.wait_for_everyone()
-        self.stream = ShardStream(
-            cfg.data.latents or cfg.data.path, cfg.data.split, cfg.data.batch_size, acc.process_index,
-            acc.num_processes, cfg.data.num_workers, cfg.train.seed, cfg.data.shuffle_buffer, cfg.data.resolution,
-            cfg.data.channels, cfg.data.hflip, cfg.data.strict)
+        d = cfg.data
+        self.stream = ShardStream(catalog, d.split, d.batch_size, acc.process_index, acc.num_processes,
+                                  d.num_workers, cfg.train.seed, d.shuffle_buffer, d.resolution, d.channels, d.hflip,
+                                  d.strict, fields_of(cfg), Retry(patience=d.retry_seconds))
         self.state, self.position = TrainState(), DataPosition()
         self.skipped_phases = 0
         self.bad = BadSamples(acc.process_index)
@@ -71,7 +74,6 @@ class Trainer(Outputs):
         # A whole copy of the sampled module: under sharding the trained one holds only this rank's part.
         self.sample_net = copy.deepcopy(self.task.modules[self.task.sampled]).to(acc.device).eval()
         self.sample_net.requires_grad_(False)
-        d = cfg.data
         # On the plain modules, still on the CPU with the count's batch: before anything is moved or wrapped.
         self.flops_per_image = perf.flops_per_image(self.task, self.task.frozen, (d.channels, d.resolution,
                                                                                     d.resolution))
@@ -230,6 +232,7 @@ class Trainer(Outputs):
                     name: x.contiguous(memory_format=torch.channels_last) if self.channels_last else x,
                     "label": batch["label"].to(self.acc.device, non_blocking=True),
                     "key": batch["key"],
+                    **({"caption": batch["caption"]} if "caption" in batch else {}),
                 }
             pos.next_epoch()
 

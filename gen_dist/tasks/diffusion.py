@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from gen_dist.data import load_index, split_images
+from gen_dist.data import open_catalog, split_images
 from gen_dist.family import Batch, Family, Nets, Phase, Task, register
 from gen_dist.images import to_model_range
 from gen_dist.schema import ConfigError, RunConfig
@@ -288,9 +288,9 @@ class DiffusionTask(Task):
         """1 / std of the latents of the first SCALE_IMAGES training images, in index order: the same on
         every rank without a collective."""
         d = self.run_cfg.data
-        split = load_index(Path(d.path))["splits"][d.split]
+        catalog = open_catalog(d.path, d.split, d.index)
         device = next(first.parameters()).device
-        images = split_images(self.run_cfg, split, 0, min(SCALE_IMAGES, split["count"]))
+        images = split_images(self.run_cfg, catalog, 0, min(SCALE_IMAGES, catalog.total))
         z = torch.cat([encode_latents(first, to_model_range(c.to(device))) for c in images.split(128)])
         return 1.0 / z.double().std().item()
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from gen_dist.artifact import config_for_sampling, resolve, weights_digest
-from gen_dist.data import load_index, write_latent_shards
+from gen_dist.data import open_catalog, write_latent_shards
 from gen_dist.family import family
 from gen_dist.images import to_model_range
 from gen_dist.schema import ConfigError, RunConfig
@@ -78,7 +78,7 @@ def encode_split(first_stage: Path, data: Path, split: str, out: Path) -> dict:
 
 def check_latents(cfg: RunConfig, first: nn.Module) -> None:
     """data.latents was encoded by this run's first stage."""
-    about = load_index(Path(cfg.data.latents)).get("latents")
+    about = open_catalog(cfg.data.latents, cfg.data.split).latents
     if about is None:
         raise ConfigError(f"data.latents: {cfg.data.latents} holds images, not latents: write them with "
                           f"`gen-dist data latents FIRST_STAGE --data {cfg.data.path} --out DIR`")

@@ -1,0 +1,161 @@
+"""Images/s of one loader worker decoding and cropping the same JPEG shards from local disk, over HTTP (Python's
+server) and from S3 (SeaweedFS), with gen_dist's reader and with a plain webdataset pipeline doing the same
+work; the cost of JPEG decoding with and without decode-time downscaling; and, with --train, the data wait of a
+2-rank training run of the demo config reading Fashion-MNIST's shards from the S3 server.
+
+    python benchmarks/data_speed.py [--shards 8 --per-shard 250 --size 256 --resolution 64] [--train]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from storage import HTTPServer, S3Server  # noqa: E402
+
+from gen_dist.data import Fields, ShardStream, decode_image, index_source, open_catalog  # noqa: E402
+
+
+def write_shards(out: Path, shards: int, per_shard: int, size: int) -> list[Path]:
+    """Photographs are smooth with some texture: a gradient plus noise, about 15-25 KB as JPEG at 256 px."""
+    rng = np.random.default_rng(0)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(shards):
+        path = out / f"{s:05d}.tar"
+        with wds.TarWriter(str(path), encoder=False) as w:
+            for i in range(per_shard):
+                h, wd = size, int(size * rng.uniform(1.0, 1.5))
+                y, x = np.mgrid[0:h, 0:wd]
+                base = np.stack([x * 255 / wd, y * 255 / h, (x + y) * 127 / (h + wd)], -1)
+                img = np.clip(base + rng.normal(0, 12, (h, wd, 3)), 0, 255).astype(np.uint8)
+                buf = io.BytesIO()
+                Image.fromarray(img).save(buf, format="JPEG", quality=90)
+                w.write({"__key__": f"{s:05d}{i:05d}", "jpg": buf.getvalue(), "cls": str(i % 10).encode()})
+        paths.append(path)
+    return paths
+
+
+def gen_dist_rate(source: str, index: str, resolution: int, total: int) -> float:
+    catalog = open_catalog(source, index=index)
+    stream = ShardStream(catalog, "train", 50, 0, 1, 0, 0, 1, resolution, 3, False,
+                         fields=Fields(3, resolution, label="cls"))
+    t0 = time.perf_counter()
+    n = sum(len(b["key"]) for b in stream)
+    assert n == total, (n, total)
+    return n / (time.perf_counter() - t0)
+
+
+def webdataset_rate(urls: list[str], resolution: int, total: int) -> float:
+    """The same work in webdataset's idiom: decode to PIL, shorter side to the resolution, center crop."""
+
+    def crop(img: Image.Image) -> np.ndarray:
+        w, h = img.size
+        scale = resolution / min(w, h)
+        w, h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+        img = img.convert("RGB").resize((w, h), Image.BICUBIC)
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+        return np.asarray(img.crop((left, top, left + resolution, top + resolution))).transpose(2, 0, 1)
+
+    pipeline = wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("jpg", "cls").map_tuple(crop, int)
+    t0 = time.perf_counter()
+    n = sum(1 for _ in pipeline)
+    assert n == total, (n, total)
+    return n / (time.perf_counter() - t0)
+
+
+def decode_cost(path: Path, resolution: int, n: int = 200) -> tuple[float, float]:
+    """ms per image to decode, resize and crop, with JPEG draft mode (decode-time downscaling) and without."""
+    samples = [s for _, s in zip(range(n), wds.WebDataset(str(path), shardshuffle=False), strict=False)]
+    fields = Fields(3, resolution)
+    t0 = time.perf_counter()
+    for s in samples:
+        decode_image(s, fields)
+    with_draft = (time.perf_counter() - t0) / len(samples) * 1000
+    t0 = time.perf_counter()
+    for s in samples:  # the same steps without draft: PIL decodes every pixel
+        img = Image.open(io.BytesIO(s["jpg"])).convert("RGB")
+        w, h = img.size
+        scale = resolution / min(w, h)
+        img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+        np.asarray(img)
+    without = (time.perf_counter() - t0) / len(samples) * 1000
+    return with_draft, without
+
+
+def train_from_s3(work: Path) -> None:
+    """The demo config on 2 ranks, its train shards read from the S3 server: images/s and the data wait."""
+    root = Path(__file__).resolve().parents[1]
+    data = root / "data" / "fashion_mnist"
+    train = sorted(data.glob("train-*.tar"))
+    with S3Server(work / "s3") as s3:
+        s3.upload("bench", "fashion_mnist", train)
+        env = {**os.environ, **s3.env}
+        pattern = f"s3://bench/fashion_mnist/train-{{000000..{len(train) - 1:06d}}}.tar"
+        subprocess.run([sys.executable, "-m", "gen_dist", "data", "index", pattern, "--out",
+                        str(work / "fm.json")], check=True, env=env, cwd=root)
+        out = subprocess.run([sys.executable, str(root / "benchmarks" / "throughput.py"),
+                              "configs/diffusion_fashion_mnist.yaml", f"data.path={pattern}",
+                              f"data.index={work / 'fm.json'}", "--nproc", "2", "--steps", "200"],
+                             check=True, env=env, cwd=root, capture_output=True, text=True).stdout
+        print("2 ranks, demo config, train shards from S3:\n" + out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shards", type=int, default=8)
+    p.add_argument("--per-shard", type=int, default=250)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--train", action="store_true", help="also the 2-rank training run from S3")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        paths = write_shards(work / "shards", args.shards, args.per_shard, args.size)
+        total = args.shards * args.per_shard
+        index = work / "index.json"
+        index_source(str(work / "shards"), index)
+        rows = []
+        local = [str(p) for p in paths]
+        rows.append(("local", gen_dist_rate(str(work / "shards"), str(index), args.resolution, total),
+                     webdataset_rate(local, args.resolution, total)))
+        with HTTPServer(work / "shards") as http:
+            pattern = f"{http.url}/{{00000..{args.shards - 1:05d}}}.tar"
+            http_index = work / "http.json"
+            index_source(pattern, http_index)
+            urls = [f"{http.url}/{p.name}" for p in paths]
+            rows.append(("http", gen_dist_rate(pattern, str(http_index), args.resolution, total),
+                         webdataset_rate(urls, args.resolution, total)))
+        with S3Server(work / "s3") as s3:
+            s3.upload("bench", "jpeg", paths)
+            os.environ.update(s3.env)
+            s3_index = work / "s3.json"
+            index_source("s3://bench/jpeg/", s3_index)
+            rows.append(("s3", gen_dist_rate("s3://bench/jpeg/", str(s3_index), args.resolution, total), None))
+        print(f"{total} JPEGs ({args.size} px tall, 1-1.5x as wide) -> {args.resolution} px crops, one worker")
+        print(f"{'source':<8} {'gen_dist img/s':>15} {'webdataset img/s':>17} {'ratio':>6}")
+        for name, ours, theirs in rows:
+            ratio = f"{ours / theirs:.2f}" if theirs else "-"
+            print(f"{name:<8} {ours:>15.1f} {(f'{theirs:.1f}' if theirs else '- (no S3 reader)'):>17} {ratio:>6}")
+        with_draft, without = decode_cost(paths[0], args.resolution)
+        print(f"decode+resize per image: {with_draft:.2f} ms with JPEG draft (decode-time downscaling), "
+              f"{without:.2f} ms without ({without / with_draft:.2f}x)")
+        print(json.dumps({"rows": rows, "draft_ms": with_draft, "full_ms": without}))
+        if args.train:
+            train_from_s3(work)
+
+
+if __name__ == "__main__":
+    main()
