@@ -100,10 +100,10 @@ def train_from_s3(work: Path) -> None:
     root = Path(__file__).resolve().parents[1]
     data = root / "data" / "fashion_mnist"
     train = sorted(data.glob("train-*.tar"))
-    with S3Server(work / "s3") as s3:
-        s3.upload("bench", "fashion_mnist", train)
+    with S3Server(work / "s3_train") as s3:
+        s3.upload("fmnist", "fashion_mnist", train)
         env = {**os.environ, **s3.env}
-        pattern = f"s3://bench/fashion_mnist/train-{{000000..{len(train) - 1:06d}}}.tar"
+        pattern = f"s3://fmnist/fashion_mnist/train-{{000000..{len(train) - 1:06d}}}.tar"
         subprocess.run([sys.executable, "-m", "gen_dist", "data", "index", pattern, "--out",
                         str(work / "fm.json")], check=True, env=env, cwd=root)
         out = subprocess.run([sys.executable, str(root / "benchmarks" / "throughput.py"),
@@ -120,7 +120,12 @@ def main() -> None:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--train", action="store_true", help="also the 2-rank training run from S3")
+    p.add_argument("--train-only", action="store_true")
     args = p.parse_args()
+    if args.train_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            train_from_s3(Path(tmp))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         paths = write_shards(work / "shards", args.shards, args.per_shard, args.size)

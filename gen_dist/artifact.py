@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from gen_dist import checkpoint
 from gen_dist.config import config_from_yaml
 from gen_dist.family import Task, families, family
-from gen_dist.schema import ConfigError, RunConfig, get_value, read_yaml
+from gen_dist.parsing import read_yaml
+from gen_dist.schema import ConfigError, RunConfig, get_value
 
 RUN_CONFIG = "config.yaml"
 """The resolved config a run writes into its directory."""

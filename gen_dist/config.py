@@ -13,17 +13,8 @@ import yaml
 
 from gen_dist.family import families, family
 from gen_dist.parallel import STRATEGIES
-from gen_dist.schema import (
-    ConfigError,
-    RunConfig,
-    apply_values,
-    check_keys,
-    parse_override,
-    read_yaml,
-    to_dict,
-    validate_core,
-    validate_eval,
-)
+from gen_dist.parsing import apply_values, parse_override, read_yaml
+from gen_dist.schema import ConfigError, RunConfig, check_keys, to_dict, validate_core, validate_eval
 
 
 def config_class() -> type[RunConfig]:

@@ -4,12 +4,8 @@ sections, one per registered family) and validates it."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
 import os
-import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,26 +23,6 @@ class Switch(str):
     and strategy), on or off. YAML's true/false (and on/off, which YAML reads as booleans) are accepted."""
 
     VALUES = ("auto", "on", "off")
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML as a config means it: only true and false are booleans. YAML 1.1 also reads yes/no/on/off as
-    booleans, which would make `train.mixed_precision: no` the boolean False; here such a word stays a word, and
-    a boolean key takes it as its truth value."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                              list("tTfF"))
-WORDS = {"yes": True, "on": True, "no": False, "off": False}
-"""YAML 1.1's other boolean words, which a boolean key accepts."""
-
-
-def read_yaml(text: str) -> Any:
-    """A config's YAML (a file, an override's value, the config stored with a checkpoint)."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
 
 
 @dataclass
@@ -71,6 +47,10 @@ class DataConfig:
     """center, or random (drawn per sample from the seed, epoch and key: a resumed run crops the same)."""
     min_size: int = 0
     """Skip images whose shorter side is below this (counted with the bad samples); 0 keeps all."""
+    cache_dir: str = ""
+    """Keep whole remote shards on this local disk for the next epochs (least recently read out first)."""
+    cache_gb: float = 50.0
+    """The most data.cache_dir holds, in GB."""
     retry_seconds: float = 120.0
     """A remote read that fails is retried from the sample it reached for this long without progress; then the
     shard is bad (an error under data.strict)."""
@@ -301,73 +281,6 @@ def check_halving_levels(cfg: RunConfig, key: str) -> None:
     if not levels:
         raise ConfigError(f"config key '{key}' must not be empty")
     check_divisible(cfg, 2**levels, f"(2^len({key}))")
-
-
-def _check_type(key: str, value: Any, tp: Any) -> Any:
-    """Return `value` as type `tp` or raise ConfigError naming `key`."""
-    origin = typing.get_origin(tp)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-    if tp is Switch:
-        value = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
-        if value not in Switch.VALUES:
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(Switch.VALUES)}, got {value!r}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        raise ConfigError(f"config key '{key}': union types are not supported")
-    if tp is bool and isinstance(value, str) and value.lower() in WORDS:
-        return WORDS[value.lower()]
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        # YAML 1.1 reads `1e-3` (no dot) as a string; accept what Python reads as a number.
-        with contextlib.suppress(ValueError):
-            value = float(value)
-    if tp in (int, float) and isinstance(value, bool):
-        raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {value!r}")
-    if not isinstance(value, tp):
-        raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {type(value).__name__} {value!r}")
-    if tp is float and not math.isfinite(value):
-        raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
-    return value
-
-
-def apply_values(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
-    for k, v in values.items():
-        key = f"{prefix}{k}"
-        if k not in names:
-            raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(names))})")
-        current = getattr(obj, k)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(v, dict):
-                raise ConfigError(f"config key '{key}' must be a mapping, got {v!r}")
-            apply_values(current, v, key + ".")
-        else:
-            setattr(obj, k, _check_type(key, v, hints[k]))
-
-
-def _nest(dotted: str, value: Any) -> dict[str, Any]:
-    out: dict[str, Any] = value
-    for part in reversed(dotted.split(".")):
-        out = {part: out}
-    return out
-
-
-def parse_override(text: str) -> dict[str, Any]:
-    """`train.steps=10` -> {'train': {'steps': 10}}; the value is read as YAML."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}' must look like key=value (e.g. train.steps=100)")
-    key, raw = text.split("=", 1)
-    try:
-        value = read_yaml(raw) if raw else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
-    return _nest(key.strip(), value)
 
 
 def get_value(cfg: RunConfig, dotted: str) -> Any:

@@ -107,7 +107,9 @@ def test_http_epoch_survives_a_server_restart_and_index_is_wids(shards: tuple[Pa
         run_dir = tmp_path / "run"
         log = tmp_path / "train.log"
         # Counts from img2dataset's _stats.json; two epochs, the server down for 4 s early in the first.
-        proc = _start(2, _args(run_dir, pattern, f"train.steps={2 * EPOCH}", "data.retry_seconds=60"), log)
+        cache = tmp_path / "cache"  # smaller than the data set: shards are evicted while the second epoch reads
+        proc = _start(2, _args(run_dir, pattern, f"train.steps={2 * EPOCH}", "data.retry_seconds=60",
+                               f"data.cache_dir={cache}", "data.cache_gb=0.0003"), log)
         _wait_for_step(run_dir, 2, proc)
         server.stop()
         time.sleep(4)
@@ -119,6 +121,10 @@ def test_http_epoch_survives_a_server_restart_and_index_is_wids(shards: tuple[Pa
     assert len(trained) == 2 * len(keys)
     assert sorted(trained[: len(keys)]) == sorted(keys) == sorted(trained[len(keys):])  # each once per epoch
     assert all(r["data/bad_samples"] == 0 for r in step_records(run_dir))
+    cached = [f.stat().st_size for f in cache.iterdir()]
+    assert cached and not any(f.name.startswith(".") for f in cache.iterdir())
+    # Each of the 4 readers keeps the shard it just fetched; the rest stays within data.cache_gb.
+    assert sum(cached) <= 300_000 + 4 * max(cached) < sum((root / f"{i:05d}.tar").stat().st_size for i in range(SHARDS))
 
     changed = tmp_path / "changed"  # a shard rewritten after it was indexed is named when it is read
     changed.mkdir()

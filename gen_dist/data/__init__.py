@@ -39,6 +39,7 @@ from gen_dist.data.reader import (
     split_images,
 )
 from gen_dist.data.shards import INDEX, DataError, Fields, Piece, decode_image, decode_latent, load_index
+from gen_dist.data.sources import Cache
 from gen_dist.data.stream import (
     BadSamples,
     DataPosition,
@@ -49,8 +50,8 @@ from gen_dist.data.stream import (
     make_loader,
 )
 
-__all__ = ["INDEX", "BadSamples", "Catalog", "DataError", "DataPosition", "Fields", "Piece", "ReadLayout", "Retry",
-           "Segment", "Shard", "ShardStream", "batch_sizes", "check_catalog", "decode_image", "decode_latent",
+__all__ = ["INDEX", "BadSamples", "Cache", "Catalog", "DataError", "DataPosition", "Fields", "Piece", "ReadLayout",
+           "Retry", "Segment", "Shard", "ShardStream", "batch_sizes", "check_catalog", "decode_image", "decode_latent",
            "fields_of", "index_source", "load_index", "make_loader", "open_catalog", "pack_arrays", "pack_digits",
            "pack_idx_dir", "pack_image_folder", "read_idx", "read_pieces", "reference_catalog", "reference_images",
            "split_images", "write_latent_shards", "write_shards"]

@@ -19,7 +19,7 @@ from webdataset import tariterators
 
 from gen_dist.data.catalog import Catalog, Shard, open_catalog, shard_urls, write_wids_index
 from gen_dist.data.shards import INDEX, DataError, Fields, Piece, decode_image, load_index
-from gen_dist.data.sources import SourceError, Stat, is_remote, kind, open_stream, stat
+from gen_dist.data.sources import Cache, SourceError, Stat, is_remote, kind, open_stream, stat
 from gen_dist.schema import ConfigError, RunConfig
 
 
@@ -39,19 +39,22 @@ def _samples(stream: Any, url: str) -> Iterator[dict[str, Any]]:
 
 
 def read_pieces(pieces: list[Piece], problems: list[tuple[str, int]] | None = None, retry: Retry = Retry(),
-                stats: dict[str, Stat] | None = None, log: Callable[[str], None] | None = None
-                ) -> Iterator[dict[str, Any]]:
+                stats: dict[str, Stat] | None = None, log: Callable[[str], None] | None = None,
+                cache: Cache | None = None) -> Iterator[dict[str, Any]]:
     """Raw (undecoded) samples of each piece in order, each exactly once. A read that fails is retried from the
     sample it had reached; a shard that stays unreadable raises a DataError naming it or, with a `problems` list,
     is reported there as (message, samples lost) and reading goes on. `stats` holds the size and ETag an index
-    recorded of each shard, which it must still have."""
+    recorded of each shard, which it must still have. With a `cache`, remote shards are read from local copies."""
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     for piece in pieces:
         reached, error = piece.start, ""  # the shard's next sample to take
         waited, wait = 0.0, 1.0
         while reached < piece.end:
             try:
-                with open_stream(piece.file, (stats or {}).get(piece.file)) as stream:
+                expect = (stats or {}).get(piece.file)
+                cached = cache is not None and is_remote(piece.file) and kind(piece.file) != "pipe"
+                url = cache.local(piece.file, expect) if cached else piece.file
+                with open_stream(url, None if cached else expect) as stream:
                     for i, sample in enumerate(itertools.islice(_samples(stream, piece.file), reached, piece.end),
                                                reached):
                         reached, waited, wait = i + 1, 0.0, 1.0

@@ -6,8 +6,11 @@ a run directory, a log or a job script."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import os
+import shutil
 import subprocess
 import urllib.error
 import urllib.request
@@ -217,3 +220,44 @@ def list_shards(prefix: str) -> list[str]:
     except Exception as e:  # noqa: BLE001
         raise _s3_error(prefix, e) from None
     return sorted(found)
+
+
+@dataclass(frozen=True)
+class Cache:
+    """data.cache_dir: whole remote shards kept on local disk for the next epochs; beyond `max_bytes` the least
+    recently read go first. Shared by the ranks and loader workers of a machine: a shard is written under a
+    temporary name and renamed, and a reader keeps a file it has open even when another process evicts it."""
+
+    dir: str
+    max_bytes: int
+
+    def local(self, url: str, expect: Stat | None) -> str:
+        """The path of `url`'s copy, downloaded first where there is none."""
+        path = Path(self.dir) / (hashlib.sha1(url.encode()).hexdigest()[:24] + Path(url.split("?")[0]).suffix)
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(path)  # read now: the last to be evicted
+            return str(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open_stream(url, expect) as f, open(tmp, "wb") as out:
+                shutil.copyfileobj(f, out, 1 << 20)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._evict(keep=path)
+        return str(path)
+
+    def _evict(self, keep: Path) -> None:
+        files = []
+        for f in Path(self.dir).iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if not f.name.startswith("."):
+                    files.append((f.stat().st_mtime, f.stat().st_size, f))
+        total = sum(size for _, size, _ in files)
+        for _, size, f in sorted(files):
+            if total <= self.max_bytes:
+                break
+            if f != keep:
+                f.unlink(missing_ok=True)
+                total -= size

@@ -26,6 +26,7 @@ from gen_dist.data.shards import (
     decode_latent,
     label_of,
 )
+from gen_dist.data.sources import Cache
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,8 @@ class ShardStream(IterableDataset):
 
     def __init__(self, source: Catalog | str | Path, split: str, batch_size: int, rank: int, world_size: int,
                  num_workers: int, seed: int, shuffle_buffer: int, resolution: int, channels: int,
-                 hflip: bool, strict: bool = False, fields: Fields | None = None, retry: Retry | None = None) -> None:
+                 hflip: bool, strict: bool = False, fields: Fields | None = None, retry: Retry | None = None,
+                 cache: Cache | None = None) -> None:
         catalog = source if isinstance(source, Catalog) else open_catalog(str(source), split)
         self.workers = max(1, num_workers)
         check_catalog(catalog, world_size, self.workers, batch_size)
@@ -211,6 +213,7 @@ class ShardStream(IterableDataset):
         self.layout = ReadLayout(world_size, self.workers, batch_size, shuffle_buffer)
         self.rank, self.seed, self.hflip, self.strict, self.retry = rank, seed, hflip, strict, retry or Retry()
         self.fields = fields or Fields(channels, resolution)
+        self.cache = cache
         self.latents = catalog.latents is not None
         self.set_position(0, 0)
 
@@ -242,8 +245,8 @@ class ShardStream(IterableDataset):
         problems: list[tuple[str, int]] = []
         pieces = to_pieces(self.slots[worker], self.ordered, self.starts)
         rng = np.random.default_rng(_seed(self.seed, self.epoch, slot, self.segment))
-        stream = shuffled(read_pieces(pieces, None if self.strict else problems, self.retry, self.stats),
-                          self.layout.buffer, rng)
+        stream = shuffled(read_pieces(pieces, None if self.strict else problems, self.retry, self.stats,
+                                      cache=self.cache), self.layout.buffer, rng)
         skip = delivered(worker, self.workers, self.start_batch)
         spare: dict[str, Any] | None = None
         for b, size in enumerate(self.sizes[worker]):

@@ -18,7 +18,7 @@ import torch
 from gen_dist import checkpoint, dist, parallel, perf, posthoc
 from gen_dist.artifact import RUN_CONFIG, load_partial, resolve
 from gen_dist.config import validate
-from gen_dist.data import BadSamples, DataPosition, Retry, ShardStream, fields_of, make_loader
+from gen_dist.data import BadSamples, Cache, DataPosition, Retry, ShardStream, fields_of, make_loader
 from gen_dist.engine.outputs import Outputs
 from gen_dist.engine.state import MetricWindow, Supervisor, TrainState, lr_factor
 from gen_dist.evaluation import Evaluator
@@ -64,7 +64,8 @@ class Trainer(Outputs):
         d = cfg.data
         self.stream = ShardStream(catalog, d.split, d.batch_size, acc.process_index, acc.num_processes,
                                   d.num_workers, cfg.train.seed, d.shuffle_buffer, d.resolution, d.channels, d.hflip,
-                                  d.strict, fields_of(cfg), Retry(patience=d.retry_seconds))
+                                  d.strict, fields_of(cfg), Retry(patience=d.retry_seconds),
+                                  Cache(d.cache_dir, int(d.cache_gb * 1e9)) if d.cache_dir else None)
         self.state, self.position = TrainState(), DataPosition()
         self.skipped_phases = 0
         self.bad = BadSamples(acc.process_index)

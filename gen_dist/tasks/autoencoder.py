@@ -17,7 +17,8 @@ from torch import nn
 from gen_dist.artifact import config_text_of
 from gen_dist.data import reference_images
 from gen_dist.family import Batch, Checkpointable, Family, Nets, Phase, Reduce, StepSums, Task, register
-from gen_dist.schema import ConfigError, RunConfig, check_divisible, read_yaml
+from gen_dist.parsing import read_yaml
+from gen_dist.schema import ConfigError, RunConfig, check_divisible
 from gen_dist.tasks.classifier import DomainClassifier
 
 
