@@ -6,6 +6,7 @@ URLs, buckets and credentials refused before launch; the S3 secret nowhere in th
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import shutil
@@ -19,7 +20,8 @@ import pytest
 from conftest import CONFIGS, ROOT, events, free_port, run_cli, step_records
 from storage import SECRET_KEY, HTTPServer, S3Server, write_img2dataset_shards
 
-from gen_dist.data import DataError, Piece, open_catalog, read_pieces
+from gen_dist.config import load_config
+from gen_dist.data import DataError, Piece, Retry, open_catalog, read_pieces, reference_catalog
 
 SHARDS, PER_SHARD, BATCH = 16, 16, 4
 """256 samples: 4 shards per reader, so that readers open shards all through the epoch."""
@@ -125,6 +127,28 @@ def test_http_epoch_survives_a_server_restart_and_index_is_wids(shards: tuple[Pa
     assert cached and not any(f.name.startswith(".") for f in cache.iterdir())
     # Each of the 4 readers keeps the shard it just fetched; the rest stays within data.cache_gb.
     assert sum(cached) <= 300_000 + 4 * max(cached) < sum((root / f"{i:05d}.tar").stat().st_size for i in range(SHARDS))
+
+    # A server that stays down: after the retries its shard is named, counted as lost, or an error under strict.
+    gone = [Piece(f"{server.url}/00000.tar", 0, PER_SHARD)]
+    problems: list[tuple[str, int]] = []
+    assert list(read_pieces(gone, problems, Retry(patience=1, longest=1), log=lambda m: None)) == []
+    assert problems[0][1] == PER_SHARD and problems[0][0].startswith(f"{server.url}/00000.tar: unreadable")
+    with pytest.raises(DataError, match=f"{server.url}/00000.tar: unreadable after 0 of the {PER_SHARD}"):
+        list(read_pieces(gone, None, Retry(patience=1, longest=1), log=lambda m: None))
+
+    # pipe: commands and gzipped shards, counted by `gen-dist data index`; evaluation reads another source.
+    gz = tmp_path / "gz"
+    gz.mkdir()
+    (gz / "00000.tar.gz").write_bytes(gzip.compress((root / "00000.tar").read_bytes()))
+    shutil.copy(root / "00000_stats.json", gz / "00000_stats.json")
+    run_cli("data", "index", f"pipe:cat {root}/{{00000..00001}}.tar::{gz / '00000.tar.gz'}", "--out",
+            str(tmp_path / "mixed.json"))
+    catalog = open_catalog("unused", index=str(tmp_path / "mixed.json"))
+    assert [s.count for s in catalog.shards] == [PER_SHARD] * 3
+    got = [s["__key__"] for s in read_pieces([Piece(s.url, 0, s.count) for s in catalog.shards])]
+    assert got == keys[:2 * PER_SHARD] + keys[:PER_SHARD]
+    cfg = load_config(CONFIGS / "smoke_vae.yaml", [f"data.path={pattern}", f"eval.reference_path={gz}"])
+    assert reference_catalog(cfg).total == PER_SHARD
 
     changed = tmp_path / "changed"  # a shard rewritten after it was indexed is named when it is read
     changed.mkdir()
