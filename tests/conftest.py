@@ -89,3 +89,19 @@ def events(run_dir: Path, name: str) -> list[dict]:
 
 def step_records(run_dir: Path) -> list[dict]:
     return [r for r in records(run_dir) if "step" in r and "event" not in r]
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher and every process under it at once, as losing the node would: torch's launcher starts
+    each rank in a session of its own, out of reach of the launcher's process group."""
+    import contextlib
+    import signal
+
+    import psutil
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        tree = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    proc.wait()

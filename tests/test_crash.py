@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_cli, smoke_args, train_command
+from conftest import ROOT, kill_tree, run_cli, smoke_args, train_command
 from safetensors.torch import load_file
 
 from gen_dist import checkpoint
@@ -40,7 +39,7 @@ def _steps_logged(run_dir: Path) -> int:
 
 
 def _kill_during_training(cmd: list[str], run_dir: Path, rng: random.Random) -> bool:
-    """Start the run, wait until it trains a new step, SIGKILL its whole process group a random moment later.
+    """Start the run, wait until it trains a new step, SIGKILL all its processes a random moment later.
     Returns False when the run finished before it could be killed."""
     seen = _steps_logged(run_dir)
     log = run_dir.parent / "killed_run.log"
@@ -54,8 +53,7 @@ def _kill_during_training(cmd: list[str], run_dir: Path, rng: random.Random) -> 
     if proc.poll() is not None:  # it ended by itself: fine only when it finished the run
         assert proc.returncode == 0, log.read_text()[-3000:]
         return False
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_tree(proc)
     return True
 
 

@@ -5,19 +5,17 @@ URLs, buckets and credentials refused before launch; the S3 secret nowhere in th
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import CONFIGS, ROOT, events, free_port, run_cli, step_records
+from conftest import CONFIGS, ROOT, events, free_port, kill_tree, run_cli, step_records
 from storage import SECRET_KEY, HTTPServer, S3Server, write_img2dataset_shards
 
 from gen_dist.config import load_config
@@ -60,18 +58,6 @@ def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: fl
             pass
         time.sleep(0.1)
     raise AssertionError(f"the run did not reach step {step} (exit code {proc.poll()})")
-
-
-def _kill9(proc: subprocess.Popen) -> None:
-    """SIGKILL the launcher and every process under it at once, as losing the node would: torch's launcher
-    starts each rank in a session of its own, out of reach of the launcher's process group."""
-    import psutil
-
-    tree = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
-    for pid in tree:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    proc.wait()
 
 
 def _epoch_keys(run_dir: Path, resumed_at: int | None = None) -> list[str]:
@@ -191,7 +177,7 @@ def test_s3_kill9_resume_on_another_world_size_and_no_secret(shards: tuple[Path,
         args = _args(run_dir, prefix, f"data.index={index}", "train.steps=1000")
         proc = _start(2, args, tmp_path / "first.log", env)
         _wait_for_step(run_dir, 6, proc)  # a checkpoint at step 4, and more steps trained after it
-        _kill9(proc)
+        kill_tree(proc)
         saved = max(int(p.parent.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*/meta.json"))
         rest = (len(keys) - 2 * BATCH * saved) // BATCH  # the rest of the epoch on one rank
         resumed = subprocess.run([sys.executable, "-m", "gen_dist", "train", *args[:-1],
