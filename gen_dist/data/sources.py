@@ -128,8 +128,8 @@ def _http_error(url: str, e: Exception) -> SourceError:
 
 @contextmanager
 def open_stream(url: str, expect: Stat | None = None) -> Iterator[IO[bytes]]:
-    """The bytes of `url` as a stream. With `expect` (what an index recorded), a shard whose size differs is an
-    error naming it: it changed since it was indexed."""
+    """The bytes of `url` as a stream. With `expect` (the size and ETag an index recorded), a shard that no
+    longer has them is an error naming it: it changed since it was indexed."""
     k = kind(url)
     try:
         if k == "local":
@@ -154,14 +154,19 @@ def open_stream(url: str, expect: Stat | None = None) -> Iterator[IO[bytes]]:
     except Exception as e:  # noqa: BLE001 - botocore's errors, sorted into transient or not
         raise _s3_error(url, e) from None
     try:
-        # Sizes, not ETags: stores do not all give the same ETag to a HEAD and a GET of one object.
-        known = found is not None and expect is not None and expect.size >= 0 and found.size >= 0
-        if known and found.size != expect.size:
-            raise DataError(f"{url} changed since it was indexed ({expect.size} bytes then, {found.size} now): "
-                            f"index it again with `gen-dist data index`")
+        if found is not None and expect is not None and _differs(expect, found):
+            raise DataError(f"{url} changed since it was indexed ({expect.size} bytes, ETag {expect.etag or '-'} "
+                            f"then; {found.size} bytes, ETag {found.etag or '-'} now): index it again with "
+                            f"`gen-dist data index`")
         yield f
     finally:
         f.close()
+
+
+def _differs(then: Stat, now: Stat) -> bool:
+    """Another size, or another ETag where both are known (a pipe: or a plain HTTP server may give neither)."""
+    sizes = then.size >= 0 and now.size >= 0 and then.size != now.size
+    return sizes or bool(then.etag and now.etag and then.etag != now.etag)
 
 
 def read_bytes(url: str) -> bytes:
