@@ -265,7 +265,8 @@ class ShardStream(IterableDataset):
         f = self.fields
         for s in raw:
             # Crop and flip are drawn per sample from (seed, epoch, key): the same pixels on any layout or resume.
-            rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(str(s.get("__key__")).encode()), 0xC409])
+            rng = (np.random.default_rng([self.seed, self.epoch, zlib.crc32(str(s.get("__key__")).encode()), 0xC409])
+                   if self.hflip or f.crop == "random" else None)
             try:
                 image = decode_latent(s) if self.latents else decode_image(s, f, rng)
                 label = label_of(s, self.num_classes, f.label)
@@ -276,7 +277,7 @@ class ShardStream(IterableDataset):
                     raise DataError(message + " (data.strict=true)") from e
                 problems.append((message, 1))
                 continue
-            if self.hflip and rng.random() < 0.5:
+            if rng is not None and self.hflip and rng.random() < 0.5:
                 image = image[:, :, ::-1]
             out["image"].append(image)
             out["label"].append(label)
