@@ -134,6 +134,11 @@ class Artifact:
         """The run config of frozen module `name` where this weights file carries the module."""
         return self._frozen_configs().get(name)
 
+    def source_config_text(self, name: str) -> str:
+        """The config of what serves as frozen module `name` from here: the module this weights file carries
+        (a latent model's export carries its first stage), else this model itself."""
+        return self.frozen_config_text(name) or self.config_text()[0]
+
     def frozen(self, name: str) -> tuple[RunConfig, Weights] | None:
         """Frozen module `name` this weights file carries (its own run config and weights), else None."""
         text = self.frozen_config_text(name)
@@ -256,6 +261,6 @@ def export(path: Path, out: Path) -> Path:
     for frozen, key in task.frozen_from.items():
         tensors.update({f"frozen.{frozen}.{k}": v for k, v in task.frozen[frozen].state_dict().items()})
         source = resolve(Path(str(get_value(cfg, key))), key)
-        configs[frozen] = source.frozen_config_text(frozen) or source.config_text()[0]
+        configs[frozen] = source.source_config_text(frozen)
     write_weights_file(out, {"": tensors}, text, art.step, name, art.task_state(), dict(task.frozen_from), configs)
     return out

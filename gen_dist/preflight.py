@@ -11,7 +11,7 @@ import torch
 from gen_dist import checkpoint
 from gen_dist.artifact import resolve
 from gen_dist.config import check_same_model, load_config
-from gen_dist.data import Catalog, check_catalog, open_catalog, reference_catalog
+from gen_dist.data import Catalog, check_catalog, open_catalog, probe_remote, reference_catalog
 from gen_dist.evaluation import check_eval
 from gen_dist.family import family
 from gen_dist.parallel import STRATEGIES, strategy_for
@@ -59,15 +59,25 @@ def training_catalog(cfg: RunConfig) -> Catalog:
     return open_catalog(cfg.data.latents or cfg.data.path, cfg.data.split, "" if cfg.data.latents else cfg.data.index)
 
 
+def checked_catalog(cfg: RunConfig, world_size: int) -> Catalog:
+    """The training catalog, once `check_data` passed it."""
+    catalog = training_catalog(cfg)
+    check_data(cfg, catalog, world_size)
+    return catalog
+
+
 def check_data(cfg: RunConfig, catalog: Catalog, world_size: int) -> None:
-    """The source can feed the ranks and has the classes the model is built for."""
+    """The source can feed the ranks, answers, and has the classes the model is built for."""
     check_catalog(catalog, world_size, max(1, cfg.data.num_workers), cfg.data.batch_size)
+    probe_remote(catalog)
     have = len(catalog.classes)
     want = getattr(cfg, cfg.task).__dict__.get("num_classes", 0)
     if catalog.packed and (want > have or 0 < want < have):
         raise ConfigError(f"{cfg.task}.num_classes={want} but {cfg.data.path} has {have} classes (labels 0 .. "
                           f"{have - 1}); set {cfg.task}.num_classes={have}"
                           + (" (or 0: unconditional)" if cfg.task != "classifier" and have else ""))
-    if family(cfg.task).task.reconstructs and cfg.train.sample_n > reference_catalog(cfg).total:
-        raise ConfigError(f"train.sample_n={cfg.train.sample_n}: {cfg.task} grids reconstruct images of the "
-                          f"evaluation reference, which has {reference_catalog(cfg).total}")
+    if family(cfg.task).task.reconstructs:
+        reference = reference_catalog(cfg).total
+        if cfg.train.sample_n > reference:
+            raise ConfigError(f"train.sample_n={cfg.train.sample_n}: {cfg.task} grids reconstruct images of the "
+                              f"evaluation reference, which has {reference}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -62,9 +61,9 @@ def run_cli(*args: str, timeout: int = 300, check: bool = True) -> subprocess.Co
 
 
 def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
+    from gen_dist.dist import free_port as port
+
+    return str(port())
 
 
 def train_command(nproc: int, *args: str) -> list[str]:

@@ -9,7 +9,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -21,15 +20,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from gen_dist.dist import free_port
+
 ACCESS_KEY = "gendistkey"
 SECRET_KEY = "gendist-secret-7f3a9c"
 """The S3 secret the tests grep run directories for: it must never leave the environment."""
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(ok: Any, what: str, timeout: float = 60.0) -> None:
@@ -75,7 +70,7 @@ class HTTPServer:
     """`python -m http.server` over `root` on 127.0.0.1."""
 
     def __init__(self, root: Path) -> None:
-        self.root, self.port = root, _port()
+        self.root, self.port = root, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
@@ -105,7 +100,7 @@ class S3Server:
 
     def __init__(self, workdir: Path) -> None:
         self.dir = workdir
-        self.ports = {k: _port() for k in ("master", "volume", "filer", "s3", "webdav", "admin")}
+        self.ports = {k: free_port() for k in ("master", "volume", "filer", "s3", "webdav", "admin")}
         self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
         self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
                     "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from gen_dist.schema import ConfigError
 
@@ -112,6 +112,6 @@ def job_spec(args: argparse.Namespace) -> JobSpec:
                    python=args.python, sbatch_args=args.sbatch_arg)
 
 
-def fail(msg: str) -> None:
+def fail(msg: str) -> NoReturn:
     """A usage error: `gen-dist: error: MSG` and exit code 2, as argparse reports its own."""
     raise ConfigError(msg)

@@ -50,8 +50,7 @@ def sweep_worker(args: argparse.Namespace) -> None:
         fail("gen-dist sweep worker runs inside a SLURM job (gen-dist slurm sweep); on one machine use "
               "gen-dist sweep SWEEP.yaml --workers K")
     sweep_dir = Path(args.sweep_dir)
-    s = sweep.load_sweep(sweep_dir / sweep.SWEEP_FILE)
-    s.dir = sweep_dir
+    s = sweep.load_kept(sweep_dir)
     cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or 0)
     threads = max(1, cpus // args.nproc) if args.cpu and cpus else 0
     if sweep.run_local(s, 1, sweep.Launch(nproc=args.nproc, cpu=args.cpu, threads=threads, slurm=True)):

@@ -33,6 +33,7 @@ from gen_dist.data.reader import (
     check_catalog,
     fields_of,
     index_source,
+    probe_remote,
     read_pieces,
     reference_catalog,
     reference_images,
@@ -53,5 +54,5 @@ from gen_dist.data.stream import (
 __all__ = ["INDEX", "BadSamples", "Cache", "Catalog", "DataError", "DataPosition", "Fields", "Piece", "ReadLayout",
            "Retry", "Segment", "Shard", "ShardStream", "batch_sizes", "check_catalog", "decode_image", "decode_latent",
            "fields_of", "index_source", "load_index", "make_loader", "open_catalog", "pack_arrays", "pack_digits",
-           "pack_idx_dir", "pack_image_folder", "read_idx", "read_pieces", "reference_catalog", "reference_images",
-           "split_images", "write_latent_shards", "write_shards"]
+           "pack_idx_dir", "pack_image_folder", "probe_remote", "read_idx", "read_pieces", "reference_catalog",
+           "reference_images", "split_images", "write_latent_shards", "write_shards"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gen_dist.data.shards import INDEX, DataError
+from gen_dist.data.shards import INDEX, DataError, load_index
 from gen_dist.data.sources import (
     SourceError,
     Stat,
@@ -88,7 +88,7 @@ def open_catalog(source: str, split: str = "train", index: str = "") -> Catalog:
 
 
 def _packed(root: Path, split: str, index: str) -> Catalog:
-    found = json.loads((root / INDEX).read_text())
+    found = load_index(root)
     if "splits" not in found:  # not ours: a wids index under the same name, say
         return _from_wids(str(root), index or str(root / INDEX))
     if split not in found["splits"]:

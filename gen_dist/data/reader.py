@@ -49,10 +49,10 @@ def read_pieces(pieces: list[Piece], problems: list[tuple[str, int]] | None = No
     for piece in pieces:
         reached, error = piece.start, ""  # the shard's next sample to take
         waited, wait = 0.0, 1.0
+        expect = (stats or {}).get(piece.file)
+        cached = cache is not None and is_remote(piece.file) and kind(piece.file) != "pipe"
         while reached < piece.end:
             try:
-                expect = (stats or {}).get(piece.file)
-                cached = cache is not None and is_remote(piece.file) and kind(piece.file) != "pipe"
                 url = cache.local(piece.file, expect) if cached else piece.file
                 with open_stream(url, None if cached else expect) as stream:
                     for i, sample in enumerate(itertools.islice(_samples(stream, piece.file), reached, piece.end),
@@ -81,17 +81,21 @@ def read_pieces(pieces: list[Piece], problems: list[tuple[str, int]] | None = No
             problems.append((message, lost))
 
 
+def probe_remote(catalog: Catalog) -> None:
+    """The first remote shard is asked for its size, so that a wrong URL, bucket or credentials fail before
+    launch rather than in a loader worker."""
+    first = next((s.url for s in catalog.shards if is_remote(s.url) and kind(s.url) != "pipe"), None)
+    if first is not None:
+        stat(first)
+
+
 def check_catalog(catalog: Catalog, world_size: int, workers: int, batch_size: int) -> None:
-    """The split can feed `world_size` ranks x `workers` readers (a DataError naming the fix otherwise). Local
-    shards must exist; of remote ones the first is asked for, so that a wrong URL, bucket or credentials fail
-    now."""
+    """The split can feed `world_size` ranks x `workers` readers (a DataError naming the fix otherwise); local
+    shards must exist."""
     where = catalog.describe()
     missing = [s.url for s in catalog.shards if not is_remote(s.url) and not Path(s.url).is_file()]
     if missing:
         raise DataError(f"{len(missing)} shard(s) of {where} are missing: {', '.join(missing[:5])}")
-    remote = [s.url for s in catalog.shards if is_remote(s.url) and kind(s.url) != "pipe"]
-    if remote:
-        stat(remote[0])
     shards, total = len(catalog.shards), catalog.total
     if shards < world_size * workers:
         # Readers would start inside shards that others read too, each re-reading the skipped part.
@@ -132,11 +136,12 @@ def reference_catalog(cfg: RunConfig) -> Catalog:
     if e.reference_path:
         return open_catalog(e.reference_path, e.reference_split)
     if not is_remote(cfg.data.path) and (Path(cfg.data.path) / INDEX).is_file():
-        splits = load_index(Path(cfg.data.path))["splits"]
-        if e.reference_split not in splits:
+        try:
+            return open_catalog(cfg.data.path, e.reference_split)
+        except DataError:
+            splits = load_index(Path(cfg.data.path))["splits"]
             raise ConfigError(f"eval.reference_split '{e.reference_split}' is not in {cfg.data.path} "
-                              f"(splits: {', '.join(sorted(splits))})")
-        return open_catalog(cfg.data.path, e.reference_split)
+                              f"(splits: {', '.join(sorted(splits))})") from None
     raise ConfigError(f"evaluation compares with a split of a packed dataset or eval.reference_path; data.path "
                       f"{cfg.data.path} is neither packed nor is eval.reference_path set")
 

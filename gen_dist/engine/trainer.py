@@ -25,7 +25,7 @@ from gen_dist.evaluation import Evaluator
 from gen_dist.family import Phase, Task, family
 from gen_dist.images import to_model_range
 from gen_dist.monitor import halt_marker
-from gen_dist.preflight import check_data, preflight, training_catalog
+from gen_dist.preflight import checked_catalog, preflight
 from gen_dist.schema import ConfigError, RunConfig, save_config, write_atomic
 from gen_dist.track import Progress, Tracker, wandb_mode
 
@@ -54,9 +54,8 @@ class Trainer(Outputs):
         self.trained_names = list(dict.fromkeys(p.trains for p in self.task.phases))
         self.strategy = parallel.strategy_for(cfg)
         self.acc = acc = self.strategy.make_accelerator(self.trained_names, "wandb" if wandb_mode(cfg) else None)
-        # The source is resolved once, by the main rank (a listing or stats files of a remote source).
-        catalog = dist.from_main(acc, lambda: training_catalog(cfg))
-        check_data(cfg, catalog, acc.num_processes)
+        # The source is resolved and checked once, by the main rank (a listing, stats files, a remote probe).
+        catalog = dist.from_main(acc, lambda: checked_catalog(cfg, acc.num_processes))
         if dist.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / RUN_CONFIG)

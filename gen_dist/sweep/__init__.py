@@ -12,11 +12,11 @@ trial exactly once."""
 
 from gen_dist.sweep.claims import CLAIM, WAIT, claim_next, worker_id
 from gen_dist.sweep.report import best_command, format_status, plot, rows
-from gen_dist.sweep.spec import SWEEP_FILE, Param, Sweep, load_sweep
+from gen_dist.sweep.spec import SWEEP_FILE, Param, Sweep, load_kept, load_sweep
 from gen_dist.sweep.study import open_study, prepare, trial_dir
 from gen_dist.sweep.trial import PRUNED, TrialLink
 from gen_dist.sweep.workers import REQUEUE_EXIT, Launch, run_local
 
 __all__ = ["CLAIM", "PRUNED", "REQUEUE_EXIT", "SWEEP_FILE", "WAIT", "Launch", "Param", "Sweep", "TrialLink",
-           "best_command", "claim_next", "format_status", "load_sweep", "open_study", "plot", "prepare", "rows",
-           "run_local", "trial_dir", "worker_id"]
+           "best_command", "claim_next", "format_status", "load_kept", "load_sweep", "open_study", "plot", "prepare",
+           "rows", "run_local", "trial_dir", "worker_id"]

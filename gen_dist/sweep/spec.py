@@ -100,6 +100,14 @@ def load_sweep(path: Path) -> Sweep:
     return sweep
 
 
+def load_kept(sweep_dir: Path) -> Sweep:
+    """The sweep a sweep folder keeps (its copy of the sweep file), with the folder as its directory, wherever the
+    folder has moved since."""
+    s = load_sweep(sweep_dir / SWEEP_FILE)
+    s.dir = sweep_dir
+    return s
+
+
 def _param(key: str, spec: Any) -> Param:
     if not isinstance(spec, dict) or spec.get("type") not in KINDS:
         raise ConfigError(f"sweep space '{key}' must be a mapping with type: {' | '.join(KINDS)}, got {spec!r}")

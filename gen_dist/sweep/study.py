@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gen_dist.schema import ConfigError, write_atomic
-from gen_dist.sweep.spec import SWEEP_FILE, Param, Sweep, load_sweep
+from gen_dist.sweep.spec import SWEEP_FILE, Param, Sweep, load_kept
 
 if TYPE_CHECKING:
     import optuna
@@ -115,7 +115,6 @@ def open_existing(sweep_dir: Path) -> tuple[Sweep, optuna.Study]:
     kept = sweep_dir / SWEEP_FILE
     if not kept.is_file() or not (sweep_dir / JOURNAL).is_file():
         raise ConfigError(f"{sweep_dir} is not a sweep folder (no {SWEEP_FILE} and {JOURNAL})")
-    s = load_sweep(kept)
-    s.dir = sweep_dir
+    s = load_kept(sweep_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return s, optuna.load_study(study_name=s.name, storage=storage(sweep_dir))

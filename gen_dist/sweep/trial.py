@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gen_dist.monitor import halt_marker
-from gen_dist.sweep.spec import SWEEP_FILE, load_sweep
+from gen_dist.sweep.spec import load_kept
 from gen_dist.sweep.study import open_study
 
 if TYPE_CHECKING:
@@ -30,8 +30,7 @@ class TrialLink:
     status = "pruned"
 
     def __init__(self, sweep_dir: Path, number: int) -> None:
-        self.sweep = load_sweep(sweep_dir / SWEEP_FILE)
-        self.sweep.dir = sweep_dir
+        self.sweep = load_kept(sweep_dir)
         self.number = number
 
     @classmethod

@@ -18,8 +18,7 @@ from gen_dist.schema import ConfigError, RunConfig
 
 def first_stage_config(path: Path) -> RunConfig:
     """The config of the autoencoder diffusion.first_stage names (reads metadata only)."""
-    art = resolve(path, "diffusion.first_stage")
-    text = art.frozen_config_text("first_stage") or art.config_text()[0]
+    text = resolve(path, "diffusion.first_stage").source_config_text("first_stage")
     cfg = config_for_sampling(text, f"first stage {path}", [])
     if not family(cfg.task).task.reconstructs:
         raise ConfigError(f"diffusion.first_stage: {path} is a {cfg.task} model, not an autoencoder (train one "
