@@ -36,7 +36,10 @@ DATA_HELP = """Pack images into WebDataset .tar shards plus index.json:
                shards of the same layout, for latent diffusion's data.latents
   index SOURCE count the samples of every shard of SOURCE (a directory, S3 prefix, brace pattern or list of
                local, http(s), s3 or pipe: URLs) with one streaming read each, in parallel, into a wids shard
-               index (--out FILE) that data.index names"""
+               index (--out FILE) that data.index names
+  text-embeddings SOURCE   every caption of SOURCE (--caption-key) encoded by the --encoder(s) into shards of
+               the same names and keys at --out, for data.text_embeddings; --nproc processes (GPUs where
+               present) share the shards"""
 
 SUBMIT_HELP = """Validate CONFIG for nodes x processes ranks, render slurm/train.sbatch (one task per node,
 torchrun c10d rendezvous at the first node, SIGUSR1 before the time limit, requeue) and submit it with sbatch.
@@ -122,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="pack a dataset into WebDataset shards", description=DATA_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    d.add_argument("source", choices=["idx", "folder", "digits", "fashion-mnist", "latents", "index"])
+    d.add_argument("source", choices=["idx", "folder", "digits", "fashion-mnist", "latents", "index",
+                                      "text-embeddings"])
     d.add_argument("path", nargs="?", help="source directory (idx, folder; optional for fashion-mnist), the "
                                            "first stage (latents), or the shards to count (index)")
     d.add_argument("--data", help="latents: the packed image dataset to encode")
@@ -131,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--shard-size", type=count, default=10000, help="samples per shard (default 10000)")
     d.add_argument("--split", default="train", help="split name for 'folder' and 'latents' (default train)")
     d.add_argument("--channels", type=int, default=3, choices=[1, 3], help="channels for 'folder' (default 3)")
+    d.add_argument("--encoder", action="append", default=[],
+                   help="text-embeddings: a text encoder (a directory or hub id; repeatable, in "
+                        "diffusion.text_encoder's order)")
+    d.add_argument("--max-length", type=count, action="append", default=[],
+                   help="text-embeddings: tokens per caption (one for all encoders or one each; default 77)")
+    d.add_argument("--caption-key", default="txt", help="text-embeddings: the caption member (default txt)")
+    d.add_argument("--index", default="", help="text-embeddings: a wids index of SOURCE's shard counts")
+    d.add_argument("--nproc", type=count, default=1, help="text-embeddings: processes sharing the shards")
     d.set_defaults(func=data.cmd_data)
 
     s = sub.add_parser("sample", help="generate images from a checkpoint",
@@ -139,11 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    " --out x.png writes a grid, "
                                    "--out x.npz a uint8 array "
                                    "(N,H,W,C) under the key 'images'. A conditional model's grid has one "
-                                   "class per column; --class K makes every image class K.")
+                                   "class per column; --class K makes every image class K. A text model's grid "
+                                   "has one prompt per column (--prompt, repeatable, or --prompts FILE, one per "
+                                   "line); without them, one class prompt per column.")
     s.add_argument("checkpoint")
     s.add_argument("overrides", nargs="*", help="dotted key=value overrides of the sampling (diffusion.*)")
     s.add_argument("--n", type=count, default=64)
     s.add_argument("--class", dest="class_", type=natural, help="conditional models: only this class")
+    s.add_argument("--prompt", action="append", default=[], help="text models: a prompt (repeatable)")
+    s.add_argument("--prompts", help="text models: a file of prompts, one per line")
     add_sampler_options(s)
     s.add_argument("--out", default="samples.png")
     s.add_argument("--seed", type=natural, default=0)

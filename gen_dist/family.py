@@ -95,6 +95,11 @@ class Task:
     time-scale update rule."""
     only_class: int | None = None
     """When set, every sample is of this class (`gen-dist sample --class K`)."""
+    prompted: bool = False
+    """A text model: its samples are drawn from prompts."""
+    prompts: list[str] | None = None
+    """Text models: when set, sample i is of prompts[i % len(prompts)] (`gen-dist sample --prompt`, grids of
+    train.sample_prompts); otherwise of its class's prompt."""
     frozen_from: Mapping[str, str] = MappingProxyType({})
     """Frozen modules that sampling needs, each with the config key naming its source (e.g. a latent model's
     first stage): exports carry them, and a model loaded from an export takes them from it."""
@@ -128,6 +133,10 @@ class Task:
         """Tasks that `reconstructs`: images [start, start + size) of the evaluation split (uint8, N C H W)."""
         raise NotImplementedError
 
+    def prompts_at(self, labels: torch.Tensor | None) -> list[str] | None:
+        """Text models: the prompt of each of these sample labels."""
+        return None
+
     @torch.no_grad()
     def sample(self, net: nn.Module, labels: torch.Tensor | None, n: int,
                generator: torch.Generator) -> torch.Tensor:
@@ -135,7 +144,10 @@ class Task:
         raise NotImplementedError
 
     def sample_labels(self, n: int, device: torch.device) -> torch.Tensor | None:
-        """Grid labels: one class per column of a ten-wide grid when conditional (all `only_class` if set)."""
+        """Grid labels: one class per column of a ten-wide grid when conditional (all `only_class` if set); for
+        text models with `prompts`, indices into them."""
+        if self.prompts:
+            return torch.arange(n, device=device) % len(self.prompts)
         if not self.num_classes:
             return None
         if self.only_class is not None:

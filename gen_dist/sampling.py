@@ -59,7 +59,7 @@ def generate(n: int, chunk: int, make: Callable[[int, int], torch.Tensor], shape
 
 @torch.no_grad()
 def sample_checkpoint(path: Path, n: int, out: Path, seed: int = 0, use_ema: bool = True,
-                      overrides: list[str] = (), only_class: int | None = None) -> Path:
+                      overrides: list[str] = (), only_class: int | None = None, prompts: list[str] = ()) -> Path:
     """`n` images from a checkpoint directory, a run directory or an exported .safetensors file: the sample set
     of `seed` that training's grids (with train.seed) and evaluation (with eval.seed) make."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -69,8 +69,12 @@ def sample_checkpoint(path: Path, n: int, out: Path, seed: int = 0, use_ema: boo
             raise ConfigError(f"--class {only_class}: the model has {task.num_classes} classes"
                               + (f" (0 .. {task.num_classes - 1})" if task.num_classes else " (unconditional)"))
         task.only_class = only_class
+    if prompts:
+        if not task.prompted:
+            raise ConfigError(f"--prompt: {path} is a {cfg.task} model without text conditioning")
+        task.prompts = list(prompts)
     chunk = cfg.eval.batch_size
     images = torch.cat([sample_chunk(task, net, seed, start, min(chunk, n - start), device, nullcontext)
                         for start in range(0, n, chunk)])
-    save_images(to_hwc(images), out, nrow=10 if task.num_classes else 0)
+    save_images(to_hwc(images), out, nrow=min(len(prompts), 16) if prompts else 10 if task.num_classes else 0)
     return out

@@ -41,6 +41,14 @@ class DataConfig:
     """The class label: a member holding an integer (cls), json:FIELD (a field of the .json), or empty: none."""
     caption_key: str = ""
     """The caption: a text member (txt), json:FIELD, or empty: none read."""
+    caption_templates: list[str] = field(default_factory=list)
+    """Class-labelled data without captions: captions made from these templates, `{class}` standing for the
+    class name, one drawn per sample and epoch (e.g. ["a photo of a {class}", "a {class}"])."""
+    class_names: list[str] = field(default_factory=list)
+    """The class names templates use, one per class; empty = the names in the dataset's index."""
+    text_embeddings: str = ""
+    """Text-to-image: the captions' encodings, written beside the data by `gen-dist data text-embeddings` and
+    read with it sample by sample; the text encoders then never run on training batches."""
     resolution: int = 28
     """Square image size fed to the model: the shorter side is resized to it, then the image cropped."""
     crop: str = "center"
@@ -113,6 +121,8 @@ class TrainConfig:
     """Steps between sample grids; 0 = only at the end."""
     sample_n: int = 64
     """Images in a sample grid."""
+    sample_prompts: list[str] = field(default_factory=list)
+    """Text-to-image: the grids' prompts, one per column; empty = one class prompt per column."""
     ckpt_every: int = 500
     """Steps between checkpoints (a checkpoint is also written at the end)."""
     keep_checkpoints: int = 2

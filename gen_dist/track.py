@@ -125,13 +125,18 @@ class Tracker:
         if self.use_wandb:
             self.acc.log(metrics, step=step)
 
-    def image(self, step: int, name: str, image: np.ndarray) -> None:
+    def image(self, step: int, name: str, image: np.ndarray, caption: str = "") -> None:
+        """An image (a sample grid) with what it shows, e.g. the prompt of each column."""
         if not self.main:
             return
         if self.board is not None:
             self.board.add_image(name, image, step, dataformats="HWC" if image.ndim == 3 else "HW")
+            if caption:
+                self.board.add_text(name, caption, step)
         if self.use_wandb:
-            self.acc.get_tracker("wandb").log_images({name: [image]}, step=step)
+            import wandb
+
+            self.acc.get_tracker("wandb").log({name: [wandb.Image(image, caption=caption or None)]}, step=step)
 
     def heartbeat(self, state: str) -> None:
         """heartbeat.json: host, pid, time, step, total, state (starting, running, ended, preempted, failed), the

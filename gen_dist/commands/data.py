@@ -30,6 +30,9 @@ def cmd_data(args: argparse.Namespace) -> None:
         print(f"{sum(s['nsamples'] for s in shards)} samples in {len(shards)} shards of {args.path} -> {out} "
               f"(data.index={out})")
         return
+    elif args.source == "text-embeddings":
+        text_embeddings(args, out)
+        return
     elif args.source == "latents":
         from gen_dist.tasks.latents import encode_split
 
@@ -40,3 +43,35 @@ def cmd_data(args: argparse.Namespace) -> None:
         done = data.pack_digits(out, args.shard_size)
     for split, entry in done.items():
         print(f"{split}: {entry['count']} samples in {len(entry['shards'])} shards -> {out}")
+
+
+def text_embeddings(args: argparse.Namespace, out: Path) -> None:
+    """Encode in this process (as one rank of a launch when RANK is set), or start --nproc of them."""
+    import os
+    import subprocess
+    import sys
+
+    if not args.path or not args.encoder:
+        fail("gen-dist data text-embeddings SOURCE --encoder ENCODER [--encoder ...] --out DIR")
+    lengths = args.max_length or [77]
+    if len(lengths) not in (1, len(args.encoder)):
+        fail(f"--max-length: give one for all encoders or one per encoder ({len(args.encoder)})")
+    if args.nproc > 1 and "RANK" not in os.environ:
+        from gen_dist.dist import free_port
+
+        argv = sys.argv[1:]
+        at = next(i for i, a in enumerate(argv) if a.startswith("--nproc"))
+        del argv[at : at + (1 if "=" in argv[at] else 2)]
+        # Each process sees RANK and takes its share of the shards.
+        code = subprocess.call([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
+                                "--master-port", str(free_port()), "-m", "gen_dist", *argv])
+        if code:
+            fail(f"text-embeddings: a process failed (exit code {code})")
+        return
+    from gen_dist.tasks.text import write_text_embeddings
+
+    lengths = lengths * len(args.encoder) if len(lengths) == 1 else lengths
+    entry = write_text_embeddings(args.path, args.split, out, args.encoder, lengths, args.caption_key, args.index)
+    if entry is not None:
+        print(f"{args.split}: {entry['count']} captions in {len(entry['shards'])} shards -> {out} "
+              f"(data.text_embeddings={out})")

@@ -5,15 +5,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gen_dist.commands.options import sampler_overrides
+from gen_dist.commands.options import fail, sampler_overrides
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from gen_dist.sampling import sample_checkpoint
 
     overrides = [*sampler_overrides(args), *args.overrides]
+    prompts = list(args.prompt)
+    if args.prompts:
+        try:
+            prompts += [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        except OSError as e:
+            fail(f"--prompts {args.prompts}: {e.strerror}")
     out = sample_checkpoint(Path(args.checkpoint), args.n, Path(args.out), seed=args.seed, use_ema=not args.raw,
-                            overrides=overrides, only_class=args.class_)
+                            overrides=overrides, only_class=args.class_, prompts=prompts)
     print(f"wrote {out}")
 
 

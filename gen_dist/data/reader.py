@@ -120,7 +120,8 @@ def split_pieces(shards: list[Shard], start: int, size: int) -> list[Piece]:
 
 def fields_of(cfg: RunConfig) -> Fields:
     d = cfg.data
-    return Fields(d.channels, d.resolution, tuple(d.image_keys), d.label_key, d.caption_key, d.crop, d.min_size)
+    return Fields(d.channels, d.resolution, tuple(d.image_keys), d.label_key, d.caption_key, d.crop, d.min_size,
+                  tuple(d.caption_templates), tuple(d.class_names))
 
 
 def split_images(cfg: RunConfig, catalog: Catalog, start: int, size: int) -> torch.Tensor:

@@ -66,6 +66,10 @@ class Fields:
     """After resizing the shorter side to the resolution: center or random."""
     min_size: int = 0
     """Images whose shorter side is below this are skipped (counted with the bad samples)."""
+    templates: tuple[str, ...] = ()
+    """Without a caption member: captions made from the class, one of these drawn per sample (`{class}`)."""
+    class_names: tuple[str, ...] = ()
+    """What `{class}` becomes for each class."""
 
 
 class SmallImage(DataError):

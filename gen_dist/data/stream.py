@@ -21,12 +21,12 @@ from gen_dist.data.shards import (
     Fields,
     Piece,
     SmallImage,
-    caption_of,
     decode_image,
     decode_latent,
     label_of,
 )
 from gen_dist.data.sources import Cache
+from gen_dist.data.text import TextLayout, caption, decode_text, pad_text, read_with_text, with_class_names
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,9 @@ def shuffled(samples: Iterable[Any], size: int, rng: np.random.Generator) -> Ite
 
 class ShardStream(IterableDataset):
     """Batches of {'image': uint8 (B,C,H,W), 'label': int64 (B,), 'key': list[str], 'bad': list[str],
-    'bad_count': int} for one rank; from a latent dataset, 'image' holds the float latents.
+    'bad_count': int} for one rank; from a latent dataset, 'image' holds the float latents. With captions
+    (data.caption_key or data.caption_templates) also 'caption': list[str]; with a text-embedding dataset also
+    'text', 'text_mask' and 'text_pooled' (`pad_text`).
 
     A sample that cannot be used (unreadable shard, undecodable image, no image or label) is reported in
     'bad' and counted in 'bad_count', and its place in the batch is taken by a good sample of the batch, so
@@ -202,7 +204,7 @@ class ShardStream(IterableDataset):
     def __init__(self, source: Catalog | str | Path, split: str, batch_size: int, rank: int, world_size: int,
                  num_workers: int, seed: int, shuffle_buffer: int, resolution: int, channels: int,
                  hflip: bool, strict: bool = False, fields: Fields | None = None, retry: Retry | None = None,
-                 cache: Cache | None = None) -> None:
+                 cache: Cache | None = None, text: TextLayout | None = None) -> None:
         catalog = source if isinstance(source, Catalog) else open_catalog(str(source), split)
         self.workers = max(1, num_workers)
         check_catalog(catalog, world_size, self.workers, batch_size)
@@ -212,8 +214,8 @@ class ShardStream(IterableDataset):
         self.num_classes = len(catalog.classes)
         self.layout = ReadLayout(world_size, self.workers, batch_size, shuffle_buffer)
         self.rank, self.seed, self.hflip, self.strict, self.retry = rank, seed, hflip, strict, retry or Retry()
-        self.fields = fields or Fields(channels, resolution)
-        self.cache = cache
+        self.fields = with_class_names(fields or Fields(channels, resolution), catalog)
+        self.cache, self.text = cache, text
         self.latents = catalog.latents is not None
         self.set_position(0, 0)
 
@@ -245,8 +247,10 @@ class ShardStream(IterableDataset):
         problems: list[tuple[str, int]] = []
         pieces = to_pieces(self.slots[worker], self.ordered, self.starts)
         rng = np.random.default_rng(_seed(self.seed, self.epoch, slot, self.segment))
-        stream = shuffled(read_pieces(pieces, None if self.strict else problems, self.retry, self.stats,
-                                      cache=self.cache), self.layout.buffer, rng)
+        found = None if self.strict else problems
+        raw = (read_with_text(pieces, self.text.root, found, self.retry, self.stats, self.cache) if self.text
+               else read_pieces(pieces, found, self.retry, self.stats, cache=self.cache))
+        stream = shuffled(raw, self.layout.buffer, rng)
         skip = delivered(worker, self.workers, self.start_batch)
         spare: dict[str, Any] | None = None
         for b, size in enumerate(self.sizes[worker]):
@@ -256,21 +260,24 @@ class ShardStream(IterableDataset):
                 continue
             decoded = self._decode(raw, problems)
             problems.clear()
-            yield _fill(decoded, size, spare, pieces)
+            yield _fill(decoded, size, spare, pieces, self.text)
             spare = decoded if decoded["image"] else spare
 
     def _decode(self, raw: list[dict[str, Any]], problems: list[tuple[str, int]]) -> dict[str, Any]:
-        out: dict[str, list[Any]] = {"image": [], "label": [], "key": [], **({"caption": []} if self.fields.caption
-                                                                            else {})}
         f = self.fields
+        captioned = bool(f.caption or f.templates)
+        out: dict[str, list[Any]] = {"image": [], "label": [], "key": [], **({"caption": []} if captioned else {}),
+                                     **({"text": []} if self.text else {})}
         for s in raw:
-            # Crop and flip are drawn per sample from (seed, epoch, key): the same pixels on any layout or resume.
+            # Crop, flip and template are drawn per sample from (seed, epoch, key): the same on any layout or
+            # resume.
             rng = (np.random.default_rng([self.seed, self.epoch, zlib.crc32(str(s.get("__key__")).encode()), 0xC409])
-                   if self.hflip or f.crop == "random" else None)
+                   if self.hflip or f.crop == "random" or f.templates else None)
             try:
                 image = decode_latent(s) if self.latents else decode_image(s, f, rng)
                 label = label_of(s, self.num_classes, f.label)
-                caption = caption_of(s, f.caption) if f.caption else None
+                text = decode_text(s, len(self.text.lengths)) if self.text else None
+                cap = caption(s, f, label, rng) if captioned else None
             except Exception as e:  # noqa: BLE001 - any decoder failure on any bytes is a bad sample
                 message = f"{s.get('__url__')}: sample {s.get('__key__')}: {type(e).__name__}: {e}"
                 if self.strict and not isinstance(e, SmallImage):
@@ -282,12 +289,15 @@ class ShardStream(IterableDataset):
             out["image"].append(image)
             out["label"].append(label)
             out["key"].append(s["__key__"])
-            if caption is not None:
-                out["caption"].append(caption)
+            if captioned:
+                out["caption"].append(cap)
+            if text is not None:
+                out["text"].append(text)
         return {**out, "bad": [m for m, _ in problems], "bad_count": sum(n for _, n in problems)}
 
 
-def _fill(batch: dict[str, Any], size: int, spare: dict[str, Any] | None, pieces: list[Piece]) -> dict[str, Any]:
+def _fill(batch: dict[str, Any], size: int, spare: dict[str, Any] | None, pieces: list[Piece],
+          text: TextLayout | None) -> dict[str, Any]:
     """Collate `size` samples: the good ones of the batch repeated in the places of bad ones (those of the
     worker's previous batch when none of this batch is good)."""
     good = batch if batch["image"] else spare
@@ -300,6 +310,7 @@ def _fill(batch: dict[str, Any], size: int, spare: dict[str, Any] | None, pieces
         "label": torch.tensor([good["label"][i] for i in take], dtype=torch.long),
         "key": [good["key"][i] for i in take],
         **({"caption": [good["caption"][i] for i in take]} if "caption" in good else {}),
+        **(pad_text([good["text"][i] for i in take], list(text.lengths), text.width) if text else {}),
         "bad": batch["bad"],
         "bad_count": batch["bad_count"],
     }

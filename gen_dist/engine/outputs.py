@@ -79,17 +79,24 @@ class Outputs:
         self.tracker.event("best", **self.state.best)
 
     def write_samples(self) -> Path:
-        images = self.sample(self.cfg.train.sample_n)
+        prompts = list(self.cfg.train.sample_prompts) if self.task.prompted else []
+        self.task.prompts = prompts or None
+        try:
+            images = self.sample(self.cfg.train.sample_n)
+        finally:
+            self.task.prompts = None
         if self.task.reconstructs:  # rows of originals, each above its reconstructions
             real = self.task.real_images(0, len(images)).to(images.device)
             images = torch.stack([real, images], 1).unflatten(0, (-1, 10)).transpose(1, 2).flatten(0, 2)
         images = to_hwc(images)
         path = self.run_dir / "samples" / f"step_{self.state.step:08d}.png"
         if dist.is_main():
-            picture = grid(images, nrow=10 if self.task.num_classes or self.task.reconstructs else 0)
+            picture = grid(images, nrow=len(prompts) or (10 if self.task.num_classes or self.task.reconstructs else 0))
             path.parent.mkdir(parents=True, exist_ok=True)
             picture.save(path)
-            self.tracker.image(self.state.step, "samples", np.asarray(picture))
+            shown = prompts or self.task.prompts_at(torch.arange(self.task.num_classes)) or []
+            caption = " | ".join(f"column {i + 1}: {p}" for i, p in enumerate(shown))
+            self.tracker.image(self.state.step, "samples", np.asarray(picture), caption)
         self.tracker.event("samples", step=self.state.step, path=str(path))
         return path
 

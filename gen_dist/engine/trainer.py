@@ -19,6 +19,7 @@ from gen_dist import checkpoint, dist, parallel, perf, posthoc
 from gen_dist.artifact import RUN_CONFIG, load_partial, resolve
 from gen_dist.config import validate
 from gen_dist.data import BadSamples, Cache, DataPosition, Retry, ShardStream, fields_of, make_loader
+from gen_dist.data.text import TEXT_KEYS, text_layout
 from gen_dist.engine.outputs import Outputs
 from gen_dist.engine.state import MetricWindow, Supervisor, TrainState, lr_factor
 from gen_dist.evaluation import Evaluator
@@ -64,7 +65,8 @@ class Trainer(Outputs):
         self.stream = ShardStream(catalog, d.split, d.batch_size, acc.process_index, acc.num_processes,
                                   d.num_workers, cfg.train.seed, d.shuffle_buffer, d.resolution, d.channels, d.hflip,
                                   d.strict, fields_of(cfg), Retry(patience=d.retry_seconds),
-                                  Cache(d.cache_dir, int(d.cache_gb * 1e9)) if d.cache_dir else None)
+                                  Cache(d.cache_dir, int(d.cache_gb * 1e9)) if d.cache_dir else None,
+                                  text_layout(cfg))
         self.state, self.position = TrainState(), DataPosition()
         self.skipped_phases = 0
         self.bad = BadSamples(acc.process_index)
@@ -233,6 +235,7 @@ class Trainer(Outputs):
                     "label": batch["label"].to(self.acc.device, non_blocking=True),
                     "key": batch["key"],
                     **({"caption": batch["caption"]} if "caption" in batch else {}),
+                    **{k: batch[k].to(self.acc.device, non_blocking=True) for k in TEXT_KEYS if k in batch},
                 }
             pos.next_epoch()
 

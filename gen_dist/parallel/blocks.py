@@ -23,7 +23,8 @@ def shard_units(module: nn.Module) -> list[nn.Module]:
     module also uses outside their own forward (`_root_blocks`; diffusers' DiT reads its first block's
     conditioning embedding for its output layer), which stay in the root's unit."""
     keep = {id(m) for m in getattr(module, "_root_blocks", ())}
-    return [b for b in blocks(module) if id(b) not in keep]
+    # Innermost first: a block that holds other blocks (diffusers' UNet names both) is sharded after them.
+    return [b for b in reversed(blocks(module)) if id(b) not in keep]
 
 
 def compile_block_forwards(module: nn.Module) -> list[tuple[nn.Module, Callable, Callable]]:

@@ -2,8 +2,9 @@
 v / x0 prediction, optional Min-SNR-gamma weighting, diffusers' samplers DDIM, DPM-Solver++, Euler, Euler
 ancestral, Heun), flow matching (rectified flow: velocity on the linear path, uniform or logit-normal time, time
 shift) or EDM (preconditioning, log-normal noise levels, the rho schedule); flow and EDM sample with an Euler or
-Heun ODE solver. Label dropout for classifier-free guidance (with an optional guidance interval); in pixel space
-or on the latents of a frozen autoencoder (latent diffusion)."""
+Heun ODE solver. Conditioned on a class or on text (frozen text encoders, `gen_dist.tasks.text`); label or caption
+dropout for classifier-free guidance (with an optional guidance interval); in pixel space or on the latents of a
+frozen autoencoder (latent diffusion)."""
 
 from __future__ import annotations
 
@@ -18,18 +19,21 @@ from gen_dist.data import open_catalog, split_images
 from gen_dist.family import Batch, Family, Nets, Phase, Task, register
 from gen_dist.images import to_model_range
 from gen_dist.schema import ConfigError, RunConfig
-from gen_dist.tasks.backbones import build_backbone
+from gen_dist.tasks.backbones import build_backbone, call
 from gen_dist.tasks.latents import check_latents, encode_latents, latent_shape, load_first_stage
+from gen_dist.tasks.text import Conditioner, TextKeys, check_text, class_prompts, text_on, text_shape
 
 if TYPE_CHECKING:
     pass
 
 
 @dataclass
-class DiffusionConfig:
+class DiffusionConfig(TextKeys):
     backbone: str = "unet"
-    """unet (diffusers' UNet2DModel: channels, attention, layers_per_block, head_dim, norm_groups) or dit
-    (diffusers' DiTTransformer2DModel: dit_depth, dit_heads, dit_head_dim, patch_size)."""
+    """unet (diffusers' UNet2DModel: channels, attention, layers_per_block, head_dim, norm_groups; with text its
+    UNet2DConditionModel), dit (diffusers' DiTTransformer2DModel: dit_depth, dit_heads, dit_head_dim, patch_size;
+    with text PixArt's cross-attention DiT) or mmdit (text only: SD3's joint-attention transformer, the same
+    keys)."""
     objective: str = "ddpm"
     """ddpm (a discrete noise schedule; prediction, snr_gamma, beta_schedule), flow (rectified flow: the network
     predicts the velocity noise - x on the straight path from data to noise; time_sampling, time_shift) or edm
@@ -54,7 +58,8 @@ class DiffusionConfig:
     norm_groups: int = 8
     """GroupNorm groups."""
     num_classes: int = 10
-    """Class-conditional with this many classes; 0 = unconditional."""
+    """Class-conditional with this many classes; 0 = unconditional. With text, the classes only name the
+    captions of data.caption_templates and the prompts evaluation scores (prompt accuracy)."""
     train_timesteps: int = 1000
     """DDPM training timesteps."""
     beta_schedule: str = "squaredcos_cap_v2"
@@ -162,6 +167,9 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError(f"diffusion.patch_size={d.patch_size} does not divide {where} {size}: the DiT cuts the "
                           f"image into whole patches")
     _check_objective(d)
+    check_text(cfg)
+    if d.backbone == "mmdit" and not text_on(cfg):
+        raise ConfigError("diffusion.backbone=mmdit is a text-to-image transformer: set diffusion.text_encoder")
     if cfg.data.latents and not d.first_stage:
         raise ConfigError("data.latents needs diffusion.first_stage (the autoencoder that encoded them)")
     if cfg.data.latents and cfg.data.hflip:
@@ -175,9 +183,10 @@ def check(cfg: RunConfig) -> None:
     if d.objective == "ddpm" and d.sampler == "euler_a" and d.prediction == "sample":
         raise ConfigError("diffusion.sampler=euler_a does not take diffusion.prediction=sample (diffusers' "
                           "ancestral Euler has no x0 form); use euler, heun, dpm++ or ddim")
-    if d.guidance != 1 and not (d.num_classes and d.label_dropout > 0):
+    if d.guidance != 1 and not (d.caption_dropout > 0 if text_on(cfg) else d.num_classes and d.label_dropout > 0):
         raise ConfigError(f"diffusion.guidance={d.guidance} needs a model trained with classifier-free guidance "
-                          f"(diffusion.num_classes > 0 and diffusion.label_dropout > 0); use diffusion.guidance=1")
+                          f"(diffusion.caption_dropout > 0 with text, else diffusion.num_classes > 0 and "
+                          f"diffusion.label_dropout > 0); use diffusion.guidance=1")
 
 
 def _check_unet(d: DiffusionConfig) -> None:
@@ -250,12 +259,25 @@ class DiffusionTask(Task):
             if cfg.data.latents:
                 check_latents(cfg, self.frozen["first_stage"])
             self.latent_scale = d.latent_scale or None
-        self.modules = {"denoiser": build_backbone(cfg, *shape)}
+        self.text: Conditioner | None = None
+        if text_on(cfg):
+            self.text, self.prompted = Conditioner(cfg, on_the_fly=not cfg.data.text_embeddings), True
+            if self.text.encoders is not None:
+                self.frozen = {**self.frozen, "text_encoder": self.text.encoders}
+            self.class_prompts = class_prompts(cfg)
+        self.modules = {"denoiser": build_backbone(cfg, *shape, text_shape(d) if self.text else None)}
         self.scheduler = DDPMScheduler(num_train_timesteps=d.train_timesteps, beta_schedule=d.beta_schedule,
                                        prediction_type=d.prediction)
         self.phases = [Phase("denoise", "denoiser", self.loss)]
 
-    def _train_labels(self, batch: Batch) -> torch.Tensor | None:
+    def _train_labels(self, nets: Nets, batch: Batch) -> Any:
+        """The training batch's condition: its text (with caption dropout), its labels (with label dropout) or
+        None."""
+        if self.text is not None:
+            if "text_encoder" in nets:
+                self.text.encoders = nets["text_encoder"]
+            device = next(nets["denoiser"].parameters()).device
+            return self.text.dropped(self.text.of_batch(batch, device))
         if not self.num_classes:
             return None
         labels = batch["label"]
@@ -263,6 +285,14 @@ class DiffusionTask(Task):
             drop = torch.rand(labels.shape, device=labels.device) < self.cfg.label_dropout
             labels = torch.where(drop, self.num_classes, labels)
         return labels
+
+    def prompts_at(self, labels: torch.Tensor | None) -> list[str] | None:
+        """Text models: the prompt of each sample position's label (an index into `prompts`, else a class);
+        None (the null condition) without either."""
+        if self.text is None or labels is None:
+            return None
+        prompts = self.prompts or self.class_prompts
+        return [prompts[int(i) % len(prompts)] for i in labels] if prompts else None
 
     def _target(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.cfg.prediction == "v_prediction":
@@ -278,10 +308,10 @@ class DiffusionTask(Task):
         return {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}[self.cfg.prediction]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"latent_scale": self.latent_scale} if self.frozen else {}
+        return {"latent_scale": self.latent_scale} if "first_stage" in self.frozen else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.frozen and state.get("latent_scale"):
+        if "first_stage" in self.frozen and state.get("latent_scale"):
             self.latent_scale = state["latent_scale"]
 
     def measure_scale(self, first: nn.Module) -> float:
@@ -305,28 +335,27 @@ class DiffusionTask(Task):
             return encode_latents(first, batch["x"])  # the FLOP count's batch: no measurement for it
         return encode_latents(first, batch["x"]) * self.latent_scale
 
-    def _net(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    def _net(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: Any) -> torch.Tensor:
         """The backbone's output at (x, t): t is one value per image or one for all."""
-        if labels is None and self.cfg.backbone == "dit":
-            labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        return net(x, t.expand(x.shape[0]), class_labels=labels).sample
+        return call(net, x, t, labels)
 
     def loss(self, nets: Nets, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x = self.latents(nets, batch) if self.frozen else batch["x"]
-        err, weight = getattr(self, f"_{self.cfg.objective}_error")(nets["denoiser"], x, self._train_labels(batch))
+        x = self.latents(nets, batch) if "first_stage" in self.frozen else batch["x"]
+        error = getattr(self, f"_{self.cfg.objective}_error")
+        err, weight = error(nets["denoiser"], x, self._train_labels(nets, batch))
         loss = (err * weight).mean()
         return loss, {"loss": loss.detach(), "mse": err.detach().mean()}
 
     # Each objective's (per-image squared error of the network's output, its loss weight).
 
-    def _ddpm_error(self, net: nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
+    def _ddpm_error(self, net: nn.Module, x: torch.Tensor, labels: Any) -> tuple[torch.Tensor, Any]:
         noise = torch.randn_like(x)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x.shape[0],), device=x.device)
         pred = self._net(net, self.scheduler.add_noise(x, noise, t), t, labels)
         err = (pred.float() - self._target(x, noise, t).float()).square().mean(dim=(1, 2, 3))
         return err, self._snr_weight(t) if self.cfg.snr_gamma > 0 else 1.0
 
-    def _flow_error(self, net: nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
+    def _flow_error(self, net: nn.Module, x: torch.Tensor, labels: Any) -> tuple[torch.Tensor, Any]:
         """Rectified flow: x_t = (1 - t) x + t noise, whose velocity is noise - x."""
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
@@ -339,7 +368,7 @@ class DiffusionTask(Task):
         pred = self._net(net, (1 - tb) * x + tb * noise, t * TIME_SCALE, labels)
         return (pred.float() - (noise - x).float()).square().mean(dim=(1, 2, 3)), 1.0
 
-    def _edm_error(self, net: nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
+    def _edm_error(self, net: nn.Module, x: torch.Tensor, labels: Any) -> tuple[torch.Tensor, Any]:
         """EDM's loss lambda(sigma) |D(x + n) - x|^2 as the plain error of F against its effective target
         (x - c_skip (x + n)) / c_out, equal because lambda = 1 / c_out^2 (Karras et al. 2022, eq. 8)."""
         d = self.cfg
@@ -359,14 +388,18 @@ class DiffusionTask(Task):
         sched.set_timesteps(self.cfg.sample_steps)
         return sched
 
-    def _predict(self, net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
+    def _predict(self, net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, labels: Any,
                  w: float | None = None) -> torch.Tensor:
         """The network's output at (x, t), guided: uncond + w (cond - uncond) in one doubled batch."""
         w = self.cfg.guidance if w is None else w
         if labels is None or w == 1:
             return self._net(net, x, t, labels).float()
-        null = torch.full_like(labels, self.num_classes)
-        cond, uncond = self._net(net, torch.cat([x, x]), t, torch.cat([labels, null])).float().chunk(2)
+        if isinstance(labels, dict):
+            null = self.text.null(x.shape[0], x.device)
+            both: Any = {k: torch.cat([v, null[k].to(v.dtype)]) for k, v in labels.items()}
+        else:
+            both = torch.cat([labels, torch.full_like(labels, self.num_classes)])
+        cond, uncond = self._net(net, torch.cat([x, x]), t, both).float().chunk(2)
         return uncond + w * (cond - uncond)
 
     def _guidance_at(self, level: float) -> float:
@@ -386,7 +419,7 @@ class DiffusionTask(Task):
         sched.set_timesteps(d.sample_steps)
         return sched.sigmas.double()
 
-    def _derivative(self, net: nn.Module, x: torch.Tensor, level: float, labels: torch.Tensor | None) -> torch.Tensor:
+    def _derivative(self, net: nn.Module, x: torch.Tensor, level: float, labels: Any) -> torch.Tensor:
         """dx / d(noise level) of the probability-flow ODE at x: flow's velocity, or EDM's (x - D(x)) / sigma."""
         w = self._guidance_at(level)
         if self.cfg.objective == "flow":
@@ -395,7 +428,7 @@ class DiffusionTask(Task):
         f = self._predict(net, x * float(c_in), torch.tensor(float(c_noise) * TIME_SCALE, device=x.device), labels, w)
         return (x - (float(c_skip) * x + float(c_out) * f)) / level
 
-    def _solve(self, net: nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    def _solve(self, net: nn.Module, x: torch.Tensor, labels: Any) -> torch.Tensor:
         """Euler or Heun (the trapezoid correction, Karras et al. 2022 Algorithm 1 without churn) over the grid;
         the step to 0 is always Euler."""
         grid = self.noise_levels().tolist()
@@ -408,7 +441,7 @@ class DiffusionTask(Task):
             x = x_next
         return x
 
-    def _ddpm_sample(self, net: nn.Module, x: torch.Tensor, labels: torch.Tensor | None,
+    def _ddpm_sample(self, net: nn.Module, x: torch.Tensor, labels: Any,
                      generator: torch.Generator) -> torch.Tensor:
         sched = self.make_sampler()
         name = sampler_name(self.cfg)
@@ -425,13 +458,16 @@ class DiffusionTask(Task):
     def sample(self, net: torch.nn.Module, labels: torch.Tensor | None, n: int,
                generator: torch.Generator) -> torch.Tensor:
         device = next(net.parameters()).device
+        if self.text is not None:
+            prompts = self.prompts_at(labels)
+            labels = self.text.null(n, device) if prompts is None else self.text.encode(prompts, device)
         size = net.config.sample_size
         x = torch.randn((n, net.config.in_channels, size, size), generator=generator).to(device)
         if self.cfg.objective == "ddpm":
             x = self._ddpm_sample(net, x, labels, generator)
         else:
             x = self._solve(net, x, labels)
-        if self.frozen:
+        if "first_stage" in self.frozen:
             if self.latent_scale is None:
                 raise ConfigError("this latent diffusion model has no latent scale: it was saved before training "
                                   "measured one; set diffusion.latent_scale")
@@ -441,7 +477,8 @@ class DiffusionTask(Task):
 
 register(Family("diffusion", DiffusionConfig, DiffusionTask,
                 "diffusion: UNet or DiT; DDPM (epsilon/v/x0, Min-SNR), flow matching or EDM; guidance; samplers",
-                choices={"backbone": ("unet", "dit"), "objective": OBJECTIVES,
+                choices={"backbone": ("unet", "dit", "mmdit"), "objective": OBJECTIVES,
+                         "null_caption": ("empty", "zero"),
                          "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
                          "prediction": ("epsilon", "v_prediction", "sample"), "sampler": ("auto", *SAMPLERS),
                          "time_sampling": ("uniform", "logit_normal")},
