@@ -24,8 +24,10 @@ from torch import nn
 
 from gen_dist import dist, metrics, posthoc
 from gen_dist.artifact import SNAPSHOTS, config_for_sampling, load_model, resolve, run_config_file
+from gen_dist.clip_score import ClipScore
 from gen_dist.data import reference_catalog, split_images
 from gen_dist.data.sources import is_remote
+from gen_dist.data.text import split_captions
 from gen_dist.family import Task, family
 from gen_dist.parallel import strategy_for
 from gen_dist.sampling import rank_chunks, sample_chunk
@@ -169,10 +171,13 @@ def count_tag(n: int) -> str:
     return f"{n // 1000}k" if n % 1000 == 0 else str(n)
 
 
-def scores(names: list[str], real: np.ndarray, fake: np.ndarray, logits: np.ndarray | None, prefix: str
-           ) -> dict[str, float]:
+def scores(names: list[str], real: np.ndarray, fake: np.ndarray, logits: np.ndarray | None, prefix: str,
+           classes: np.ndarray | None = None) -> dict[str, float]:
+    """`classes`: the class each sample was drawn for, where it was (accuracy)."""
     tag = count_tag(len(fake))
     out: dict[str, float] = {}
+    if "accuracy" in names and logits is not None and classes is not None:
+        out[f"{prefix}/accuracy{tag}"] = float((logits.argmax(1) == classes).mean())
     if "fid" in names:
         out[f"{prefix}/fid{tag}"] = metrics.fid(real, fake)
     if "kid" in names:
@@ -213,6 +218,7 @@ class Evaluator:
         self.skipped = [f"{x.name}/is: no classifier head" for x in self.extractors
                         if "is" in e.metrics and not isinstance(x, DomainClassifier)]
         self._real: dict[str, np.ndarray] = {}
+        self.clip = ClipScore(e.clip_model, acc.device) if "clip_score" in e.metrics else None
 
     def real_features(self, extractor: Extractor) -> np.ndarray:
         if extractor.name not in self._real:
@@ -234,6 +240,13 @@ class Evaluator:
         self.acc.wait_for_everyone()
         return feats
 
+    def _prompts(self, task: Task) -> list[str] | None:
+        """A text model without class prompts draws the evaluation's samples from the reference split's own
+        captions, in order."""
+        if not task.prompted or task.prompts_at(torch.zeros(1)):
+            return None
+        return split_captions(self.cfg, self.split, 0, min(self.cfg.eval.n, self.split.total))
+
     def _data_ident(self) -> str:
         """Changes when the split is re-packed: its shards, their counts and sizes."""
         shards = [(Path(s.url).name, s.count, s.size if is_remote(s.url) else Path(s.url).stat().st_size)
@@ -249,21 +262,33 @@ class Evaluator:
         e = self.cfg.eval
 
         psnr = torch.zeros(2, dtype=torch.float64)  # sum of per-image PSNR, images: reconstructions only
+        clip = torch.zeros(2, dtype=torch.float64)  # sum of CLIP scores, images: text models only
+        task.prompts = self._prompts(task)
+        labels = task.sample_labels(e.n, torch.device("cpu"))
+        prompts = task.prompts_at(labels)
 
         def make(start: int, size: int) -> torch.Tensor:
             images = sample_chunk(task, net, e.seed, start, size, self.acc.device, autocast)
             if task.reconstructs:
                 psnr.add_(torch.tensor([image_psnr(images.cpu(), self._real_images(start, size)).sum(), size]))
+            if self.clip is not None and prompts:
+                clip.add_(torch.tensor([self.clip.sum(images, prompts[start : start + size]), size]))
             return images
 
-        fake = embed(e.n, e.batch_size, make, self.extractors, self.acc)
+        try:
+            fake = embed(e.n, e.batch_size, make, self.extractors, self.acc)
+        finally:
+            classes = labels.numpy() if labels is not None and task.num_classes and not task.prompts else None
+            task.prompts = None
         out: dict[str, float] = {}
-        if task.reconstructs:
-            total = dist.sum_across_ranks(self.acc, psnr.to(self.acc.device))
-            out["eval/psnr"] = (total[0] / total[1]).item()
+        for name, sums in (("eval/psnr", psnr if task.reconstructs else None),
+                           (f"eval/clip_score{count_tag(e.n)}", clip if self.clip is not None and prompts else None)):
+            if sums is not None:
+                total = dist.sum_across_ranks(self.acc, sums.to(self.acc.device))
+                out[name] = (total[0] / total[1]).item()
         for x in self.extractors:
             feats, logits = fake[x.name]
-            out.update(scores(e.metrics, self.real_features(x), feats, logits, f"eval/{x.name}"))
+            out.update(scores(e.metrics, self.real_features(x), feats, logits, f"eval/{x.name}", classes))
         out["eval/seconds"] = time.perf_counter() - t0
         return out
 

@@ -208,7 +208,9 @@ class EvalConfig:
     n: int = 1000
     """Generated samples per evaluation; the metric names carry it (fid1k, kid1k, ...)."""
     metrics: list[str] = field(default_factory=lambda: ["fid"])
-    """Any of fid, kid, is, pr (precision/recall)."""
+    """Any of fid, kid, is, pr (precision/recall); for conditional models accuracy (the domain classifier's
+    agreement with the class or class prompt each sample was drawn for: prompt accuracy for text models); for
+    text models clip_score (with eval.clip_model)."""
     extractors: list[str] = field(default_factory=lambda: ["inception"])
     """Feature extractors: 'inception' (the standard InceptionV3, offline) or the path of a classifier run,
     checkpoint or export trained by gen_dist on the dataset (fast; not comparable with published FIDs)."""
@@ -221,6 +223,9 @@ class EvalConfig:
     """Real images used for the reference statistics; 0 = the whole split."""
     batch_size: int = 250
     """Images generated and embedded at once per rank."""
+    clip_model: str = ""
+    """clip_score: a transformers CLIPModel (a local directory or hub id) whose image and text embeddings score
+    each sample against its prompt."""
     seed: int = 0
     """Seed of the evaluation samples (fixed, so successive evaluations compare the same noise)."""
 
@@ -250,7 +255,7 @@ class RunConfig:
         return Path(self.run_dir or f"runs/{self.name}")
 
 
-METRICS = ("fid", "kid", "is", "pr")
+METRICS = ("fid", "kid", "is", "pr", "accuracy", "clip_score")
 BACKENDS = ("wandb", "tensorboard", "jsonl")
 
 
@@ -263,8 +268,11 @@ def eval_metric_keys(cfg: RunConfig, reconstructs: bool) -> dict[str, bool]:
         name = "inception" if spec == "inception" else "domain"
         names = {"fid": ["fid"], "kid": ["kid"], "pr": ["precision", "recall"],
                  "is": ["is"] if name == "domain" else []}
-        for metric in e.metrics:
+        names["accuracy"] = ["accuracy"] if name == "domain" else []
+        for metric in set(e.metrics) - {"clip_score"}:
             out.update({f"eval/{name}/{m}{tag}": m in ("fid", "kid") for m in names[metric]})
+    if "clip_score" in e.metrics:
+        out[f"eval/clip_score{tag}"] = False
     return out
 CHOICES = {
     "optim.schedule": ("constant", "linear", "cosine"),
@@ -389,6 +397,11 @@ def validate_eval(cfg: RunConfig, generates: bool, reconstructs: bool) -> None:
     if e.n < 2 or e.reference_n == 1:
         raise ConfigError("eval.n and eval.reference_n (unless 0, the whole split) must be >= 2: the metrics compare "
                           "feature statistics of sets")
+    if "clip_score" in e.metrics and not e.clip_model:
+        raise ConfigError("eval.metrics clip_score needs eval.clip_model (a CLIP model's directory or hub id)")
+    if "accuracy" in e.metrics and "inception" in e.extractors and len(e.extractors) == 1:
+        raise ConfigError("eval.metrics accuracy needs a domain classifier in eval.extractors (a classifier run "
+                          "trained on the dataset): it checks the class each sample shows")
     if "pr" in e.metrics and (e.n <= 3 or 0 < e.reference_n <= 3):
         raise ConfigError("eval.metrics 'pr' (k-NN precision/recall, k=3) needs eval.n > 3 and eval.reference_n "
                           "0 or > 3")

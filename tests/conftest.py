@@ -104,3 +104,19 @@ def kill_tree(proc: subprocess.Popen) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     proc.wait()
+
+
+@pytest.fixture(scope="session")
+def text_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random BERT-like text encoder and its word-level tokenizer, saved as a model directory."""
+    from textenc import make_encoder
+
+    return make_encoder(tmp_path_factory.mktemp("text_encoder") / "bert")
+
+
+@pytest.fixture(scope="session")
+def captioned(tmp_path_factory: pytest.TempPathFactory, digits: Path) -> Path:
+    """The digits with a txt caption member per sample."""
+    from textenc import caption_shards
+
+    return caption_shards(digits, tmp_path_factory.mktemp("captioned"))

@@ -50,3 +50,41 @@ def make_encoder(out: Path, kind: str = "bert", width: int = 32) -> Path:
     net.save_pretrained(out)
     assert save_tokenizer(out) == n  # a tokenizer built with mistaken arguments has only its special tokens
     return out
+
+
+def make_clip(out: Path, width: int = 32, image_size: int = 32) -> Path:
+    """A tiny CLIPModel (text and image towers) with the tokenizer, for CLIP score."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    n = len(SPECIAL) + len(WORDS)
+    text = {"vocab_size": n, "hidden_size": width, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "intermediate_size": 2 * width, "max_position_embeddings": 32, "pad_token_id": 0, "bos_token_id": 2,
+            "eos_token_id": 3}
+    vision = {"hidden_size": width, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 2 * width,
+              "image_size": image_size, "patch_size": 8}
+    tf.CLIPModel(tf.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(out)
+    save_tokenizer(out)
+    return out
+
+
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def caption_shards(digits: Path, out: Path) -> Path:
+    """The packed digits with a caption member (txt) naming each digit: shards as others write them."""
+    import json
+
+    import webdataset as wds
+
+    out.mkdir(parents=True, exist_ok=True)
+    index = json.loads((digits / "index.json").read_text())
+    for entry in index["splits"].values():
+        for shard in entry["shards"]:
+            with wds.TarWriter(str(out / shard["file"]), encoder=False) as w:
+                for s in wds.WebDataset(str(digits / shard["file"]), shardshuffle=False):
+                    label = int(s["cls"])
+                    w.write({"__key__": s["__key__"], "png": s["png"], "cls": s["cls"],
+                             "txt": f"a drawing of the digit {NAMES[label]}".encode()})
+    (out / "index.json").write_text(json.dumps(index))
+    return out

@@ -25,7 +25,7 @@ import torch
 import webdataset as wds
 
 from gen_dist.data.catalog import Catalog
-from gen_dist.data.reader import Retry, read_pieces
+from gen_dist.data.reader import Retry, fields_of, read_pieces, split_pieces
 from gen_dist.data.shards import INDEX, DataError, Fields, Piece, caption_of, load_index
 from gen_dist.data.sources import Cache, Stat
 from gen_dist.schema import RunConfig
@@ -101,6 +101,12 @@ def pad_text(encoded: list[Encoded], lengths: list[int], width: int) -> dict[str
             start += length
     pooled = torch.stack([torch.as_tensor(p, dtype=torch.float32) for _, p in encoded])
     return {"text": text, "text_mask": mask, "text_pooled": pooled}
+
+
+def split_captions(cfg: RunConfig, catalog: Catalog, start: int, size: int) -> list[str]:
+    """Captions [start, start + size) of a catalog in order."""
+    fields = fields_of(cfg)
+    return [caption(s, fields, -1, None) for s in read_pieces(split_pieces(catalog.shards, start, size))]
 
 
 def companion(root: str, url: str) -> str:

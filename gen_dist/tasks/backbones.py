@@ -45,7 +45,7 @@ def build_text_unet(cfg: RunConfig, channels: int, size: int, text: tuple[int, i
         down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in d.attention),
         up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(d.attention)),
         layers_per_block=d.layers_per_block, norm_num_groups=d.norm_groups, cross_attention_dim=width,
-        attention_head_dim=tuple(c // d.head_dim for c in d.channels),  # diffusers' name for the head count
+        attention_head_dim=tuple(max(1, c // d.head_dim) for c in d.channels),  # diffusers' name for the head count
         class_embed_type="projection", projection_class_embeddings_input_dim=pooled)
 
 

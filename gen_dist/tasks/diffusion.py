@@ -308,11 +308,14 @@ class DiffusionTask(Task):
         return {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}[self.cfg.prediction]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"latent_scale": self.latent_scale} if "first_stage" in self.frozen else {}
+        text = {"text_encoders": self.text.record()} if self.text is not None else {}
+        return {**text, **({"latent_scale": self.latent_scale} if "first_stage" in self.frozen else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "first_stage" in self.frozen and state.get("latent_scale"):
             self.latent_scale = state["latent_scale"]
+        if self.text is not None and state.get("text_encoders"):
+            self.text.trained_with(state["text_encoders"])
 
     def measure_scale(self, first: nn.Module) -> float:
         """1 / std of the latents of the first SCALE_IMAGES training images, in index order: the same on

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gen_dist.artifact import weights_digest
 from gen_dist.data import DataError, open_catalog
 from gen_dist.data.text import Encoded, load_null, pad_text, text_about, write_text_index, write_text_shards
 from gen_dist.schema import ConfigError, RunConfig
@@ -172,6 +173,14 @@ class TextEncoders(nn.Module):
         self.tokenizers = [t for _, t in loaded]
         self.clip = [n.config.model_type == "clip_text_model" for n in self.nets]
         self.warned = False
+        self._record: list[dict[str, str]] | None = None
+
+    def record(self) -> list[dict[str, str]]:
+        """Each encoder's source and a checksum of its weights: what a run or its text embeddings were made with."""
+        if self._record is None:
+            self._record = [{"source": s, "digest": weights_digest(n.state_dict())[:16]}
+                            for s, n in zip(self.sources, self.nets, strict=True)]
+        return self._record
 
     def _tokens(self, tokenizer: Any, prompts: list[str], length: int) -> Any:
         tokens = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
@@ -219,13 +228,31 @@ class Conditioner:
         self.dropout = d.caption_dropout
         self.root = cfg.data.text_embeddings
         self.encoders = TextEncoders(self.sources, self.lengths) if on_the_fly else None
+        self.made_by: list[dict[str, str]] | None = text_about(self.root)["encoders"] if self.root else None
         self.memo: OrderedDict[str, tuple[torch.Tensor, ...]] = OrderedDict()
         self.memo_rows = max(16, MEMO_BYTES // (4 * (self.tokens * (self.width + 1) + self.pooled)))
         self._null: Cond | None = None
 
+    def record(self) -> list[dict[str, str]]:
+        """The encoders the model is conditioned by (source, weights checksum), as its checkpoints keep them."""
+        return self.encoders.record() if self.encoders is not None else list(self.made_by or [])
+
+    def trained_with(self, record: list[dict[str, str]]) -> None:
+        """A checkpoint's record of the encoders: the ones loaded must have the same weights."""
+        self.made_by = record
+        if self.encoders is not None:
+            self._same_weights()
+
+    def _same_weights(self) -> None:
+        found = [e["digest"] for e in self.encoders.record()]
+        if self.made_by and found != [e["digest"] for e in self.made_by]:
+            raise ConfigError(f"diffusion.text_encoder {self.sources} (weights {found}) is not what this model was "
+                              f"trained with: {self.made_by}")
+
     def encoders_on(self, device: torch.device) -> TextEncoders:
         if self.encoders is None:
             self.encoders = TextEncoders(self.sources, self.lengths)
+            self._same_weights()
         return self.encoders.to(device)
 
     def encode(self, prompts: list[str], device: torch.device) -> Cond:
@@ -304,7 +331,7 @@ def write_text_embeddings(source: str, split: str, out: Path, sources: list[str]
     if rank:
         return None
     widths = [width_of(n.config) for n in encoders.nets]
-    about = {"sources": list(sources), "lengths": lengths, "tokens": sum(lengths), "width": max(widths),
+    about = {"sources": list(sources), "encoders": encoders.record(), "lengths": lengths, "tokens": sum(lengths), "width": max(widths),
              "pooled": sum(widths), "caption_key": caption_key}
     null = per_caption(*encoders([""]))[0]
     return write_text_index(catalog, split, out, about, (null[0], np.asarray(null[1])))
