@@ -331,7 +331,7 @@ def write_text_embeddings(source: str, split: str, out: Path, sources: list[str]
     if rank:
         return None
     widths = [width_of(n.config) for n in encoders.nets]
-    about = {"sources": list(sources), "encoders": encoders.record(), "lengths": lengths, "tokens": sum(lengths), "width": max(widths),
-             "pooled": sum(widths), "caption_key": caption_key}
+    about = {"sources": list(sources), "encoders": encoders.record(), "lengths": lengths, "tokens": sum(lengths),
+             "width": max(widths), "pooled": sum(widths), "caption_key": caption_key}
     null = per_caption(*encoders([""]))[0]
     return write_text_index(catalog, split, out, about, (null[0], np.asarray(null[1])))
