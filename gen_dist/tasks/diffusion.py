@@ -20,7 +20,7 @@ from gen_dist.family import Batch, Family, Nets, Phase, Task, register
 from gen_dist.images import to_model_range
 from gen_dist.schema import ConfigError, RunConfig
 from gen_dist.tasks.backbones import build_backbone, call
-from gen_dist.tasks.latents import check_latents, encode_latents, latent_shape, load_first_stage
+from gen_dist.tasks.latents import PretrainedKL, check_latents, encode_latents, latent_shape, load_first_stage
 from gen_dist.tasks.text import Conditioner, TextKeys, check_text, class_prompts, text_on, text_shape
 
 if TYPE_CHECKING:
@@ -112,7 +112,8 @@ class DiffusionConfig(TextKeys):
     """DDIM noise: 1 = ancestral (DDPM-like), 0 = deterministic DDIM."""
     first_stage: str = ""
     """Latent diffusion: a trained autoencoder or vqvae (run directory, checkpoint or export; or the export of
-    a latent diffusion model, whose first stage is taken), kept frozen: the UNet learns its latents (encoded on
+    a latent diffusion model, whose first stage is taken), or a diffusers AutoencoderKL directory (e.g. Stable
+    Diffusion's VAE; its scaling_factor is the latent scale), kept frozen: the UNet learns its latents (encoded on
     the fly in fp32) and samples are decoded by it. Empty = pixel space."""
     latent_scale: float = 0.0
     """Latent diffusion: the factor latents are multiplied by, so that they have about unit variance as the
@@ -254,11 +255,13 @@ class DiffusionTask(Task):
         self.latent_scale: float | None = None  # latent diffusion: set from the config, measured, or loaded
         if d.first_stage:
             shape = latent_shape(cfg)
-            self.frozen = {"first_stage": load_first_stage(Path(d.first_stage))}
-            self.frozen_from = {"first_stage": "diffusion.first_stage"}
+            first = load_first_stage(Path(d.first_stage))
+            self.frozen = {"first_stage": first}
+            # An export carries a first stage gen_dist trained; a pretrained one is loaded from its directory.
+            self.frozen_from = {} if isinstance(first, PretrainedKL) else {"first_stage": "diffusion.first_stage"}
             if cfg.data.latents:
                 check_latents(cfg, self.frozen["first_stage"])
-            self.latent_scale = d.latent_scale or None
+            self.latent_scale = d.latent_scale or getattr(first, "scaling_factor", None)
         self.text: Conditioner | None = None
         if text_on(cfg):
             self.text, self.prompted = Conditioner(cfg, on_the_fly=not cfg.data.text_embeddings), True

@@ -1,8 +1,10 @@
-"""Latent diffusion's first stage: the trained autoencoder that diffusion.first_stage names, loaded frozen, and the
-latent datasets it encodes (`gen-dist data latents`, data.latents)."""
+"""Latent diffusion's first stage: the autoencoder that diffusion.first_stage names (trained by gen_dist, or a
+pretrained diffusers AutoencoderKL directory such as Stable Diffusion's VAE), loaded frozen, and the latent
+datasets it encodes (`gen-dist data latents`, data.latents)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,32 @@ from gen_dist.data import open_catalog, write_latent_shards
 from gen_dist.family import family
 from gen_dist.images import to_model_range
 from gen_dist.schema import ConfigError, RunConfig
+
+
+def pretrained_kl(path: Path) -> dict | None:
+    """The config of a diffusers AutoencoderKL directory, or None for anything else."""
+    found = path / "config.json"
+    if not found.is_file():
+        return None
+    config = json.loads(found.read_text())
+    return config if config.get("_class_name") == "AutoencoderKL" else None
+
+
+class PretrainedKL(nn.Module):
+    """A diffusers AutoencoderKL serving as a first stage: the mode of its latent distribution, and its decoder."""
+
+    def __init__(self, path: Path) -> None:
+        from diffusers import AutoencoderKL
+
+        super().__init__()
+        self.vae = AutoencoderKL.from_pretrained(path)
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(x).latent_dist.mode()
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z).sample
 
 
 def first_stage_config(path: Path) -> RunConfig:
@@ -28,6 +56,12 @@ def first_stage_config(path: Path) -> RunConfig:
 
 def latent_shape(cfg: RunConfig) -> tuple[int, int]:
     """(channels, resolution) of the first stage's latents of this run's images."""
+    kl = pretrained_kl(Path(cfg.diffusion.first_stage))
+    if kl is not None:
+        if kl["in_channels"] != cfg.data.channels:
+            raise ConfigError(f"diffusion.first_stage {cfg.diffusion.first_stage} takes {kl['in_channels']}-channel "
+                              f"images; data.channels is {cfg.data.channels}")
+        return kl["latent_channels"], cfg.data.resolution // 2 ** (len(kl["block_out_channels"]) - 1)
     first = first_stage_config(Path(cfg.diffusion.first_stage))
     if (first.data.channels, first.data.resolution) != (cfg.data.channels, cfg.data.resolution):
         raise ConfigError(f"diffusion.first_stage was trained on {first.data.channels}-channel "
@@ -39,6 +73,8 @@ def latent_shape(cfg: RunConfig) -> tuple[int, int]:
 
 def load_first_stage(path: Path) -> nn.Module:
     """The trained autoencoder (EMA weights where kept), frozen: `encode` and `decode` are what it serves."""
+    if pretrained_kl(path) is not None:
+        return PretrainedKL(path).eval().requires_grad_(False)
     art = resolve(path, "diffusion.first_stage")
     carried = art.frozen("first_stage")
     cfg, weights = carried if carried is not None else (art.config(), None)

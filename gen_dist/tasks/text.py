@@ -77,7 +77,12 @@ def width_of(config: Any) -> int:
 
 def text_shape(d: TextKeys) -> tuple[int, int, int]:
     """(tokens, width, pooled width) of the condition the encoders make."""
-    widths = [width_of(encoder_config(s)) for s in d.text_encoder]
+    configs = [encoder_config(s) for s in d.text_encoder]
+    for src, config, length in zip(d.text_encoder, configs, lengths_of(d), strict=True):
+        most = getattr(config, "max_position_embeddings", None)
+        if most is not None and length > most:
+            raise ConfigError(f"diffusion.text_max_length {length} is beyond the {most} positions of {src}")
+    widths = [width_of(c) for c in configs]
     return sum(lengths_of(d)), max(widths), sum(widths)
 
 
@@ -144,7 +149,7 @@ def class_prompts(cfg: RunConfig) -> list[str]:
 # ---------------------------------------------------------------------------------------------- encoders
 
 
-def _load(src: str) -> tuple[nn.Module, Any]:
+def _load(src: str) -> tuple[nn.Module, Any, set[str]]:
     import transformers
 
     transformers.logging.set_verbosity_error()  # its load report lists the unused pooler of every BERT
@@ -152,13 +157,14 @@ def _load(src: str) -> tuple[nn.Module, Any]:
     config = encoder_config(src)
     kind = {"clip_text_model": "CLIPTextModel", "t5": "T5EncoderModel", "mt5": "MT5EncoderModel",
             "umt5": "UMT5EncoderModel"}.get(config.model_type, "AutoModel")
-    net = getattr(transformers, kind).from_pretrained(_source(src))
+    net, info = getattr(transformers, kind).from_pretrained(_source(src), output_loading_info=True)
     tokenizer = transformers.AutoTokenizer.from_pretrained(_source(src))
     vocab = net.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab:
         raise ConfigError(f"diffusion.text_encoder: {src}'s tokenizer has {len(tokenizer)} tokens for the model's "
                           f"{vocab} embeddings")
-    return net.eval().requires_grad_(False), tokenizer
+    # Weights the files lack (BERT's pooler, which gen_dist does not use) are drawn anew at each load.
+    return net.eval().requires_grad_(False), tokenizer, set(info.get("missing_keys", ()))
 
 
 class TextEncoders(nn.Module):
@@ -169,8 +175,9 @@ class TextEncoders(nn.Module):
         super().__init__()
         loaded = [_load(s) for s in sources]
         self.sources, self.lengths = list(sources), lengths
-        self.nets = nn.ModuleList(n for n, _ in loaded)
-        self.tokenizers = [t for _, t in loaded]
+        self.nets = nn.ModuleList(n for n, _, _ in loaded)
+        self.tokenizers = [t for _, t, _ in loaded]
+        self.drawn = [m for _, _, m in loaded]
         self.clip = [n.config.model_type == "clip_text_model" for n in self.nets]
         self.warned = False
         self._record: list[dict[str, str]] | None = None
@@ -178,8 +185,9 @@ class TextEncoders(nn.Module):
     def record(self) -> list[dict[str, str]]:
         """Each encoder's source and a checksum of its weights: what a run or its text embeddings were made with."""
         if self._record is None:
-            self._record = [{"source": s, "digest": weights_digest(n.state_dict())[:16]}
-                            for s, n in zip(self.sources, self.nets, strict=True)]
+            self._record = [{"source": s, "digest": weights_digest({k: v for k, v in n.state_dict().items()
+                                                                    if k not in drawn})[:16]}
+                            for s, n, drawn in zip(self.sources, self.nets, self.drawn, strict=True)]
         return self._record
 
     def _tokens(self, tokenizer: Any, prompts: list[str], length: int) -> Any:
