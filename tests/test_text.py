@@ -71,7 +71,8 @@ def test_bad_text_settings_are_named(override: str, message: str, text_encoder: 
 def test_mmdit_without_text_and_a_missing_encoder_fail_before_launch(tmp_path: Path, digits: Path) -> None:
     with pytest.raises(ConfigError, match="mmdit is a text-to-image transformer"):
         load_config(CONFIGS / "smoke_diffusion.yaml", ["diffusion.backbone=mmdit", f"data.path={digits}"])
-    proc = run_cli("launch", *smoke_args("diffusion_text", tmp_path / "r", digits), "diffusion.text_encoder=[missing/dir/x]",
+    proc = run_cli("launch", *smoke_args("diffusion_text", tmp_path / "r", digits),
+                   "diffusion.text_encoder=[missing/dir/x]",
                    "--nproc", "2", "--dry-run", check=False)
     assert proc.returncode != 0 and "missing/dir/x does not exist" in proc.stderr
     assert not (tmp_path / "r").exists()
@@ -195,8 +196,8 @@ def test_kill9_then_resume_equals_uninterrupted(cached: bool, tmp_path: Path, di
         data = captioned
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    subprocess.run(_command("diffusion_text", straight, data, 2, tuple(extra)), cwd=ROOT, check=True, capture_output=True,
-                   env=env)
+    subprocess.run(_command("diffusion_text", straight, data, 2, tuple(extra)), cwd=ROOT, check=True,
+                   capture_output=True, env=env)
     rng = random.Random(f"text{cached}")
     assert sum(_kill_during_training(_command("diffusion_text", killed, data, 2, tuple(extra)), killed, rng)
                for _ in range(2)) == 2
@@ -205,6 +206,12 @@ def test_kill9_then_resume_equals_uninterrupted(cached: bool, tmp_path: Path, di
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     keys = _keys(straight)
     assert len(keys) == STEPS * 2 and keys == _keys(killed)
+    if cached:  # a trained text model samples from prompts without the embeddings it was trained on
+        import shutil
+
+        shutil.rmtree(tmp_path / "emb")
+        run_cli("sample", str(killed), "--prompt", "a drawing of the digit one", "--n", "2",
+                "--out", str(tmp_path / "one.png"))
     # The run records the encoders it was conditioned by: source and weights checksum.
     meta = json.loads((straight / "checkpoints" / f"step_{STEPS:08d}" / "meta.json").read_text())
     assert [e["source"] for e in meta["state"]["task"]["text_encoders"]] == [str(text_encoder)]

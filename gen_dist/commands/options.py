@@ -74,7 +74,8 @@ def eval_overrides(args: argparse.Namespace) -> list[str]:
 
 def add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides (eval.*, data.path)")
-    p.add_argument("--metrics", help="comma-separated: fid,kid,is,pr (default: the run's eval.metrics)")
+    p.add_argument("--metrics", help="comma-separated: fid,kid,is,pr,accuracy,clip_score (default: the run's "
+                                     "eval.metrics)")
     p.add_argument("--extractors", help="comma-separated: inception and/or a classifier run directory")
     p.add_argument("--n", type=count, help="generated samples (default: the run's eval.n)")
     p.add_argument("--split", help="reference split of the dataset (default: the run's, test)")

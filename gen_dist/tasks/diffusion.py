@@ -244,6 +244,7 @@ def edm_scalings(sigma: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, 
 
 class DiffusionTask(Task):
     sampled = "denoiser"
+    for_sampling = ("data.text_embeddings=",)  # a trained text model encodes its prompts itself
 
     def __init__(self, cfg: RunConfig) -> None:
         from diffusers import DDPMScheduler

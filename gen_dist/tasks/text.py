@@ -203,6 +203,11 @@ class TextEncoders(nn.Module):
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         device = next(self.parameters()).device
+        with torch.autocast(device.type, enabled=False):  # the same encodings in training, sampling and caches
+            return self._encode(prompts, device)
+
+    def _encode(self, prompts: list[str], device: torch.device
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         hidden, masks, pooled = [], [], []
         for net, tokenizer, length, clip in zip(self.nets, self.tokenizers, self.lengths, self.clip, strict=True):
             tokens = self._tokens(tokenizer, prompts, length)
@@ -267,9 +272,11 @@ class Conditioner:
         """The condition of `prompts`, reusing the encodings of recent ones."""
         todo = list(dict.fromkeys(p for p in prompts if p not in self.memo))
         if todo:
-            hidden, masks, pooled = self.encoders_on(device)(todo)
-            made = {"text": torch.cat([F.pad(h, (0, self.width - h.shape[2])) for h in hidden], dim=1),
-                    "text_mask": torch.cat(masks, dim=1), "text_pooled": pooled}
+            # With cached embeddings the encoders load only for prompts, and on the CPU: never on an accelerator
+            # that the denoiser needs.
+            hidden, masks, pooled = self.encoders_on(torch.device("cpu") if self.root else device)(todo)
+            made = {"text": torch.cat([F.pad(h, (0, self.width - h.shape[2])) for h in hidden], dim=1).to(device),
+                    "text_mask": torch.cat(masks, dim=1).to(device), "text_pooled": pooled.to(device)}
             for i, p in enumerate(todo):
                 self.memo[p] = tuple(made[k][i].to(device) for k in ("text", "text_mask", "text_pooled"))
         for p in prompts:
