@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gen_dist.dist import whole_pretrained_loads
 from gen_dist.schema import ConfigError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -22,6 +23,7 @@ class ClipScore:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        whole_pretrained_loads()
         where = str(Path(source).expanduser()) if Path(source).expanduser().exists() else source
         try:
             self.net = transformers.CLIPModel.from_pretrained(where).to(device).eval().requires_grad_(False)

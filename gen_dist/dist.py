@@ -17,6 +17,16 @@ from accelerate import Accelerator
 from accelerate.state import PartialState
 
 
+def whole_pretrained_loads() -> None:
+    """While Accelerate has a ZeRO-3 DeepSpeed config registered, transformers' from_pretrained builds every
+    model partitioned over the ranks (deepspeed.zero.Init); the frozen models gen_dist loads (text encoders, CLIP)
+    must load whole on each rank, outside the engine. Called before each such load: Accelerate may register its
+    config again."""
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
 def is_main() -> bool:
     """True on global rank 0 (and before any process group exists)."""
     return PartialState().process_index == 0 if PartialState._shared_state else True

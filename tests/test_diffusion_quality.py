@@ -80,11 +80,11 @@ def test_label_dropout_replaces_labels_by_the_null_class() -> None:
     task = _task("diffusion.label_dropout=0.25")
     torch.manual_seed(0)
     labels = torch.randint(0, 10, (20000,))
-    out = task._train_labels({"label": labels})
+    out = task._train_condition({}, {"label": labels})
     dropped = out == 10
     assert abs(dropped.float().mean().item() - 0.25) < 0.02
     assert torch.equal(out[~dropped], labels[~dropped])
-    assert torch.equal(_task("diffusion.label_dropout=0")._train_labels({"label": labels}), labels)
+    assert torch.equal(_task("diffusion.label_dropout=0")._train_condition({}, {"label": labels}), labels)
 
 
 def test_targets_and_min_snr_weights_follow_the_published_forms() -> None:

@@ -115,6 +115,11 @@ def test_text_embeddings_by_two_ranks_are_read_with_the_data_in_its_order(tmp_pa
     live = pad_text(per_caption(*enc(batch["caption"])), [12], 32)
     torch.testing.assert_close(batch["text"], live["text"], atol=2e-3, rtol=2e-3)
     assert torch.equal(batch["text_mask"], live["text_mask"])
+    # Embeddings of another encoder (another width) are refused before anything trains on them.
+    other = make_encoder(tmp_path / "other", "clip", 24)
+    with pytest.raises(ConfigError, match=r"was encoded by .* width 32.* width 24"):
+        _cfg([other], f"data.path={captioned}", f"data.text_embeddings={out}", "data.caption_templates=[]",
+             "data.caption_key=txt", "diffusion.text_max_length=[12]")
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +130,7 @@ def classifier(tmp_path_factory: pytest.TempPathFactory, digits: Path) -> Path:
 
 
 STRATEGIES = {"ddp": [], "zero3": ["parallel.strategy=deepspeed", "parallel.zero_stage=3"],
-              "fsdp": ["parallel.strategy=fsdp"]}
+              "fsdp": ["parallel.strategy=fsdp", "train.activation_checkpointing=true"]}
 SMALL_DIT = ["diffusion.dit_depth=2", "diffusion.dit_heads=2", "diffusion.dit_head_dim=16"]
 
 

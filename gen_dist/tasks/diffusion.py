@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,9 +22,6 @@ from gen_dist.schema import ConfigError, RunConfig
 from gen_dist.tasks.backbones import build_backbone, call
 from gen_dist.tasks.latents import PretrainedKL, check_latents, encode_latents, latent_shape, load_first_stage
 from gen_dist.tasks.text import Conditioner, TextKeys, check_text, class_prompts, text_on, text_shape
-
-if TYPE_CHECKING:
-    pass
 
 
 @dataclass
@@ -274,7 +271,7 @@ class DiffusionTask(Task):
                                        prediction_type=d.prediction)
         self.phases = [Phase("denoise", "denoiser", self.loss)]
 
-    def _train_labels(self, nets: Nets, batch: Batch) -> Any:
+    def _train_condition(self, nets: Nets, batch: Batch) -> Any:
         """The training batch's condition: its text (with caption dropout), its labels (with label dropout) or
         None."""
         if self.text is not None:
@@ -342,27 +339,28 @@ class DiffusionTask(Task):
             return encode_latents(first, batch["x"])  # the FLOP count's batch: no measurement for it
         return encode_latents(first, batch["x"]) * self.latent_scale
 
-    def _net(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: Any) -> torch.Tensor:
-        """The backbone's output at (x, t): t is one value per image or one for all."""
-        return call(net, x, t, labels)
+    def _net(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        """The backbone's output at (x, t) under `cond` (class labels, a text condition or None): t is one value
+        per image or one for all."""
+        return call(net, x, t, cond)
 
     def loss(self, nets: Nets, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = self.latents(nets, batch) if "first_stage" in self.frozen else batch["x"]
         error = getattr(self, f"_{self.cfg.objective}_error")
-        err, weight = error(nets["denoiser"], x, self._train_labels(nets, batch))
+        err, weight = error(nets["denoiser"], x, self._train_condition(nets, batch))
         loss = (err * weight).mean()
         return loss, {"loss": loss.detach(), "mse": err.detach().mean()}
 
     # Each objective's (per-image squared error of the network's output, its loss weight).
 
-    def _ddpm_error(self, net: nn.Module, x: torch.Tensor, labels: Any) -> tuple[torch.Tensor, Any]:
+    def _ddpm_error(self, net: nn.Module, x: torch.Tensor, cond: Any) -> tuple[torch.Tensor, Any]:
         noise = torch.randn_like(x)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x.shape[0],), device=x.device)
-        pred = self._net(net, self.scheduler.add_noise(x, noise, t), t, labels)
+        pred = self._net(net, self.scheduler.add_noise(x, noise, t), t, cond)
         err = (pred.float() - self._target(x, noise, t).float()).square().mean(dim=(1, 2, 3))
         return err, self._snr_weight(t) if self.cfg.snr_gamma > 0 else 1.0
 
-    def _flow_error(self, net: nn.Module, x: torch.Tensor, labels: Any) -> tuple[torch.Tensor, Any]:
+    def _flow_error(self, net: nn.Module, x: torch.Tensor, cond: Any) -> tuple[torch.Tensor, Any]:
         """Rectified flow: x_t = (1 - t) x + t noise, whose velocity is noise - x."""
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
@@ -372,17 +370,17 @@ class DiffusionTask(Task):
                                                   device=x.device)
         t = flow_shift(u, d.time_shift)
         tb = t.view(-1, 1, 1, 1)
-        pred = self._net(net, (1 - tb) * x + tb * noise, t * TIME_SCALE, labels)
+        pred = self._net(net, (1 - tb) * x + tb * noise, t * TIME_SCALE, cond)
         return (pred.float() - (noise - x).float()).square().mean(dim=(1, 2, 3)), 1.0
 
-    def _edm_error(self, net: nn.Module, x: torch.Tensor, labels: Any) -> tuple[torch.Tensor, Any]:
+    def _edm_error(self, net: nn.Module, x: torch.Tensor, cond: Any) -> tuple[torch.Tensor, Any]:
         """EDM's loss lambda(sigma) |D(x + n) - x|^2 as the plain error of F against its effective target
         (x - c_skip (x + n)) / c_out, equal because lambda = 1 / c_out^2 (Karras et al. 2022, eq. 8)."""
         d = self.cfg
         sigma = (torch.randn(x.shape[0], device=x.device) * d.p_std + d.p_mean).exp()
         c_skip, c_out, c_in, c_noise = (c.view(-1, 1, 1, 1) for c in edm_scalings(sigma, d.sigma_data))
         noisy = x + torch.randn_like(x) * sigma.view(-1, 1, 1, 1)
-        pred = self._net(net, c_in * noisy, c_noise.flatten() * TIME_SCALE, labels)
+        pred = self._net(net, c_in * noisy, c_noise.flatten() * TIME_SCALE, cond)
         return (pred.float() - ((x - c_skip * noisy) / c_out).float()).square().mean(dim=(1, 2, 3)), 1.0
 
     def make_sampler(self) -> Any:
@@ -395,17 +393,17 @@ class DiffusionTask(Task):
         sched.set_timesteps(self.cfg.sample_steps)
         return sched
 
-    def _predict(self, net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, labels: Any,
+    def _predict(self, net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Any,
                  w: float | None = None) -> torch.Tensor:
         """The network's output at (x, t), guided: uncond + w (cond - uncond) in one doubled batch."""
         w = self.cfg.guidance if w is None else w
-        if labels is None or w == 1:
-            return self._net(net, x, t, labels).float()
-        if isinstance(labels, dict):
+        if cond is None or w == 1:
+            return self._net(net, x, t, cond).float()
+        if isinstance(cond, dict):  # text
             null = self.text.null(x.shape[0], x.device)
-            both: Any = {k: torch.cat([v, null[k].to(v.dtype)]) for k, v in labels.items()}
-        else:
-            both = torch.cat([labels, torch.full_like(labels, self.num_classes)])
+            both: Any = {k: torch.cat([v, null[k].to(v.dtype)]) for k, v in cond.items()}
+        else:  # class labels
+            both = torch.cat([cond, torch.full_like(cond, self.num_classes)])
         cond, uncond = self._net(net, torch.cat([x, x]), t, both).float().chunk(2)
         return uncond + w * (cond - uncond)
 
@@ -426,29 +424,29 @@ class DiffusionTask(Task):
         sched.set_timesteps(d.sample_steps)
         return sched.sigmas.double()
 
-    def _derivative(self, net: nn.Module, x: torch.Tensor, level: float, labels: Any) -> torch.Tensor:
+    def _derivative(self, net: nn.Module, x: torch.Tensor, level: float, cond: Any) -> torch.Tensor:
         """dx / d(noise level) of the probability-flow ODE at x: flow's velocity, or EDM's (x - D(x)) / sigma."""
         w = self._guidance_at(level)
         if self.cfg.objective == "flow":
-            return self._predict(net, x, torch.tensor(level * TIME_SCALE, device=x.device), labels, w)
+            return self._predict(net, x, torch.tensor(level * TIME_SCALE, device=x.device), cond, w)
         c_skip, c_out, c_in, c_noise = edm_scalings(torch.tensor(level, dtype=torch.float64), self.cfg.sigma_data)
-        f = self._predict(net, x * float(c_in), torch.tensor(float(c_noise) * TIME_SCALE, device=x.device), labels, w)
+        f = self._predict(net, x * float(c_in), torch.tensor(float(c_noise) * TIME_SCALE, device=x.device), cond, w)
         return (x - (float(c_skip) * x + float(c_out) * f)) / level
 
-    def _solve(self, net: nn.Module, x: torch.Tensor, labels: Any) -> torch.Tensor:
+    def _solve(self, net: nn.Module, x: torch.Tensor, cond: Any) -> torch.Tensor:
         """Euler or Heun (the trapezoid correction, Karras et al. 2022 Algorithm 1 without churn) over the grid;
         the step to 0 is always Euler."""
         grid = self.noise_levels().tolist()
         x = x * grid[0]
         for s, s_next in zip(grid[:-1], grid[1:], strict=True):
-            d = self._derivative(net, x, s, labels)
+            d = self._derivative(net, x, s, cond)
             x_next = x + (s_next - s) * d
             if sampler_name(self.cfg) == "heun" and s_next > 0:
-                x_next = x + (s_next - s) * (d + self._derivative(net, x_next, s_next, labels)) / 2
+                x_next = x + (s_next - s) * (d + self._derivative(net, x_next, s_next, cond)) / 2
             x = x_next
         return x
 
-    def _ddpm_sample(self, net: nn.Module, x: torch.Tensor, labels: Any,
+    def _ddpm_sample(self, net: nn.Module, x: torch.Tensor, cond: Any,
                      generator: torch.Generator) -> torch.Tensor:
         sched = self.make_sampler()
         name = sampler_name(self.cfg)
@@ -457,7 +455,7 @@ class DiffusionTask(Task):
             step_kwargs["generator"] = generator
         x = x * sched.init_noise_sigma
         for t in sched.timesteps:  # on the CPU, where the scheduler looks its index up
-            out = self._predict(net, sched.scale_model_input(x, t), t.to(x.device), labels)
+            out = self._predict(net, sched.scale_model_input(x, t), t.to(x.device), cond)
             x = sched.step(out, t, x, **step_kwargs).prev_sample
         return x
 
@@ -465,15 +463,13 @@ class DiffusionTask(Task):
     def sample(self, net: torch.nn.Module, labels: torch.Tensor | None, n: int,
                generator: torch.Generator) -> torch.Tensor:
         device = next(net.parameters()).device
+        cond: Any = labels
         if self.text is not None:
             prompts = self.prompts_at(labels)
-            labels = self.text.null(n, device) if prompts is None else self.text.encode(prompts, device)
+            cond = self.text.null(n, device) if prompts is None else self.text.encode(prompts, device)
         size = net.config.sample_size
         x = torch.randn((n, net.config.in_channels, size, size), generator=generator).to(device)
-        if self.cfg.objective == "ddpm":
-            x = self._ddpm_sample(net, x, labels, generator)
-        else:
-            x = self._solve(net, x, labels)
+        x = self._ddpm_sample(net, x, cond, generator) if self.cfg.objective == "ddpm" else self._solve(net, x, cond)
         if "first_stage" in self.frozen:
             if self.latent_scale is None:
                 raise ConfigError("this latent diffusion model has no latent scale: it was saved before training "

@@ -19,6 +19,7 @@ from torch import nn
 from gen_dist.artifact import weights_digest
 from gen_dist.data import DataError, open_catalog
 from gen_dist.data.text import Encoded, load_null, pad_text, text_about, write_text_index, write_text_shards
+from gen_dist.dist import whole_pretrained_loads
 from gen_dist.schema import ConfigError, RunConfig
 
 Cond = dict[str, torch.Tensor]
@@ -154,6 +155,7 @@ def _load(src: str) -> tuple[nn.Module, Any, set[str]]:
 
     transformers.logging.set_verbosity_error()  # its load report lists the unused pooler of every BERT
     transformers.logging.disable_progress_bar()
+    whole_pretrained_loads()
     config = encoder_config(src)
     kind = {"clip_text_model": "CLIPTextModel", "t5": "T5EncoderModel", "mt5": "MT5EncoderModel",
             "umt5": "UMT5EncoderModel"}.get(config.model_type, "AutoModel")
@@ -180,14 +182,15 @@ class TextEncoders(nn.Module):
         self.drawn = [m for _, _, m in loaded]
         self.clip = [n.config.model_type == "clip_text_model" for n in self.nets]
         self.warned = False
-        self._record: list[dict[str, str]] | None = None
+        self._record = [{"source": s, "digest": weights_digest({k: v for k, v in n.state_dict().items()
+                                                                if k not in drawn})[:16]}
+                        for s, n, drawn in zip(self.sources, self.nets, self.drawn, strict=True)]
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            self.nets.to(torch.bfloat16)  # GPUs run them in bf16; CPUs, where bf16 may be emulated, in fp32
 
     def record(self) -> list[dict[str, str]]:
-        """Each encoder's source and a checksum of its weights: what a run or its text embeddings were made with."""
-        if self._record is None:
-            self._record = [{"source": s, "digest": weights_digest({k: v for k, v in n.state_dict().items()
-                                                                    if k not in drawn})[:16]}
-                            for s, n, drawn in zip(self.sources, self.nets, self.drawn, strict=True)]
+        """Each encoder's source and a checksum of its weights as stored: what a run or its text embeddings were
+        made with."""
         return self._record
 
     def _tokens(self, tokenizer: Any, prompts: list[str], length: int) -> Any:
