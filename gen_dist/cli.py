@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--caption-key", default="txt", help="text-embeddings: the caption member (default txt)")
     d.add_argument("--index", default="", help="text-embeddings: a wids index of SOURCE's shard counts")
     d.add_argument("--nproc", type=count, default=1, help="text-embeddings: processes sharing the shards")
+    d.add_argument("--prompt", action="append", default=[],
+                   help="text-embeddings: a prompt of the training grids (train.sample_prompts) to encode too "
+                        "(repeatable), so that training never loads the encoders")
     d.set_defaults(func=data.cmd_data)
 
     s = sub.add_parser("sample", help="generate images from a checkpoint",

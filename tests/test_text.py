@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -192,13 +193,18 @@ def test_prompting_a_model_without_text_is_refused(tmp_path: Path, digits: Path)
 @pytest.mark.parametrize("cached", [False, True], ids=["on-the-fly", "cached"])
 def test_kill9_then_resume_equals_uninterrupted(cached: bool, tmp_path: Path, digits: Path, captioned: Path,
                                                 text_encoder: Path) -> None:
-    extra = [f"diffusion.text_encoder=[{text_encoder}]", "diffusion.text_max_length=[12]"]
+    encoder = shutil.copytree(text_encoder, tmp_path / "encoder")
+    extra = [f"diffusion.text_encoder=[{encoder}]", "diffusion.text_max_length=[12]"]
     data = digits
     if cached:
-        run_cli("data", "text-embeddings", str(captioned), "--encoder", str(text_encoder), "--max-length", "12",
-                "--out", str(tmp_path / "emb"))
-        extra += [f"data.text_embeddings={tmp_path / 'emb'}", "data.caption_key=txt", "data.caption_templates=[]"]
+        grid = "a drawing of the digit one"
+        run_cli("data", "text-embeddings", str(captioned), "--encoder", str(encoder), "--max-length", "12",
+                "--out", str(tmp_path / "emb"), "--prompt", grid)
+        extra += [f"data.text_embeddings={tmp_path / 'emb'}", "data.caption_key=txt", "data.caption_templates=[]",
+                  f"train.sample_prompts=[{grid}]"]
         data = captioned
+        # Training never loads the encoder: without its weights, it must not notice.
+        (encoder / "model.safetensors").rename(tmp_path / "weights")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     env = {**os.environ, "WANDB_MODE": "disabled"}
     subprocess.run(_command("diffusion_text", straight, data, 2, tuple(extra)), cwd=ROOT, check=True,
@@ -212,11 +218,10 @@ def test_kill9_then_resume_equals_uninterrupted(cached: bool, tmp_path: Path, di
     keys = _keys(straight)
     assert len(keys) == STEPS * 2 and keys == _keys(killed)
     if cached:  # a trained text model samples from prompts without the embeddings it was trained on
-        import shutil
-
         shutil.rmtree(tmp_path / "emb")
+        (tmp_path / "weights").rename(encoder / "model.safetensors")
         run_cli("sample", str(killed), "--prompt", "a drawing of the digit one", "--n", "2",
                 "--out", str(tmp_path / "one.png"))
     # The run records the encoders it was conditioned by: source and weights checksum.
     meta = json.loads((straight / "checkpoints" / f"step_{STEPS:08d}" / "meta.json").read_text())
-    assert [e["source"] for e in meta["state"]["task"]["text_encoders"]] == [str(text_encoder)]
+    assert [e["source"] for e in meta["state"]["task"]["text_encoders"]] == [str(encoder)]

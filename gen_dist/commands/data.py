@@ -71,7 +71,8 @@ def text_embeddings(args: argparse.Namespace, out: Path) -> None:
     from gen_dist.tasks.text import write_text_embeddings
 
     lengths = lengths * len(args.encoder) if len(lengths) == 1 else lengths
-    entry = write_text_embeddings(args.path, args.split, out, args.encoder, lengths, args.caption_key, args.index)
+    entry = write_text_embeddings(args.path, args.split, out, args.encoder, lengths, args.caption_key, args.index,
+                                  args.prompt)
     if entry is not None:
         print(f"{args.split}: {entry['count']} captions in {len(entry['shards'])} shards -> {out} "
               f"(data.text_embeddings={out})")

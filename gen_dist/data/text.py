@@ -6,9 +6,9 @@ data.caption_templates with the class name put in for `{class}`, drawn per sampl
 A text-embedding dataset (`gen-dist data text-embeddings`) has, for each shard of its source, a shard of the same
 file name and the same keys holding what the text encoders made of the caption: each encoder's hidden states of
 the caption's tokens with the padding cut off (<key>.text0.npy, <key>.text1.npy ..., float16, tokens x width) and
-the pooled vector (<key>.pooled.npy); its index.json names the encoders, and null.npz holds the empty prompt's
-encoding. Training reads it alongside the images, sample by sample (data.text_embeddings), so the encoders never
-run there."""
+the pooled vector (<key>.pooled.npy); its index.json names the encoders, and prompts.npz holds the encodings of
+the empty prompt and of the prompts of grids given to the command. Training reads it alongside the images,
+sample by sample (data.text_embeddings), so the encoders never run there."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from gen_dist.schema import RunConfig
 POOLED = "pooled.npy"
 TEXT_KEYS = ("text", "text_mask", "text_pooled")
 """A batch's text condition (`pad_text`)."""
-NULL = "null.npz"
+PROMPTS = "prompts.npz"
 Encoded = tuple[list[np.ndarray], np.ndarray]
 """One caption's encoding: each encoder's hidden states of its tokens (tokens x width), and the pooled vector."""
 
@@ -152,11 +152,12 @@ def text_layout(cfg: RunConfig) -> TextLayout | None:
     return TextLayout(cfg.data.text_embeddings, tuple(about["lengths"]), about["width"])
 
 
-def load_null(root: str) -> Encoded:
-    """The empty prompt's encoding that a text-embedding dataset keeps."""
-    with np.load(Path(root) / NULL) as f:
-        encoders = sum(1 for k in f.files if k.startswith("text"))
-        return [f[f"text{i}"] for i in range(encoders)], f["pooled"]
+def load_prompts(root: str) -> dict[str, Encoded]:
+    """The encodings of the prompts a text-embedding dataset keeps (the empty prompt first)."""
+    prompts = text_about(root)["prompts"]
+    with np.load(Path(root) / PROMPTS) as f:
+        encoders = sum(1 for k in f.files if k.startswith("p0_text"))
+        return {p: ([f[f"p{j}_text{i}"] for i in range(encoders)], f[f"p{j}_pooled"]) for j, p in enumerate(prompts)}
 
 
 def write_text_shards(catalog: Catalog, fields: Fields, out: Path, encode: Callable[[list[str]], list[Encoded]],
@@ -178,9 +179,10 @@ def write_text_shards(catalog: Catalog, fields: Fields, out: Path, encode: Calla
         tmp.replace(out / name)
 
 
-def write_text_index(catalog: Catalog, split: str, out: Path, about: dict[str, Any], null: Encoded) -> dict:
+def write_text_index(catalog: Catalog, split: str, out: Path, about: dict[str, Any],
+                     prompts: dict[str, Encoded]) -> dict:
     """The index of a text-embedding dataset, once every shard is written: the split's shards in catalog order,
-    what encoded them, and the empty prompt's encoding."""
+    what encoded them, and the encodings of `prompts` (the empty prompt's and those of grids)."""
     names = [s.url.rsplit("/", 1)[-1] for s in catalog.shards]
     if len(set(names)) != len(names):
         raise DataError(f"{catalog.describe()} has shards of the same file name in different places; a "
@@ -188,13 +190,16 @@ def write_text_index(catalog: Catalog, split: str, out: Path, about: dict[str, A
     missing = [n for n in names if not (out / n).is_file()]
     if missing:
         raise DataError(f"text embeddings of {len(missing)} shard(s) were not written: {', '.join(missing[:5])}")
-    parts, pooled = null
-    np.savez(out / NULL, pooled=pooled, **{f"text{i}": p for i, p in enumerate(parts)})
+    arrays = {}
+    for j, (parts, pooled) in enumerate(prompts.values()):
+        arrays[f"p{j}_pooled"] = pooled
+        arrays.update({f"p{j}_text{i}": p for i, p in enumerate(parts)})
+    np.savez(out / PROMPTS, **arrays)
     entry = {"count": catalog.total, "shards": [{"file": n, "count": s.count} for n, s in
                                                 zip(names, catalog.shards, strict=True)]}
     path = out / INDEX
     index = json.loads(path.read_text()) if path.exists() else {"format": "gen_dist.shards.v1", "splits": {}}
-    index.update(classes=catalog.classes, text_embeddings=about, source=catalog.source)
+    index.update(classes=catalog.classes, text_embeddings={**about, "prompts": list(prompts)}, source=catalog.source)
     index["splits"][split] = entry
     path.write_text(json.dumps(index, indent=1))
     return entry

@@ -11,14 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gen_dist.artifact import weights_digest
 from gen_dist.data import DataError, open_catalog
-from gen_dist.data.text import Encoded, load_null, pad_text, text_about, write_text_index, write_text_shards
+from gen_dist.data.text import Encoded, load_prompts, pad_text, text_about, write_text_index, write_text_shards
 from gen_dist.dist import whole_pretrained_loads
 from gen_dist.schema import ConfigError, RunConfig
 
@@ -248,6 +247,10 @@ class Conditioner:
         self.memo: OrderedDict[str, tuple[torch.Tensor, ...]] = OrderedDict()
         self.memo_rows = max(16, MEMO_BYTES // (4 * (self.tokens * (self.width + 1) + self.pooled)))
         self._null: Cond | None = None
+        if self.root:  # the prompts written with the embeddings: grids need no encoder for them
+            for prompt, encoded in load_prompts(self.root).items():
+                row = pad_text([encoded], self.lengths, self.width)
+                self.memo[prompt] = tuple(row[k][0] for k in ("text", "text_mask", "text_pooled"))
 
     def record(self) -> list[dict[str, str]]:
         """The encoders the model is conditioned by (source, weights checksum), as its checkpoints keep them."""
@@ -297,8 +300,6 @@ class Conditioner:
                 mask[:, 0] = 1  # attention needs a key; it sees a zero one
                 self._null = {"text": torch.zeros(1, self.tokens, self.width), "text_mask": mask,
                               "text_pooled": torch.zeros(1, self.pooled)}
-            elif self.root and self.encoders is None:
-                self._null = pad_text([load_null(self.root)], self.lengths, self.width)
             else:
                 self._null = self.encode([""], device)
         return {k: v.to(device).expand(n, *v.shape[1:]) for k, v in self._null.items()}
@@ -325,10 +326,11 @@ class Conditioner:
 
 
 def write_text_embeddings(source: str, split: str, out: Path, sources: list[str], lengths: list[int],
-                          caption_key: str, index: str = "", chunk: int = 256) -> dict | None:
+                          caption_key: str, index: str = "", prompts: list[str] = (), chunk: int = 256) -> dict | None:
     """`gen-dist data text-embeddings`: every caption of `split` of `source` encoded into a text-embedding
     dataset at `out`, the shards shared among the ranks of the launch (RANK, WORLD_SIZE); rank 0 writes the
-    index once all are done. Returns the split's entry on rank 0."""
+    index once all are done, with the encodings of the empty prompt and `prompts`. Returns the split's entry on
+    rank 0."""
     from gen_dist.data import Fields
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -351,5 +353,5 @@ def write_text_embeddings(source: str, split: str, out: Path, sources: list[str]
     widths = [width_of(n.config) for n in encoders.nets]
     about = {"sources": list(sources), "encoders": encoders.record(), "lengths": lengths, "tokens": sum(lengths),
              "width": max(widths), "pooled": sum(widths), "caption_key": caption_key}
-    null = per_caption(*encoders([""]))[0]
-    return write_text_index(catalog, split, out, about, (null[0], np.asarray(null[1])))
+    kept = list(dict.fromkeys(["", *prompts]))
+    return write_text_index(catalog, split, out, about, dict(zip(kept, per_caption(*encoders(kept)), strict=True)))
