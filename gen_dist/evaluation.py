@@ -280,6 +280,9 @@ class Evaluator:
         finally:
             classes = labels.numpy() if labels is not None and task.num_classes and not task.prompts else None
             task.prompts = None
+        why = "accuracy: no class each sample was drawn for"
+        if "accuracy" in e.metrics and classes is None and why not in self.skipped:
+            self.skipped.append(why)
         out: dict[str, float] = {}
         for name, sums in (("eval/psnr", psnr if task.reconstructs else None),
                            (f"eval/clip_score{count_tag(e.n)}", clip if self.clip is not None and prompts else None)):

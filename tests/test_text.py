@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from conftest import CONFIGS, ROOT, records, run_cli, smoke_args, train_command
+from conftest import CONFIGS, ROOT, events, records, run_cli, smoke_args, train_command
 from PIL import Image
 from safetensors.torch import load_file
 from test_crash import STEPS, _command, _keys, _kill_during_training, _state
@@ -135,20 +135,29 @@ STRATEGIES = {"ddp": [], "zero3": ["parallel.strategy=deepspeed", "parallel.zero
 SMALL_DIT = ["diffusion.dit_depth=2", "diffusion.dit_heads=2", "diffusion.dit_head_dim=16"]
 
 
-@pytest.mark.parametrize(("strategy", "backbone", "objective"),
-                         [("ddp", "unet", "ddpm"), ("zero3", "dit", "flow"), ("fsdp", "mmdit", "edm")])
-def test_text_model_trains_scores_and_samples_prompts(strategy: str, backbone: str, objective: str, tmp_path: Path,
-                                                      digits: Path, text_encoder: Path, classifier: Path) -> None:
+# Class prompts from templates (prompt accuracy), or the shards' own captions (evaluated on the test split's).
+@pytest.mark.parametrize(("strategy", "backbone", "objective", "captions"),
+                         [("ddp", "unet", "ddpm", False), ("zero3", "dit", "flow", True),
+                          ("fsdp", "mmdit", "edm", False)])
+def test_text_model_trains_scores_and_samples_prompts(strategy: str, backbone: str, objective: str, captions: bool,
+                                                      tmp_path: Path, digits: Path, captioned: Path,
+                                                      text_encoder: Path, classifier: Path) -> None:
     clip = make_clip(tmp_path / "clip")
     run = tmp_path / "run"
-    run_cli(*train_command(2, *smoke_args("diffusion_text", run, digits), f"diffusion.text_encoder=[{text_encoder}]",
-                           f"diffusion.backbone={backbone}", f"diffusion.objective={objective}", *SMALL_DIT,
-                           *STRATEGIES[strategy], "train.sample_prompts=[a photo of seven,a photo of one]",
-                           "eval.every=6", "eval.n=20", "eval.batch_size=10", f"eval.extractors=[{classifier}]",
+    data = ["data.caption_key=txt", "data.caption_templates=[]"] if captions else []
+    run_cli(*train_command(2, *smoke_args("diffusion_text", run, captioned if captions else digits), *data,
+                           f"diffusion.text_encoder=[{text_encoder}]", f"diffusion.backbone={backbone}",
+                           f"diffusion.objective={objective}", *SMALL_DIT, *STRATEGIES[strategy],
+                           "train.sample_prompts=[a photo of seven,a photo of one]", "eval.every=6", "eval.n=20",
+                           "eval.batch_size=10", f"eval.extractors=[{classifier}]",
                            "eval.metrics=[fid,accuracy,clip_score]", f"eval.clip_model={clip}"))
     scores = [r for r in records(run) if "eval/clip_score20" in r]
-    assert scores and 0 <= scores[-1]["eval/domain/accuracy20"] <= 1 and 0 <= scores[-1]["eval/clip_score20"] <= 100
-    assert np.isfinite(scores[-1]["eval/domain/fid20"])
+    assert scores and 0 <= scores[-1]["eval/clip_score20"] <= 100 and np.isfinite(scores[-1]["eval/domain/fid20"])
+    if captions:  # samples of the test split's captions: no class prompt to score
+        assert "eval/domain/accuracy20" not in scores[-1]
+        assert any("accuracy" in s for e in events(run, "eval") for s in e["skipped"])
+    else:
+        assert 0 <= scores[-1]["eval/domain/accuracy20"] <= 1
     # The grid has one column per prompt; the encoder is in no checkpoint file.
     assert Image.open(run / "samples" / "step_00000006.png").size[0] < Image.open(run / "samples" /
                                                                                   "step_00000006.png").size[1]
