@@ -17,7 +17,15 @@ from torch import nn
 
 from gen_dist.artifact import weights_digest
 from gen_dist.data import DataError, open_catalog
-from gen_dist.data.text import Encoded, load_prompts, pad_text, text_about, write_text_index, write_text_shards
+from gen_dist.data.text import (
+    TEXT_KEYS,
+    Encoded,
+    load_prompts,
+    pad_text,
+    text_about,
+    write_text_index,
+    write_text_shards,
+)
 from gen_dist.dist import whole_pretrained_loads
 from gen_dist.schema import ConfigError, RunConfig
 
@@ -250,7 +258,7 @@ class Conditioner:
         if self.root:  # the prompts written with the embeddings: grids need no encoder for them
             for prompt, encoded in load_prompts(self.root).items():
                 row = pad_text([encoded], self.lengths, self.width)
-                self.memo[prompt] = tuple(row[k][0] for k in ("text", "text_mask", "text_pooled"))
+                self.memo[prompt] = tuple(row[k][0] for k in TEXT_KEYS)
 
     def record(self) -> list[dict[str, str]]:
         """The encoders the model is conditioned by (source, weights checksum), as its checkpoints keep them."""
@@ -284,14 +292,14 @@ class Conditioner:
             made = {"text": torch.cat([F.pad(h, (0, self.width - h.shape[2])) for h in hidden], dim=1).to(device),
                     "text_mask": torch.cat(masks, dim=1).to(device), "text_pooled": pooled.to(device)}
             for i, p in enumerate(todo):
-                self.memo[p] = tuple(made[k][i].to(device) for k in ("text", "text_mask", "text_pooled"))
+                self.memo[p] = tuple(made[k][i].to(device) for k in TEXT_KEYS)
         for p in prompts:
             self.memo.move_to_end(p)
         rows = [self.memo[p] for p in prompts]
         while len(self.memo) > self.memo_rows:
             self.memo.popitem(last=False)
         return {k: torch.stack([r[i] for r in rows]).to(device) for i, k in
-                enumerate(("text", "text_mask", "text_pooled"))}
+                enumerate(TEXT_KEYS)}
 
     def null(self, n: int, device: torch.device) -> Cond:
         if self._null is None:
@@ -306,7 +314,7 @@ class Conditioner:
 
     def of_batch(self, batch: Any, device: torch.device) -> Cond:
         if "text" in batch:
-            return {k: batch[k] for k in ("text", "text_mask", "text_pooled")}
+            return {k: batch[k] for k in TEXT_KEYS}
         if "caption" not in batch:  # the FLOP count's batch
             return self.null(len(batch["key"]), device)
         return self.encode(list(batch["caption"]), device)
