@@ -269,7 +269,7 @@ def eval_metric_keys(cfg: RunConfig, reconstructs: bool) -> dict[str, bool]:
         names = {"fid": ["fid"], "kid": ["kid"], "pr": ["precision", "recall"],
                  "is": ["is"] if name == "domain" else []}
         names["accuracy"] = ["accuracy"] if name == "domain" else []
-        for metric in set(e.metrics) - {"clip_score"}:
+        for metric in [m for m in e.metrics if m != "clip_score"]:
             out.update({f"eval/{name}/{m}{tag}": m in ("fid", "kid") for m in names[metric]})
     if "clip_score" in e.metrics:
         out[f"eval/clip_score{tag}"] = False
