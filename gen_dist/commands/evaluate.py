@@ -10,8 +10,9 @@ from gen_dist.commands.options import eval_overrides, fail
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    import torch
+
     from gen_dist import dist
-    from gen_dist.evaluation import evaluate_checkpoint, evaluate_snapshots
     from gen_dist.launch import LaunchSpec, run
 
     overrides = eval_overrides(args)
@@ -32,6 +33,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
             flags += ["--ema-stds", ",".join(map(str, args.ema_stds))]
         sys.exit(run(LaunchSpec(nproc=args.nproc, cpu=args.cpu, port=args.port), [args.checkpoint, *overrides,
                                                                                   *flags], command="eval"))
+    evaluate_here(args, path, overrides)
+    if torch.distributed.is_initialized():
+        # As after training: the process group closed in order and the interpreter's teardown skipped (tearing
+        # gloo down at exit occasionally aborts a rank after its work is done).
+        dist.shutdown(None)
+        dist.hard_exit(0)
+
+
+def evaluate_here(args: argparse.Namespace, path: Path, overrides: list[str]) -> None:
+    """The evaluation in this process (one rank of a launch, or alone)."""
+    from gen_dist import dist
+    from gen_dist.evaluation import evaluate_checkpoint, evaluate_snapshots
+
     if args.ema_stds:
         from gen_dist.evaluation import evaluate_posthoc
 
