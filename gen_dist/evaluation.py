@@ -219,6 +219,7 @@ class Evaluator:
                         if "is" in e.metrics and not isinstance(x, DomainClassifier)]
         self._real: dict[str, np.ndarray] = {}
         self.clip = ClipScore(e.clip_model, acc.device) if "clip_score" in e.metrics else None
+        self._captions: list[str] | None = None
 
     def real_features(self, extractor: Extractor) -> np.ndarray:
         if extractor.name not in self._real:
@@ -241,11 +242,13 @@ class Evaluator:
         return feats
 
     def _prompts(self, task: Task) -> list[str] | None:
-        """A text model without class prompts draws the evaluation's samples from the reference split's own
-        captions, in order."""
-        if not task.prompted or task.prompts_at(torch.zeros(1)):
+        """A text model without class prompts (none for class 0) draws the evaluation's samples from the reference
+        split's own captions, in order (read at the first evaluation)."""
+        if not task.prompted or task.prompts_at(torch.zeros(1, dtype=torch.long)):
             return None
-        return split_captions(self.cfg, self.split, 0, min(self.cfg.eval.n, self.split.total))
+        if self._captions is None:
+            self._captions = split_captions(self.cfg, self.split, 0, min(self.cfg.eval.n, self.split.total))
+        return self._captions
 
     def _data_ident(self) -> str:
         """Changes when the split is re-packed: its shards, their counts and sizes."""
@@ -263,9 +266,7 @@ class Evaluator:
 
         psnr = torch.zeros(2, dtype=torch.float64)  # sum of per-image PSNR, images: reconstructions only
         clip = torch.zeros(2, dtype=torch.float64)  # sum of CLIP scores, images: text models only
-        task.prompts = self._prompts(task)
-        labels = task.sample_labels(e.n, torch.device("cpu"))
-        prompts = task.prompts_at(labels)
+        captions = self._prompts(task)
 
         def make(start: int, size: int) -> torch.Tensor:
             images = sample_chunk(task, net, e.seed, start, size, self.acc.device, autocast)
@@ -275,11 +276,11 @@ class Evaluator:
                 clip.add_(torch.tensor([self.clip.sum(images, prompts[start : start + size]), size]))
             return images
 
-        try:
+        with task.prompting(captions):
+            labels = task.sample_labels(e.n, torch.device("cpu"))
+            prompts = task.prompts_at(labels)
             fake = embed(e.n, e.batch_size, make, self.extractors, self.acc)
-        finally:
-            classes = labels.numpy() if labels is not None and task.num_classes and not task.prompts else None
-            task.prompts = None
+        classes = labels.numpy() if labels is not None and task.num_classes and not captions else None
         why = "accuracy: no class each sample was drawn for"
         if "accuracy" in e.metrics and classes is None and why not in self.skipped:
             self.skipped.append(why)

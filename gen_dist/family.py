@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -136,6 +137,15 @@ class Task:
     def prompts_at(self, labels: torch.Tensor | None) -> list[str] | None:
         """Text models: the prompt of each of these sample labels."""
         return None
+
+    @contextmanager
+    def prompting(self, prompts: list[str] | None) -> Iterator[None]:
+        """Samples drawn from `prompts` (None: from class prompts) inside the block, and as before after it."""
+        self.prompts = prompts or None
+        try:
+            yield
+        finally:
+            self.prompts = None
 
     @torch.no_grad()
     def sample(self, net: nn.Module, labels: torch.Tensor | None, n: int,

@@ -46,33 +46,30 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def text_embeddings(args: argparse.Namespace, out: Path) -> None:
-    """Encode in this process (as one rank of a launch when RANK is set), or start --nproc of them."""
+    """Encode in this process (as one rank of a launch when RANK is set), or launch --nproc of them."""
     import os
-    import subprocess
-    import sys
+
+    from gen_dist.tasks.text import TextKeys, lengths_of, write_text_embeddings
 
     if not args.path or not args.encoder:
         fail("gen-dist data text-embeddings SOURCE --encoder ENCODER [--encoder ...] --out DIR")
-    lengths = args.max_length or [77]
-    if len(lengths) not in (1, len(args.encoder)):
+    keys = TextKeys(text_encoder=args.encoder, text_max_length=args.max_length or [77])
+    if len(keys.text_max_length) not in (1, len(args.encoder)):
         fail(f"--max-length: give one for all encoders or one per encoder ({len(args.encoder)})")
     if args.nproc > 1 and "RANK" not in os.environ:
         from gen_dist.dist import free_port
+        from gen_dist.launch import LaunchSpec, run
 
-        argv = sys.argv[1:]
-        at = next(i for i, a in enumerate(argv) if a.startswith("--nproc"))
-        del argv[at : at + (1 if "=" in argv[at] else 2)]
         # Each process sees RANK and takes its share of the shards.
-        code = subprocess.call([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
-                                "--master-port", str(free_port()), "-m", "gen_dist", *argv])
+        same = [args.path, "--out", str(out), "--split", args.split, "--caption-key", args.caption_key,
+                "--index", args.index, *(f"--encoder={e}" for e in args.encoder),
+                *(f"--max-length={n}" for n in keys.text_max_length), *(f"--prompt={p}" for p in args.prompt)]
+        code = run(LaunchSpec(nproc=args.nproc, port=free_port()), ["text-embeddings", *same], command="data")
         if code:
             fail(f"text-embeddings: a process failed (exit code {code})")
         return
-    from gen_dist.tasks.text import write_text_embeddings
-
-    lengths = lengths * len(args.encoder) if len(lengths) == 1 else lengths
-    entry = write_text_embeddings(args.path, args.split, out, args.encoder, lengths, args.caption_key, args.index,
-                                  args.prompt)
+    entry = write_text_embeddings(args.path, args.split, out, args.encoder, lengths_of(keys), args.caption_key,
+                                  args.index, args.prompt)
     if entry is not None:
         print(f"{args.split}: {entry['count']} captions in {len(entry['shards'])} shards -> {out} "
               f"(data.text_embeddings={out})")

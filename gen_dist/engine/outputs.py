@@ -80,11 +80,8 @@ class Outputs:
 
     def write_samples(self) -> Path:
         prompts = list(self.cfg.train.sample_prompts) if self.task.prompted else []
-        self.task.prompts = prompts or None
-        try:
+        with self.task.prompting(prompts):
             images = self.sample(self.cfg.train.sample_n)
-        finally:
-            self.task.prompts = None
         if self.task.reconstructs:  # rows of originals, each above its reconstructions
             real = self.task.real_images(0, len(images)).to(images.device)
             images = torch.stack([real, images], 1).unflatten(0, (-1, 10)).transpose(1, 2).flatten(0, 2)

@@ -21,7 +21,7 @@ from gen_dist.images import to_model_range
 from gen_dist.schema import ConfigError, RunConfig
 from gen_dist.tasks.backbones import build_backbone, call
 from gen_dist.tasks.latents import PretrainedKL, check_latents, encode_latents, latent_shape, load_first_stage
-from gen_dist.tasks.text import Conditioner, TextKeys, check_text, class_prompts, text_on, text_shape
+from gen_dist.tasks.text import Conditioner, TextKeys, check_text, class_prompts, text_on
 
 
 @dataclass
@@ -266,7 +266,8 @@ class DiffusionTask(Task):
             if self.text.encoders is not None:
                 self.frozen = {**self.frozen, "text_encoder": self.text.encoders}
             self.class_prompts = class_prompts(cfg)
-        self.modules = {"denoiser": build_backbone(cfg, *shape, text_shape(d) if self.text else None)}
+        text = (self.text.tokens, self.text.width, self.text.pooled) if self.text else None
+        self.modules = {"denoiser": build_backbone(cfg, *shape, text)}
         self.scheduler = DDPMScheduler(num_train_timesteps=d.train_timesteps, beta_schedule=d.beta_schedule,
                                        prediction_type=d.prediction)
         self.phases = [Phase("denoise", "denoiser", self.loss)]
@@ -275,8 +276,6 @@ class DiffusionTask(Task):
         """The training batch's condition: its text (with caption dropout), its labels (with label dropout) or
         None."""
         if self.text is not None:
-            if "text_encoder" in nets:
-                self.text.encoders = nets["text_encoder"]
             device = next(nets["denoiser"].parameters()).device
             return self.text.dropped(self.text.of_batch(batch, device))
         if not self.num_classes:

@@ -128,9 +128,10 @@ def _check_embeddings(cfg: RunConfig, shape: tuple[int, int, int]) -> None:
         about = text_about(root)
     except DataError as e:
         raise ConfigError(str(e)) from None
-    if data_caption_templates := cfg.data.caption_templates:
+    if cfg.data.caption_templates:
         raise ConfigError(f"data.text_embeddings holds one encoding per sample; captions drawn from templates "
-                          f"({data_caption_templates[0]!r} ...) change every epoch: leave data.text_embeddings empty")
+                          f"({cfg.data.caption_templates[0]!r} ...) change every epoch: leave data.text_embeddings "
+                          f"empty")
     made = (about["tokens"], about["width"], about["pooled"])
     if about["sources"] != list(d.text_encoder) or made != shape or about["lengths"] != lengths_of(d):
         raise ConfigError(f"data.text_embeddings: {root} was encoded by {about['sources']} (max lengths "
