@@ -187,7 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "config in its metadata. Works for DDP, ZeRO and FSDP checkpoints alike; "
                                    "`gen-dist sample FILE` reads it.")
     e.add_argument("checkpoint")
-    e.add_argument("--out", required=True, help="output .safetensors file")
+    e.add_argument("--out", required=True, help="output .safetensors file (a directory for diffusers and lora)")
+    e.add_argument("--format", default="gen-dist", help="gen-dist (default: one file `gen-dist sample` reads); of a "
+                   "fine-tuned pipeline: diffusers (a pipeline directory), lora (for load_lora_weights), kohya "
+                   "(A1111/ComfyUI LoRA of SD 1.x/2.x/SDXL), comfyui (SD3/Flux LoRA), single-file (SD 1.x/SDXL "
+                   "checkpoint): docs/finetune.md")
+    e.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA (formats other than "
+                   "gen-dist)")
     e.set_defaults(func=models.cmd_export)
 
     ev = sub.add_parser("eval", help="FID, KID, IS, precision/recall of a checkpoint's samples",

@@ -34,6 +34,9 @@ def validate(cfg: RunConfig) -> None:
     """Checks across fields that types alone cannot express: the core sections', the strategy's, every
     family's and evaluation's."""
     found = families()
+    for f in found.values():
+        if f.resolve is not None:
+            f.resolve(cfg)
     validate_core(cfg, tuple(found))
     if cfg.parallel.strategy not in STRATEGIES:
         raise ConfigError(f"config key 'parallel.strategy' must be one of {', '.join(STRATEGIES)}, got "

@@ -184,6 +184,9 @@ class Family:
     """Section keys that only change how samples are drawn: a run may resume with other values."""
     check: Callable[[RunConfig], None] | None = None
     """Checks across keys; run for every registered family (`cfg.task` tells whether it is the one trained)."""
+    resolve: Callable[[RunConfig], None] | None = None
+    """Fills keys that another source decides (a pretrained pipeline) before any check runs; run for every
+    registered family, again at each validation, so it leaves a resolved config as it is."""
 
 
 class Checkpointable(nn.Module):

@@ -13,6 +13,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
+from gen_dist.parallel import set_trainable
+
 if TYPE_CHECKING:
     from gen_dist.family import Task
     from gen_dist.schema import RunConfig
@@ -115,7 +117,7 @@ def flops_per_image(task: Task, frozen: Mapping[str, nn.Module], shape: tuple[in
     try:
         for phase in task.phases:
             for name, m in task.modules.items():
-                m.requires_grad_(name == phase.trains)
+                set_trainable(m, name == phase.trains)
             counter = _FlopCounter()
             with counter, sdpa_kernel(SDPBackend.MATH):
                 loss, _ = phase.loss(nets, batch, 0)
@@ -124,7 +126,7 @@ def flops_per_image(task: Task, frozen: Mapping[str, nn.Module], shape: tuple[in
     finally:
         torch.random.set_rng_state(rng)
         for m in task.modules.values():
-            m.requires_grad_(True)
+            set_trainable(m, True)
             m.zero_grad(set_to_none=True)
         for (_, b), saved in buffers.items():
             b.copy_(saved)

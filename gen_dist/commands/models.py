@@ -24,9 +24,16 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from gen_dist.artifact import export
+    if args.format == "gen-dist":
+        from gen_dist.artifact import export
 
-    print(f"wrote {export(Path(args.checkpoint), Path(args.out))}")
+        if args.raw:
+            fail("--raw: the gen-dist format holds both the raw (model.*) and EMA (ema.*) weights")
+        print(f"wrote {export(Path(args.checkpoint), Path(args.out))}")
+        return
+    from gen_dist.formats import export as export_as
+
+    print(f"wrote {export_as(Path(args.checkpoint), args.format, Path(args.out), use_ema=not args.raw)}")
 
 
 def cmd_ema(args: argparse.Namespace) -> None:

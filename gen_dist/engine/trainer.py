@@ -146,8 +146,9 @@ class Trainer(Outputs):
         opts = {}
         for n in self.trained_names:
             own = {"lr": o.lr, "betas": o.betas, **self.task.optim.get(n, {})}
-            opts[n] = torch.optim.AdamW(self.task.modules[n].parameters(), lr=own["lr"], betas=tuple(own["betas"]),
-                                        weight_decay=o.weight_decay, **kwargs)
+            params = parallel.trained_parameters(self.task.modules[n])
+            opts[n] = torch.optim.AdamW(params, lr=own["lr"], betas=tuple(own["betas"]), weight_decay=o.weight_decay,
+                                        **kwargs)
         factor = lr_factor(o.schedule, o.warmup_steps, self.cfg.train.steps)
         scheds = {n: torch.optim.lr_scheduler.LambdaLR(opt, factor) for n, opt in opts.items()}
         self.trained = self.strategy.prepare(self.acc, self.task.modules, opts, scheds)
@@ -246,7 +247,7 @@ class Trainer(Outputs):
         self.watchdog.mark(step, f"phase '{phase.name}'")
         trained = self.trained[phase.trains]
         for name, m in self.modules.items():
-            m.requires_grad_(name == phase.trains)
+            parallel.set_trainable(m, name == phase.trains)
         nets = {**self.frozen, **{n: (trained.wrapper if n == phase.trains else m) for n, m in self.modules.items()}}
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.acc.device))
         with trained.double_backward() if phase.double_backward else nullcontext():

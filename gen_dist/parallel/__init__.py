@@ -13,8 +13,17 @@ from gen_dist.parallel.ema import EMA, warmed_decay
 from gen_dist.parallel.layouts import FSDP2Shards, Replicated, WeightLayout, Zero3Partitions, full_state_dict
 from gen_dist.parallel.stepping import NonFiniteError, TrainedModule
 from gen_dist.parallel.strategies import STRATEGIES, Strategy, adopt_launcher_strategy, strategy_for
+from gen_dist.parallel.trained import (
+    is_partial,
+    set_trainable,
+    train_all,
+    train_only,
+    trained_named_parameters,
+    trained_parameters,
+)
 
 __all__ = ["EMA", "STRATEGIES", "FSDP2Shards", "NonFiniteError", "Replicated", "Strategy", "TrainedModule",
            "WeightLayout", "Zero3Partitions", "adopt_launcher_strategy", "blocks", "check_deepspeed",
-           "compile_block_forwards", "compile_blocks", "deepspeed_config", "full_state_dict", "shard_units",
-           "strategy_for", "warmed_decay"]
+           "compile_block_forwards", "compile_blocks", "deepspeed_config", "full_state_dict", "is_partial",
+           "set_trainable", "shard_units", "strategy_for", "train_all", "train_only", "trained_named_parameters",
+           "trained_parameters", "warmed_decay"]

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from gen_dist.parallel.layouts import WeightLayout, saved_buffers
+from gen_dist.parallel.trained import trained_named_parameters
 
 
 def warmed_decay(decay: float) -> Callable[[int], float]:
@@ -24,8 +25,8 @@ class EMA:
 
     def __init__(self, module: nn.Module, beta: Callable[[int], float], layout: WeightLayout) -> None:
         self.module, self.beta, self.layout = module, beta, layout
-        self.names = [n for n, _ in module.named_parameters()]
-        self.params = [p for _, p in module.named_parameters()]
+        self.names = [n for n, _ in trained_named_parameters(module)]  # a frozen base has no average
+        self.params = [p for _, p in trained_named_parameters(module)]
         self.shadow = [layout.local(p).detach().float().clone() for p in self.params]
         self.buffers = {n: b.detach().clone() for n, b in saved_buffers(module).items()}
         self.updates = 0

@@ -6,6 +6,8 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from gen_dist.parallel.trained import trained_named_parameters
+
 
 class Replicated:
     """Every rank holds whole parameters (DDP, ZeRO 1/2)."""
@@ -81,8 +83,9 @@ def saved_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def full_state_dict(module: nn.Module, layout: WeightLayout) -> dict[str, torch.Tensor]:
-    """Whole fp32 weights and buffers of `module` on every rank (a collective under sharding)."""
-    names, params = zip(*module.named_parameters(), strict=True)
+    """Whole fp32 weights and buffers of `module` on every rank (a collective under sharding); of a module that
+    trains some of its parameters, those."""
+    names, params = zip(*trained_named_parameters(module), strict=True)
     full = layout.gather(list(params), [layout.local(p) for p in params])
     out = {n: t.detach().float().cpu() for n, t in zip(names, full, strict=True)}
     out.update({n: b.detach().cpu().clone() for n, b in saved_buffers(module).items()})

@@ -18,14 +18,16 @@ from torch import nn
 from gen_dist.data import open_catalog, split_images
 from gen_dist.family import Batch, Family, Nets, Phase, Task, register
 from gen_dist.images import to_model_range
+from gen_dist.pipelines import open_pipeline
 from gen_dist.schema import ConfigError, RunConfig
+from gen_dist.tasks import finetune
 from gen_dist.tasks.backbones import build_backbone, call
 from gen_dist.tasks.latents import PretrainedKL, check_latents, encode_latents, latent_shape, load_first_stage
 from gen_dist.tasks.text import Conditioner, TextKeys, check_text, class_prompts, text_on
 
 
 @dataclass
-class DiffusionConfig(TextKeys):
+class DiffusionConfig(TextKeys, finetune.PretrainedKeys):
     backbone: str = "unet"
     """unet (diffusers' UNet2DModel: channels, attention, layers_per_block, head_dim, norm_groups; with text its
     UNet2DConditionModel), dit (diffusers' DiTTransformer2DModel: dit_depth, dit_heads, dit_head_dim, patch_size;
@@ -166,6 +168,7 @@ def check(cfg: RunConfig) -> None:
                           f"image into whole patches")
     _check_objective(d)
     check_text(cfg)
+    finetune.check(cfg)
     if d.backbone == "mmdit" and not text_on(cfg):
         raise ConfigError("diffusion.backbone=mmdit is a text-to-image transformer: set diffusion.text_encoder")
     if cfg.data.latents and not d.first_stage:
@@ -260,6 +263,7 @@ class DiffusionTask(Task):
             if cfg.data.latents:
                 check_latents(cfg, self.frozen["first_stage"])
             self.latent_scale = d.latent_scale or getattr(first, "scaling_factor", None)
+        self.shape = shape  # (channels, side) of what the denoiser sees
         self.text: Conditioner | None = None
         if text_on(cfg):
             self.text, self.prompted = Conditioner(cfg, on_the_fly=not cfg.data.text_embeddings), True
@@ -267,9 +271,12 @@ class DiffusionTask(Task):
                 self.frozen = {**self.frozen, "text_encoder": self.text.encoders}
             self.class_prompts = class_prompts(cfg)
         text = (self.text.tokens, self.text.width, self.text.pooled) if self.text else None
-        self.modules = {"denoiser": build_backbone(cfg, *shape, text)}
-        self.scheduler = DDPMScheduler(num_train_timesteps=d.train_timesteps, beta_schedule=d.beta_schedule,
-                                       prediction_type=d.prediction)
+        self.pipe = open_pipeline(d.pretrained) if d.pretrained else None
+        self.modules = {"denoiser": finetune.pretrained_denoiser(cfg) if self.pipe else build_backbone(cfg, *shape,
+                                                                                                       text)}
+        self.scheduler = (DDPMScheduler.from_config(self.pipe.config("scheduler")) if self.pipe else
+                          DDPMScheduler(num_train_timesteps=d.train_timesteps, beta_schedule=d.beta_schedule,
+                                        prediction_type=d.prediction))
         self.phases = [Phase("denoise", "denoiser", self.loss)]
 
     def _train_condition(self, nets: Nets, batch: Batch) -> Any:
@@ -341,7 +348,7 @@ class DiffusionTask(Task):
     def _net(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         """The backbone's output at (x, t) under `cond` (class labels, a text condition or None): t is one value
         per image or one for all."""
-        return call(net, x, t, cond)
+        return self.pipe.call(net, x, t, cond) if self.pipe else call(net, x, t, cond)
 
     def loss(self, nets: Nets, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = self.latents(nets, batch) if "first_stage" in self.frozen else batch["x"]
@@ -466,8 +473,8 @@ class DiffusionTask(Task):
         if self.text is not None:
             prompts = self.prompts_at(labels)
             cond = self.text.null(n, device) if prompts is None else self.text.encode(prompts, device)
-        size = net.config.sample_size
-        x = torch.randn((n, net.config.in_channels, size, size), generator=generator).to(device)
+        channels, size = self.shape
+        x = torch.randn((n, channels, size, size), generator=generator).to(device)
         x = self._ddpm_sample(net, x, cond, generator) if self.cfg.objective == "ddpm" else self._solve(net, x, cond)
         if "first_stage" in self.frozen:
             if self.latent_scale is None:
@@ -488,4 +495,4 @@ register(Family("diffusion", DiffusionConfig, DiffusionTask,
                           "dit_depth", "dit_heads", "dit_head_dim", "patch_size", "sigma_data", "rho", "logit_std",
                           "time_shift"),
                 sampling_keys=("guidance", "guidance_interval", "sampler", "sample_steps", "ddim_eta"),
-                check=check))
+                check=check, resolve=finetune.resolve))

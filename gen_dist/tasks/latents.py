@@ -34,14 +34,15 @@ class PretrainedKL(nn.Module):
         from diffusers import AutoencoderKL
 
         super().__init__()
-        self.vae = AutoencoderKL.from_pretrained(path)
+        self.vae = AutoencoderKL.from_pretrained(path).float()
         self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.shift = float(self.vae.config.get("shift_factor") or 0.0)  # SD3's and Flux's latents are centred
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(x).latent_dist.mode()
+        return self.vae.encode(x).latent_dist.mode() - self.shift
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(z).sample
+        return self.vae.decode(z + self.shift).sample
 
 
 def first_stage_config(path: Path) -> RunConfig:

@@ -27,6 +27,7 @@ from gen_dist.data.text import (
     write_text_shards,
 )
 from gen_dist.dist import whole_pretrained_loads
+from gen_dist.pipelines import Pipeline, is_pipeline, open_pipeline
 from gen_dist.schema import ConfigError, RunConfig
 
 Cond = dict[str, torch.Tensor]
@@ -57,8 +58,24 @@ def text_on(cfg: RunConfig) -> bool:
     return cfg.task == "diffusion" and bool(cfg.diffusion.text_encoder)
 
 
+def pipeline_source(d: TextKeys) -> Pipeline | None:
+    """The pretrained pipeline whose encoders diffusion.text_encoder names (one pipeline directory), if so."""
+    return open_pipeline(d.text_encoder[0], "diffusion.text_encoder") if len(d.text_encoder) == 1 and is_pipeline(
+        d.text_encoder[0]) else None
+
+
 def lengths_of(d: TextKeys) -> list[int]:
-    return d.text_max_length * len(d.text_encoder) if len(d.text_max_length) == 1 else list(d.text_max_length)
+    """Tokens of each part of the condition: each encoder's, or those of a pipeline's parts."""
+    if len(d.text_max_length) == 1 and pipeline_source(d) is None:
+        return d.text_max_length * len(d.text_encoder)
+    return list(d.text_max_length)
+
+
+def make_encoders(sources: list[str], lengths: list[int]) -> nn.Module:
+    """The frozen encoders of `sources`: a pipeline's, combined as the pipeline combines them, or transformers
+    models each with its tokenizer."""
+    pipe = pipeline_source(TextKeys(text_encoder=list(sources)))
+    return pipe.kind.encoders(pipe, lengths) if pipe is not None else TextEncoders(sources, lengths)
 
 
 def _source(src: str) -> str:
@@ -85,6 +102,9 @@ def width_of(config: Any) -> int:
 
 def text_shape(d: TextKeys) -> tuple[int, int, int]:
     """(tokens, width, pooled width) of the condition the encoders make."""
+    pipe = pipeline_source(d)
+    if pipe is not None:
+        return pipe.kind.text_shape(pipe, lengths_of(d))
     configs = [encoder_config(s) for s in d.text_encoder]
     for src, config, length in zip(d.text_encoder, configs, lengths_of(d), strict=True):
         most = getattr(config, "max_position_embeddings", None)
@@ -100,7 +120,8 @@ def check_text(cfg: RunConfig) -> None:
         if data.text_embeddings:
             raise ConfigError("data.text_embeddings needs diffusion.text_encoder (the encoders that wrote them)")
         return
-    if len(d.text_max_length) not in (1, len(d.text_encoder)) or min(d.text_max_length) < 1:
+    if (len(d.text_max_length) not in (1, len(d.text_encoder)) and pipeline_source(d) is None) or min(
+            d.text_max_length) < 1:
         raise ConfigError(f"diffusion.text_max_length must be one positive count for all encoders or one per "
                           f"encoder ({len(d.text_encoder)}), got {d.text_max_length}")
     if not 0 <= d.caption_dropout < 1:
@@ -251,7 +272,7 @@ class Conditioner:
         self.tokens, self.width, self.pooled = text_shape(d)
         self.dropout = d.caption_dropout
         self.root = cfg.data.text_embeddings
-        self.encoders = TextEncoders(self.sources, self.lengths) if on_the_fly else None
+        self.encoders = make_encoders(self.sources, self.lengths) if on_the_fly else None
         self.made_by: list[dict[str, str]] | None = text_about(self.root)["encoders"] if self.root else None
         self.memo: OrderedDict[str, tuple[torch.Tensor, ...]] = OrderedDict()
         self.memo_rows = max(16, MEMO_BYTES // (4 * (self.tokens * (self.width + 1) + self.pooled)))
@@ -277,9 +298,9 @@ class Conditioner:
             raise ConfigError(f"diffusion.text_encoder {self.sources} (weights {found}) is not what this model was "
                               f"trained with: {self.made_by}")
 
-    def encoders_on(self, device: torch.device) -> TextEncoders:
+    def encoders_on(self, device: torch.device) -> nn.Module:
         if self.encoders is None:
-            self.encoders = TextEncoders(self.sources, self.lengths)
+            self.encoders = make_encoders(self.sources, self.lengths)
             self._same_weights()
         return self.encoders.to(device)
 
@@ -347,7 +368,7 @@ def write_text_embeddings(source: str, split: str, out: Path, sources: list[str]
         torch.distributed.init_process_group("gloo")
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     catalog = open_catalog(source, split, index)
-    encoders = TextEncoders(sources, lengths).to(device)
+    encoders = make_encoders(sources, lengths).to(device)
 
     def encode(captions: list[str]) -> list[Encoded]:
         return per_caption(*encoders(captions))
@@ -359,8 +380,8 @@ def write_text_embeddings(source: str, split: str, out: Path, sources: list[str]
         torch.distributed.destroy_process_group()
     if rank:
         return None
-    widths = [width_of(n.config) for n in encoders.nets]
-    about = {"sources": list(sources), "encoders": encoders.record(), "lengths": lengths, "tokens": sum(lengths),
-             "width": max(widths), "pooled": sum(widths), "caption_key": caption_key}
+    tokens, width, pooled = text_shape(TextKeys(text_encoder=list(sources), text_max_length=list(lengths)))
+    about = {"sources": list(sources), "encoders": encoders.record(), "lengths": lengths, "tokens": tokens,
+             "width": width, "pooled": pooled, "caption_key": caption_key}
     kept = list(dict.fromkeys(["", *prompts]))
     return write_text_index(catalog, split, out, about, dict(zip(kept, per_caption(*encoders(kept)), strict=True)))
