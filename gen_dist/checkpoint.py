@@ -219,10 +219,11 @@ def _fsync_dir(path: Path) -> None:
 
 def save(acc: Accelerator, run_dir: Path, step: int, strategy: str, modules: list[str],
          state: dict[str, dict[str, Any]], files: dict[str, dict[str, torch.Tensor]], keep: int,
-         keep_also: str = "") -> Path:
+         keep_also: str = "", save_kwargs: dict[str, Any] | None = None) -> Path:
     """Every rank writes its part of the prepared modules, optimizers and schedules; the main rank adds `files`
     (name -> consolidated tensors) and the meta file (the parts' `state`) and publishes the directory by renaming
-    it. The `keep` newest checkpoints stay, and the one named `keep_also` (the best) whatever its age."""
+    it. The `keep` newest checkpoints stay, and the one named `keep_also` (the best) whatever its age;
+    `save_kwargs` go to the strategy's own saving (DeepSpeed's save_checkpoint)."""
     meta = {"strategy": strategy, "world_size": acc.num_processes, "modules": modules, "state": state}
     root = ckpt_root(run_dir)
     final, tmp = root / step_name(step), root / f".tmp_{step_name(step)}"
@@ -233,7 +234,7 @@ def save(acc: Accelerator, run_dir: Path, step: int, strategy: str, modules: lis
     acc.wait_for_everyone()
     error = ""
     try:
-        acc.save_state(str(tmp))
+        acc.save_state(str(tmp), **(save_kwargs or {}))
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as an iostream RuntimeError
         error = f"{type(e).__name__}: {e}"
     # Agreeing on the outcome is also the barrier that puts every rank's files in `tmp` before the rename.

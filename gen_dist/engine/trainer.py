@@ -201,6 +201,8 @@ class Trainer(Outputs):
             files.update(self.posthoc.files())
         if self.strategy.shards_state:
             files[checkpoint.WEIGHTS] = parallel.full_state_dict(self.modules[self.task.sampled], self.layout)
+        for m in self.modules.values():  # what a strategy tells frozen from trained at saving: the LoRA base only
+            parallel.set_trainable(m, True)
         best = self.state.best
         state = {"train": self.state.state_dict(), "data": self.position.state_dict(self.stream.layout),
                  "ema": self.ema.meta_state() if self.ema is not None else {"updates": 0},
@@ -209,7 +211,8 @@ class Trainer(Outputs):
             state["posthoc"] = {"updates": self.posthoc.meta_state()}
         path = self.last_checkpoint = checkpoint.save(
             self.acc, self.run_dir, self.state.step, self.strategy.name, list(self.modules), state, files,
-            self.cfg.train.keep_checkpoints, keep_also=checkpoint.step_name(best["step"]) if best else "")
+            self.cfg.train.keep_checkpoints, keep_also=checkpoint.step_name(best["step"]) if best else "",
+            save_kwargs=self.strategy.save_kwargs)
         self.tracker.event("checkpoint", step=self.state.step, path=str(path),
                            seconds=round(time.perf_counter() - t0, 3))
         return path

@@ -56,6 +56,8 @@ class Strategy:
     """It needs a process group even for one process started without a launcher."""
     refuses: ClassVar[dict[str, str]] = {}
     """train.* switches it cannot honour, with why: `on` is an error, `auto` means off."""
+    save_kwargs: ClassVar[dict[str, Any]] = {}
+    """Arguments of its own checkpoint writer (through Accelerate's save_state)."""
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -182,6 +184,8 @@ class DeepSpeed(Strategy):
     own_precision = True
     cpu_flag = False
     always_grouped = True
+    # A frozen pretrained base (under a LoRA) is rebuilt from its pipeline, not kept in every checkpoint.
+    save_kwargs: ClassVar[dict[str, Any]] = {"exclude_frozen_parameters": True}
     refuses: ClassVar[dict[str, str]] = {
         "compile": "gen_dist does not compile DeepSpeed engines (ZeRO's parameter hooks and partitioned weights "
                    "are outside what it tests)",
