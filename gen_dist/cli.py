@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="output directory for shards and index.json (index: the file)")
     d.add_argument("--workers", type=count, default=8, help="index: shards read at once (default 8)")
     d.add_argument("--shard-size", type=count, default=10000, help="samples per shard (default 10000)")
+    d.add_argument("--classes", type=lambda v: [int(c) for c in v.split(",")], default=None,
+                   help="idx, fashion-mnist: only these classes (comma-separated labels, kept as they are)")
     d.add_argument("--split", default="train", help="split name for 'folder' and 'latents' (default train)")
     d.add_argument("--channels", type=int, default=3, choices=[1, 3], help="channels for 'folder' (default 3)")
     d.add_argument("--encoder", action="append", default=[],
@@ -195,6 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA (formats other than "
                    "gen-dist)")
     e.set_defaults(func=models.cmd_export)
+
+    pi = sub.add_parser("pipeline", help="assemble a Stable-Diffusion-shaped diffusers pipeline to train",
+                        description="`gen-dist pipeline new SPEC --out DIR`: a StableDiffusionPipeline with a fresh "
+                                    "UNet, a KL autoencoder run as its VAE and a transformers text encoder, as the "
+                                    "YAML SPEC describes (configs/pipelines/fashion_mnist.yaml); train it with "
+                                    "diffusion.pretrained=DIR.")
+    pi.add_argument("action", choices=["new"])
+    pi.add_argument("spec")
+    pi.add_argument("--out", required=True, help="the pipeline directory to write")
+    pi.set_defaults(func=models.cmd_pipeline)
 
     ev = sub.add_parser("eval", help="FID, KID, IS, precision/recall of a checkpoint's samples",
                         description=EVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -163,7 +163,7 @@ def test_lora_under_ddp_zero3_fsdp_agrees_keeps_only_the_adapter_and_exports_loa
     # Exports of the EMA adapter, read back by diffusers' own loaders.
     tuned = load_tuned(runs["ddp"])
     assert tuned.lora and (tuned.rank, tuned.alpha) == (4, 8.0)
-    for fmt in ("lora", "diffusers"):
+    for fmt in ("lora", "kohya", "diffusers"):
         out = FORMATS[fmt].write(tuned, tmp_path / f"out_{fmt}")
         diff, effect = _adapter_effect(tuned, FORMATS[fmt].load(out, pipe))
         assert diff < 1e-5 < effect / 100, (fmt, diff, effect)
@@ -202,6 +202,28 @@ def _adapter_metadata(path: Path) -> dict:
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     return json.loads(next(v for k, v in meta.items() if "adapter_metadata" in k))
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "pixart", "sd3", "flux"])
+def test_every_lora_format_of_each_pipeline_loads_at_its_alpha(kind: str, tmp_path: Path, pipeline,
+                                                               captioned: Path) -> None:
+    """An adapter with alpha = 2 x rank and random up projections (so that it matters), written in each of the
+    pipeline's LoRA formats and read back by diffusers (or peft) onto the pretrained pipeline."""
+    from gen_dist.formats import Tuned
+    from gen_dist.tasks.finetune import pretrained_denoiser
+
+    extra = [f"diffusion.text_max_length={LENGTHS[kind]}"] if kind in LENGTHS else []
+    cfg = _cfg(pipeline(kind), captioned, *extra)
+    net = pretrained_denoiser(cfg)
+    torch.manual_seed(1)
+    for name, p in net.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.2)
+    tuned = Tuned(cfg, open_pipeline(cfg.diffusion.pretrained), net.eval(), 0)
+    for fmt in tuned.pipe.kind.lora_formats:
+        out = FORMATS[fmt].write(tuned, tmp_path / fmt)
+        diff, effect = _adapter_effect(tuned, FORMATS[fmt].load(out, tuned.pipe.path))
+        assert diff < 1e-5 < effect / 100, (fmt, diff, effect)
 
 
 def test_lora_kill9_then_resume_equals_uninterrupted(tmp_path: Path, pipeline, captioned: Path) -> None:

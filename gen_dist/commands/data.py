@@ -18,9 +18,9 @@ def cmd_data(args: argparse.Namespace) -> None:
         src = Path(args.path) if args.path else FASHION_MNIST
         if not src.is_dir():
             fail(f"{src} not found: install Debian's dataset-fashion-mnist or pass the IDX directory")
-        done = data.pack_idx_dir(src, out, args.shard_size)
+        done = data.pack_idx_dir(src, out, args.shard_size, args.classes)
     elif args.source == "idx":
-        done = data.pack_idx_dir(Path(args.path), out, args.shard_size)
+        done = data.pack_idx_dir(Path(args.path), out, args.shard_size, args.classes)
     elif args.source == "folder":
         done = {args.split: data.pack_image_folder(Path(args.path), out, args.split, args.shard_size,
                                                    args.channels)}

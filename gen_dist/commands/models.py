@@ -42,3 +42,9 @@ def cmd_ema(args: argparse.Namespace) -> None:
     out, info = posthoc.export(Path(args.run_dir), args.std, Path(args.out) if args.out else None, args.step)
     print(f"ema std {info['sigma_rel']} at step {info['step']} from {info['snapshots']} snapshots (profile error "
           f"{info['profile_error']:.2%}) -> {out}")
+
+
+def cmd_pipeline(args: argparse.Namespace) -> None:
+    from gen_dist.formats.assemble import new_pipeline
+
+    print(f"wrote {new_pipeline(Path(args.spec), Path(args.out))}")

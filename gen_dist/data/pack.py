@@ -96,8 +96,9 @@ def pack_arrays(images: np.ndarray, labels: np.ndarray, out: Path, split: str, s
     return entry
 
 
-def pack_idx_dir(src: Path, out: Path, shard_size: int) -> dict[str, dict]:
-    """Pack every `<prefix>-images-idx3-ubyte[.gz]` with its `<prefix>-labels-idx1-ubyte[.gz]` in `src`.
+def pack_idx_dir(src: Path, out: Path, shard_size: int, only: list[int] | None = None) -> dict[str, dict]:
+    """Pack every `<prefix>-images-idx3-ubyte[.gz]` with its `<prefix>-labels-idx1-ubyte[.gz]` in `src`, of
+    the classes `only` where given (labels kept as they are).
 
     The split is named after the prefix (`t10k` becomes `test`)."""
     found = sorted(src.glob("*-images-idx3-ubyte*"))
@@ -112,6 +113,12 @@ def pack_idx_dir(src: Path, out: Path, shard_size: int) -> dict[str, dict]:
         split = {"t10k": "test"}.get(prefix, prefix)
         images, labels = read_idx(img_path), read_idx(lab_path)
         classes = [str(c) for c in range(int(labels.max()) + 1)]
+        if only:
+            unknown = sorted(set(only) - set(range(len(classes))))
+            if unknown:
+                raise DataError(f"--classes {unknown}: {img_path.name} has classes 0..{len(classes) - 1}")
+            keep = np.isin(labels, only)
+            images, labels = images[keep], labels[keep]
         done[split] = pack_arrays(np.ascontiguousarray(images), labels, out, split, shard_size, classes)
     return done
 

@@ -7,13 +7,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from gen_dist.formats.base import Format, Tuned, load_tuned
+from gen_dist.formats.kohya import ComfyLora, KohyaLora
+from gen_dist.formats.ldm import SingleFile
 from gen_dist.formats.lora import DiffusersLora
 from gen_dist.formats.pipeline import DiffusersPipeline
 from gen_dist.schema import ConfigError
 
 __all__ = ["FORMATS", "Format", "Tuned", "export", "load_tuned"]
 
-FORMATS: dict[str, Format] = {f.name: f for f in (DiffusersPipeline(), DiffusersLora())}
+FORMATS: dict[str, Format] = {f.name: f for f in (DiffusersPipeline(), DiffusersLora(), KohyaLora(), ComfyLora(),
+                                                   SingleFile())}
 
 
 def export(path: Path, fmt: str, out: Path, use_ema: bool = True) -> Path:

@@ -107,3 +107,17 @@ class Format:
         """The denoiser as the reading library loads `out` (onto the pipeline at `base` where the format holds
         only an adapter)."""
         raise NotImplementedError
+
+
+def loaded_lora(file: Path, base: Path) -> nn.Module:
+    """The denoiser of the pipeline at `base` with the LoRA file loaded by the pipeline's load_lora_weights."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(base)
+    pipe.load_lora_weights(str(file.parent), weight_name=file.name)
+    return getattr(pipe, "unet", None) or pipe.transformer
+
+
+def safetensors_path(out: Path) -> Path:
+    """A one-file format's output path, with the suffix its readers look for."""
+    return out if out.suffix == ".safetensors" else out.with_name(out.name + ".safetensors")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch import nn
 
-from gen_dist.formats.base import Format, Tuned
+from gen_dist.formats.base import Format, Tuned, loaded_lora
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -43,12 +43,9 @@ class DiffusersLora(Format):
         return out
 
     def load(self, out: Path, base: Path) -> nn.Module:
-        from diffusers import DiffusionPipeline
-
-        pipe = DiffusionPipeline.from_pretrained(base)
         if (out / "adapter_config.json").is_file():
+            from diffusers import DiffusionPipeline
             from peft import PeftModel
 
-            return PeftModel.from_pretrained(pipe.transformer, str(out)).eval()
-        pipe.load_lora_weights(out, weight_name=LORA_FILE)
-        return getattr(pipe, "unet", None) or pipe.transformer
+            return PeftModel.from_pretrained(DiffusionPipeline.from_pretrained(base).transformer, str(out)).eval()
+        return loaded_lora(out / LORA_FILE, base)

@@ -117,6 +117,13 @@ def unwrapped(net: nn.Module) -> nn.Module:
     return net
 
 
+def tokenizer_length(pipe: Pipeline, name: str = "tokenizer", most: int = 77) -> int:
+    """The length a pipeline pads its prompts to (its tokenizer's model_max_length), at most `most`."""
+    found = pipe.path / name / "tokenizer_config.json"
+    length = json.loads(found.read_text()).get("model_max_length", most) if found.is_file() else most
+    return int(min(length, most))
+
+
 def ddpm_settings(pipe: Pipeline) -> dict[str, Any]:
     """A discrete-time pipeline's schedule: objective ddpm, its prediction type, betas and timesteps."""
     s = pipe.config("scheduler")

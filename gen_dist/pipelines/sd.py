@@ -7,7 +7,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gen_dist.pipelines.base import Cond, Encoded, Kind, Pipeline, PromptEncoders, Settings, all_tokens, ddpm_settings
+from gen_dist.pipelines.base import (
+    Cond,
+    Encoded,
+    Kind,
+    Pipeline,
+    PromptEncoders,
+    Settings,
+    all_tokens,
+    ddpm_settings,
+    tokenizer_length,
+)
 
 
 class SDEncoders(PromptEncoders):
@@ -26,7 +36,7 @@ class StableDiffusion(Kind):
     full_formats = ("diffusers", "single-file")
 
     def settings(self, pipe: Pipeline, resolution: int) -> Settings:
-        return Settings({"backbone": "unet", **ddpm_settings(pipe)}, {"text_max_length": [77]})
+        return Settings({"backbone": "unet", **ddpm_settings(pipe)}, {"text_max_length": [tokenizer_length(pipe)]})
 
     def text_shape(self, pipe: Pipeline, lengths: list[int]) -> tuple[int, int, int]:
         width = pipe.config("text_encoder")["hidden_size"]

@@ -7,7 +7,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gen_dist.pipelines.base import Cond, Encoded, Kind, Pipeline, PromptEncoders, Settings, all_tokens, ddpm_settings
+from gen_dist.pipelines.base import (
+    Cond,
+    Encoded,
+    Kind,
+    Pipeline,
+    PromptEncoders,
+    Settings,
+    all_tokens,
+    ddpm_settings,
+    tokenizer_length,
+)
 
 
 class SDXLEncoders(PromptEncoders):
@@ -34,7 +44,8 @@ class StableDiffusionXL(Kind):
     def settings(self, pipe: Pipeline, resolution: int) -> Settings:
         # An empty prompt is encoded as zeros where the pipeline says so (its classifier-free guidance does).
         null = "zero" if pipe.index.get("force_zeros_for_empty_prompt", True) else "empty"
-        return Settings({"backbone": "unet", "null_caption": null, **ddpm_settings(pipe)}, {"text_max_length": [77]})
+        return Settings({"backbone": "unet", "null_caption": null, **ddpm_settings(pipe)},
+                        {"text_max_length": [tokenizer_length(pipe)]})
 
     def text_shape(self, pipe: Pipeline, lengths: list[int]) -> tuple[int, int, int]:
         a, b = pipe.config("text_encoder"), pipe.config("text_encoder_2")
