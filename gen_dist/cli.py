@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="output directory for shards and index.json (index: the file)")
     d.add_argument("--workers", type=count, default=8, help="index: shards read at once (default 8)")
     d.add_argument("--shard-size", type=count, default=10000, help="samples per shard (default 10000)")
+    d.add_argument("--resolution", type=int, default=0, help="latents: the image side a pretrained VAE (or a "
+                   "pipeline's) encodes at (an autoencoder run's own by default)")
     d.add_argument("--classes", type=lambda v: [int(c) for c in v.split(",")], default=None,
                    help="idx, fashion-mnist: only these classes (comma-separated labels, kept as they are)")
     d.add_argument("--split", default="train", help="split name for 'folder' and 'latents' (default train)")

@@ -32,6 +32,10 @@ def preflight(cfg: RunConfig, world_size: int, catalog: Catalog | None = None) -
     if cfg.train.mixed_precision == "fp16" and (cfg.train.cpu or not torch.cuda.is_available()):
         raise ConfigError("train.mixed_precision=fp16 needs a GPU (CPU autocast ignores it); use bf16 or no")
     strategy_for(cfg).preflight()
+    if cfg.data.latents and cfg.task == "diffusion":  # encoded by this first stage, whose weights say so
+        from gen_dist.tasks.latents import check_latents, load_first_stage
+
+        check_latents(cfg, load_first_stage(Path(cfg.diffusion.first_stage)))
     if cfg.train.init_from and not found:
         resolve(Path(cfg.train.init_from), "train.init_from")
     if cfg.eval.every:

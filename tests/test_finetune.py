@@ -5,6 +5,7 @@ back by the library that loads it, and bad inputs named before launch."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -12,6 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import CONFIGS, ROOT, events, run_cli, train_command
@@ -243,6 +245,37 @@ def test_lora_kill9_then_resume_equals_uninterrupted(tmp_path: Path, pipeline, c
     assert len(_keys(straight)) == STEPS * 2 and _keys(straight) == _keys(killed)
 
 
+def test_the_pipelines_encoders_write_the_text_cache_that_training_reads(tmp_path: Path, pipeline,
+                                                                          captioned: Path) -> None:
+    """`gen-dist data text-embeddings --encoder PIPELINE` on 2 ranks: the stored encodings are the pipeline's own
+    (SD3's two token sequences); `gen-dist data latents PIPELINE` keeps the captions beside the latents; a LoRA
+    trains on both caches; a run of another pipeline refuses the embeddings, one with another VAE the latents,
+    before launch."""
+    import webdataset as wds
+
+    pipe, emb = pipeline("sd3"), tmp_path / "emb"
+    run_cli("data", "text-embeddings", str(captioned), "--encoder", str(pipe), "--max-length", "77", "--max-length",
+            "16", "--out", str(emb), "--nproc", "2")
+    sample = next(iter(wds.WebDataset(str(sorted(emb.glob("*.tar"))[0]), shardshuffle=False)))
+    caption = next(iter(wds.WebDataset(str(sorted(captioned.glob("train-*.tar"))[0]), shardshuffle=False)))["txt"]
+    opened = open_pipeline(pipe)
+    hidden, _, pooled = opened.kind.encoders(opened, [77, 16])([caption.decode()])
+    for i, h in enumerate(hidden):
+        stored = torch.from_numpy(np.load(io.BytesIO(sample[f"text{i}.npy"])).astype(np.float32))
+        torch.testing.assert_close(stored, h[0], rtol=1e-2, atol=1e-3)  # float16 in the cache
+    # The latents too, by the pipeline's VAE: training then runs neither the encoders nor the VAE's encoder.
+    run_cli("data", "latents", str(pipe), "--data", str(captioned), "--resolution", "32", "--out", str(tmp_path / "z"))
+    cached = [f"data.text_embeddings={emb}", f"data.latents={tmp_path / 'z'}", "data.hflip=false",
+              "diffusion.text_max_length=[77,16]", "train.steps=1"]
+    run_cli(*train_command(1, *_args(tmp_path / "run", captioned, pipe, *cached)))
+    with pytest.raises(ConfigError, match="data.text_embeddings: .* was encoded by"):
+        _cfg(pipeline("flux"), captioned, f"data.text_embeddings={emb}", "diffusion.text_max_length=[16]")
+    other = _broken(pipe, tmp_path, _perturb_vae)
+    proc = run_cli(*train_command(2, *_args(tmp_path / "other", captioned, other, *cached[1:])), check=False)
+    assert proc.returncode and "was encoded by" in proc.stderr and "differ from diffusion.first_stage" in proc.stderr
+    assert not (tmp_path / "other" / "metrics.jsonl").exists()  # refused before any process trained
+
+
 # ---------------------------------------------------------------------------------------------- full fine-tuning
 
 
@@ -271,6 +304,15 @@ def _broken(pipe: Path, tmp: Path, change) -> Path:
     out = shutil.copytree(pipe, tmp / "broken", dirs_exist_ok=True)
     change(out)
     return out
+
+
+def _perturb_vae(out: Path) -> None:
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(out / "vae")
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.add_(0.01)
+    vae.save_pretrained(out / "vae")
 
 
 def _set_class(out: Path, cls: str) -> None:

@@ -38,7 +38,7 @@ def cmd_data(args: argparse.Namespace) -> None:
 
         if not args.path or not args.data:
             fail("gen-dist data latents FIRST_STAGE --data IMAGE_DATASET --out DIR")
-        done = {args.split: encode_split(Path(args.path), Path(args.data), args.split, out)}
+        done = {args.split: encode_split(Path(args.path), Path(args.data), args.split, out, args.resolution)}
     else:
         done = data.pack_digits(out, args.shard_size)
     for split, entry in done.items():
@@ -49,12 +49,14 @@ def text_embeddings(args: argparse.Namespace, out: Path) -> None:
     """Encode in this process (as one rank of a launch when RANK is set), or launch --nproc of them."""
     import os
 
-    from gen_dist.tasks.text import TextKeys, lengths_of, write_text_embeddings
+    from gen_dist.tasks.text import TextKeys, lengths_of, pipeline_source, write_text_embeddings
 
     if not args.path or not args.encoder:
         fail("gen-dist data text-embeddings SOURCE --encoder ENCODER [--encoder ...] --out DIR")
     keys = TextKeys(text_encoder=args.encoder, text_max_length=args.max_length or [77])
-    if len(keys.text_max_length) not in (1, len(args.encoder)):
+    if pipeline_source(keys) is not None:  # a pipeline's encoders: one length per token sequence it makes
+        keys.text_encoder = [str(pipeline_source(keys).path)]
+    elif len(keys.text_max_length) not in (1, len(args.encoder)):
         fail(f"--max-length: give one for all encoders or one per encoder ({len(args.encoder)})")
     if args.nproc > 1 and "RANK" not in os.environ:
         from gen_dist.dist import free_port
@@ -68,7 +70,7 @@ def text_embeddings(args: argparse.Namespace, out: Path) -> None:
         if code:
             fail(f"text-embeddings: a process failed (exit code {code})")
         return
-    entry = write_text_embeddings(args.path, args.split, out, args.encoder, lengths_of(keys), args.caption_key,
+    entry = write_text_embeddings(args.path, args.split, out, keys.text_encoder, lengths_of(keys), args.caption_key,
                                   args.index, args.prompt)
     if entry is not None:
         print(f"{args.split}: {entry['count']} captions in {len(entry['shards'])} shards -> {out} "

@@ -164,7 +164,7 @@ def write_latent_shards(root: Path, split: str, out: Path, encode: Any, about: d
     index = load_index(root)
     entry = index["splits"][split]
     out.mkdir(parents=True, exist_ok=True)
-    fields = Fields(index.get("channels", 1), about["resolution"])
+    fields = Fields(about.get("channels", index.get("channels", 1)), about["resolution"])
     for shard, found in zip(entry["shards"], open_catalog(str(root), split).shards, strict=True):
         samples = list(read_pieces([Piece(found.url, 0, found.count)]))
         images = np.stack([decode_image(s, fields) for s in samples])
@@ -174,8 +174,8 @@ def write_latent_shards(root: Path, split: str, out: Path, encode: Any, about: d
             for sample, z in zip(samples, latents, strict=True):
                 buf = io.BytesIO()
                 np.save(buf, z.astype(np.float32))
-                writer.write({"__key__": sample["__key__"], LATENT: buf.getvalue(),
-                              **({"cls": sample["cls"]} if "cls" in sample else {})})
+                kept = {k: v for k, v in sample.items() if not k.startswith("__") and k not in IMAGE_EXTS}
+                writer.write({"__key__": sample["__key__"], LATENT: buf.getvalue(), **kept})
         tmp.replace(out / shard["file"])
     path = out / INDEX
     found = json.loads(path.read_text()) if path.exists() else {"format": "gen_dist.shards.v1", "splits": {}}

@@ -98,17 +98,25 @@ def weights_ident(net: nn.Module) -> str:
     return weights_digest(net.state_dict())[:16]
 
 
-def encode_split(first_stage: Path, data: Path, split: str, out: Path) -> dict:
-    """`gen-dist data latents`: the images of `split` of `data` encoded by `first_stage` into latent shards of
-    the same layout, for data.latents."""
-    cfg = first_stage_config(first_stage)
+def encode_split(first_stage: Path, data: Path, split: str, out: Path, resolution: int = 0) -> dict:
+    """`gen-dist data latents`: the images of `split` of `data` encoded by `first_stage` (an autoencoder run, a
+    diffusers AutoencoderKL directory or a pipeline's, at `resolution`) into latent shards of the same layout and
+    keys, other members (labels, captions) kept, for data.latents."""
+    if (first_stage / "model_index.json").is_file():
+        first_stage = first_stage / "vae"
+    kl = pretrained_kl(first_stage)
+    if kl is not None and not resolution:
+        raise ConfigError(f"gen-dist data latents {first_stage}: a pretrained VAE needs --resolution")
+    channels, size = (kl["in_channels"], resolution) if kl is not None else (None, first_stage_config(
+        first_stage).data.resolution)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     first = load_first_stage(first_stage).to(device)
 
     def encode(images: Any) -> Any:
         return encode_latents(first, to_model_range(torch.from_numpy(images).to(device))).cpu().numpy()
 
-    about = {"first_stage": str(first_stage), "ident": weights_ident(first), "resolution": cfg.data.resolution}
+    about = {"first_stage": str(first_stage), "ident": weights_ident(first), "resolution": size,
+             **({"channels": channels} if channels else {})}
     return write_latent_shards(data, split, out, encode, about)
 
 
