@@ -6,6 +6,7 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Mapping
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -101,15 +102,23 @@ def to_channels_last(module: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------- FLOPs and MFU
 
 
+SHAPES_ONLY_ABOVE = 100_000_000
+"""Trained parameters above which the FLOP count runs on fake tensors."""
+
+
 def flops_per_image(task: Task, frozen: Mapping[str, nn.Module], shape: tuple[int, int, int]) -> float:
     """Model FLOPs of one training image in one step: every phase's forward and backward (weighted by how often
     it runs), counted with torch's FLOP counter on a small CPU batch of the task's own modules. Attention is
     counted in its math form (the fused CPU kernel has no FLOP formula). RNG, buffers and gradients are left as
     they were, so the run is the same with or without the count."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     n = 4
     batch = {"x": torch.zeros(n, *shape), "label": torch.zeros(n, dtype=torch.long), "key": [""] * n}
+    # A pretrained model's count would cost minutes and tens of GB per rank on the CPU: its ops are then run on
+    # fake tensors, which carry shapes (all the FLOP formulas read) and compute nothing.
+    big = sum(p.numel() for m in task.modules.values() for p in m.parameters()) > SHAPES_ONLY_ABOVE
     nets = {**task.modules, **frozen}
     buffers = {(name, b): b.clone() for name, m in nets.items() for b in m.buffers()}
     rng = torch.random.get_rng_state()
@@ -119,7 +128,8 @@ def flops_per_image(task: Task, frozen: Mapping[str, nn.Module], shape: tuple[in
             for name, m in task.modules.items():
                 set_trainable(m, name == phase.trains)
             counter = _FlopCounter()
-            with counter, sdpa_kernel(SDPBackend.MATH):
+            with counter, sdpa_kernel(SDPBackend.MATH), FakeTensorMode(allow_non_fake_inputs=True) if big \
+                    else nullcontext():
                 loss, _ = phase.loss(nets, batch, 0)
                 loss.backward()
             total += counter.total / phase.every

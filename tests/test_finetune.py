@@ -114,6 +114,20 @@ def test_the_pipeline_fixes_the_config_and_conditions_as_diffusers_does(kind: st
                                    FluxPipeline._prepare_latent_image_ids(2, 4, 4, x.device, x.dtype))
 
 
+def test_a_large_models_flops_are_counted_on_fake_tensors(pipeline, captioned: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The FLOP count of a pretrained model runs on shapes alone: the same count, no gradient left behind."""
+    from gen_dist import perf
+    from gen_dist.family import family
+
+    cfg = _cfg(pipeline("sd"), captioned)
+    task = family("diffusion").task(cfg)
+    real = perf.flops_per_image(task, task.frozen, (3, 32, 32))
+    monkeypatch.setattr(perf, "SHAPES_ONLY_ABOVE", 0)
+    assert perf.flops_per_image(task, task.frozen, (3, 32, 32)) == pytest.approx(real, rel=0.01)
+    assert all(p.grad is None for p in task.modules["denoiser"].parameters())
+
+
 # ---------------------------------------------------------------------------------------------- LoRA
 
 

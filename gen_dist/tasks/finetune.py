@@ -102,9 +102,15 @@ def check(cfg: RunConfig) -> None:
     targets = d.lora_targets or list(pipe.kind.lora_targets)
     unmatched = [t for t in targets if not any(matches(n, t) for n in layers)]
     if unmatched:
-        some = sorted({n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1] if n.count(".") > 1 else n for n in layers})
+        some = sorted({_short(n) for n in layers})
         raise ConfigError(f"diffusion.lora_targets {unmatched} match no layer of {d.pretrained}'s "
                           f"{pipe.kind.denoiser}; layers it has end in e.g. {', '.join(some[:12])}")
+
+
+def _short(name: str) -> str:
+    """The end of a layer's name that a target names it by (attn1.to_q, conv1, to_out.0)."""
+    parts = name.split(".")
+    return ".".join(parts[-2:] if len(parts) > 1 and (parts[-1].isdigit() or not parts[-2].isdigit()) else parts[-1:])
 
 
 def matches(name: str, target: str) -> bool:
