@@ -80,6 +80,8 @@ def main() -> None:
     p.add_argument("--full", type=Path, action="append", default=[], help="an exported pipeline (repeatable)")
     p.add_argument("--n", type=int, default=100, help="samples per class")
     p.add_argument("--out", type=Path, help="write the scores as JSON here")
+    p.add_argument("--grid", type=Path, help="write a PNG: per model, a row of 8 samples for each of the new "
+                   "classes and two old ones")
     args = p.parse_args()
     classifier = DomainClassifier(args.classifier, torch.device("cpu"))
     reference = {c: classifier(test_images(c, 1000))[0].cpu().numpy() for c in range(10)}
@@ -95,6 +97,17 @@ def main() -> None:
               f"{r['old/fid']:.2f} |  ({time.perf_counter() - t0:.0f} s)", flush=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
+    if args.grid:
+        write_grid(models, args.grid)
+
+
+def write_grid(models: dict, out: Path) -> None:
+    from PIL import Image
+
+    rows = [torch.cat(list(samples(pipe, label, 8, seed=7)[:, 0]), dim=1) for pipe in models.values()
+            for label in (*NEW, 7, 3)]
+    Image.fromarray(torch.cat(rows, dim=0).numpy()).resize((8 * 64, len(rows) * 64), Image.NEAREST).save(out)
+    print(f"grid: {out} (rows: {', '.join(f'{m} {NAMES[c]}' for m in models for c in (*NEW, 7, 3))})")
 
 
 if __name__ == "__main__":
