@@ -9,7 +9,8 @@ start-up is not counted. Also the size of a LoRA run's checkpoint against its ad
 
 --diffusers is a clone of github.com/huggingface/diffusers (its scripts are read from HEAD); --python an
 interpreter with the project's packages and `datasets` (the scripts' data loader). PyPI's torchvision does not load
-beside the CPU build of torch, so the scripts run with benchmarks/shim/torchvision (their image transforms in PIL).
+beside the CPU build of torch, so the scripts run with benchmarks/shim/torchvision (their image transforms in
+PIL), put on their path after transformers and peft are imported.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"lora": "train_text_to_image_lora.py", "full": "train_text_to_image.py"}
+PREAMBLE = """import sys
+import peft, transformers  # they decide what is installed before the shim is on the path
+sys.path.insert(0, "{shim}")
+"""
 
 
 def small_sd(out: Path, resolution: int) -> Path:
@@ -99,7 +104,7 @@ def gen_dist_cmd(args: argparse.Namespace, pipe: Path, shards: Path, out: Path, 
             "train.ema_decay=0", "train.ckpt_every=100000", "train.sample_every=0", "train.log_every=10",
             "train.mixed_precision=no", "optim.schedule=constant", "optim.warmup_steps=0", "optim.grad_clip=1.0",
             f"optim.lr={1e-4 if lora else 1e-5}", "track.backends=[jsonl]", "data.caption_key=",
-            "data.caption_templates=[a photo of a {class}]", f"data.class_names=[{','.join(NAMES)}]",
+            "data.caption_templates=['a photo of a {class}']", f"data.class_names=[{','.join(NAMES)}]",
             f"{d}.num_classes=10", f"{d}.lora_rank={4 if lora else 0}", f"{d}.lora_alpha={4 if lora else 0}",
             f"{d}.text_max_length=[77]"]
 
@@ -117,7 +122,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     pipe = small_sd(args.work / "pipeline", args.resolution)
     folder, shards = image_folder(args.work / "data", 512)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "benchmarks" / "shim"), "WANDB_MODE": "disabled",
+    env = {**os.environ, "WANDB_MODE": "disabled",
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
     print(f"pipeline: {pipe} (UNet 64/128/128, 2 layers per level), {args.resolution}px, batch {args.batch}, "
           f"1 process, fp32; s/step from {args.n1} and {args.n2} steps")
@@ -127,7 +132,7 @@ def main() -> None:
         source = subprocess.run(["git", "-C", str(args.diffusers), "show", f"HEAD:examples/text_to_image/{script}"],
                                 capture_output=True, text=True, check=True).stdout
         path = args.work / script
-        path.write_text(source)
+        path.write_text(PREAMBLE.format(shim=ROOT / "benchmarks" / "shim") + source)
         lr = "1e-4" if mode == "lora" else "1e-5"
         theirs = [timed(diffusers_cmd(args, path, pipe, folder, args.work / f"d_{mode}_{n}", n, lr), env)
                   for n in (args.n1, args.n2)]
