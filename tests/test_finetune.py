@@ -235,7 +235,7 @@ def test_every_lora_format_of_each_pipeline_loads_at_its_alpha(kind: str, tmp_pa
     for name, p in net.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.2)
-    tuned = Tuned(cfg, open_pipeline(cfg.diffusion.pretrained), net.eval(), 0)
+    tuned = Tuned(cfg, open_pipeline(cfg.diffusion.pretrained), net.eval())
     for fmt in tuned.pipe.kind.lora_formats:
         out = FORMATS[fmt].write(tuned, tmp_path / fmt)
         diff, effect = _adapter_effect(tuned, FORMATS[fmt].load(out, tuned.pipe.path))

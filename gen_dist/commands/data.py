@@ -54,8 +54,9 @@ def text_embeddings(args: argparse.Namespace, out: Path) -> None:
     if not args.path or not args.encoder:
         fail("gen-dist data text-embeddings SOURCE --encoder ENCODER [--encoder ...] --out DIR")
     keys = TextKeys(text_encoder=args.encoder, text_max_length=args.max_length or [77])
-    if pipeline_source(keys) is not None:  # a pipeline's encoders: one length per token sequence it makes
-        keys.text_encoder = [str(pipeline_source(keys).path)]
+    pipe = pipeline_source(keys)
+    if pipe is not None:  # a pipeline's encoders: one length per token sequence it makes
+        keys.text_encoder = [str(pipe.path)]
     elif len(keys.text_max_length) not in (1, len(args.encoder)):
         fail(f"--max-length: give one for all encoders or one per encoder ({len(args.encoder)})")
     if args.nproc > 1 and "RANK" not in os.environ:

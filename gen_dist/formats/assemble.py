@@ -13,36 +13,29 @@ import torch
 import yaml
 
 from gen_dist.artifact import config_for_sampling, resolve
-from gen_dist.data import open_catalog, split_images
-from gen_dist.images import to_model_range
 from gen_dist.schema import ConfigError
-
-SCALE_IMAGES = 512
-"""Training images whose latents set the VAE's scaling factor (1 / their std)."""
+from gen_dist.tasks.latents import load_first_stage, measure_latent_scale
 
 
 def _vae(run: Path) -> Any:
     """The autoencoder run as diffusers' AutoencoderKL (its weights already carry that layout), with its scaling
-    factor."""
+    factor measured as latent diffusion measures it."""
     from diffusers import AutoencoderKL
 
     art = resolve(run, "vae")
     cfg = config_for_sampling(art.config_text()[0], f"vae {run}", [])
     if cfg.task != "autoencoder":
         raise ConfigError(f"vae: {run} is a {cfg.task} run; a pipeline's VAE is a KL autoencoder (task: autoencoder)")
+    first = load_first_stage(run)
     a, levels = cfg.autoencoder, len(cfg.autoencoder.channels)
     vae = AutoencoderKL(in_channels=cfg.data.channels, out_channels=cfg.data.channels,
                         down_block_types=("DownEncoderBlock2D",) * levels,
                         up_block_types=("UpDecoderBlock2D",) * levels,
                         block_out_channels=tuple(a.channels), layers_per_block=a.layers_per_block,
                         latent_channels=a.latent_channels, norm_num_groups=a.norm_groups,
-                        sample_size=cfg.data.resolution, mid_block_add_attention=a.mid_attention)
-    vae.load_state_dict(art.sampled_weights(cfg, use_ema=True))
-    catalog = open_catalog(cfg.data.path, cfg.data.split, cfg.data.index)
-    images = split_images(cfg, catalog, 0, min(SCALE_IMAGES, catalog.total))
-    with torch.no_grad():
-        z = torch.cat([vae.encode(to_model_range(c)).latent_dist.mean for c in images.split(128)])
-    vae.register_to_config(scaling_factor=1.0 / z.double().std().item())
+                        sample_size=cfg.data.resolution, mid_block_add_attention=a.mid_attention,
+                        scaling_factor=measure_latent_scale(cfg, first))
+    vae.load_state_dict(first.state_dict())
     return vae, cfg.data.resolution
 
 

@@ -25,7 +25,6 @@ class Tuned:
     pipe: Pipeline
     net: nn.Module
     """The denoiser as gen_dist trains it: the pretrained model, with its LoRA adapter where there is one."""
-    step: int
 
     @property
     def lora(self) -> bool:
@@ -73,13 +72,11 @@ class Tuned:
 
 def load_tuned(path: Path, use_ema: bool = True) -> Tuned:
     """The fine-tuned model of a run directory or checkpoint (EMA weights unless `use_ema` is false)."""
-    from gen_dist.artifact import resolve
-
     cfg, _, net = load_model(path, use_ema, torch.device("cpu"))
     if cfg.task != "diffusion" or not cfg.diffusion.pretrained:
         raise ConfigError(f"{path} is not a fine-tuned pipeline (diffusion.pretrained is not set): export it with "
                           f"--format gen-dist")
-    return Tuned(cfg, open_pipeline(cfg.diffusion.pretrained), net.float().eval(), resolve(path).step)
+    return Tuned(cfg, open_pipeline(cfg.diffusion.pretrained), net.float().eval())
 
 
 class Format:

@@ -13,9 +13,7 @@ SD 2) and SGM (SDXL) code keys it, the layout that diffusers' `from_single_file`
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from torch import nn
 
 from gen_dist.artifact import save_atomic
 from gen_dist.formats.base import Format, Tuned, safetensors_path
+from gen_dist.pipelines import Pipeline, open_pipeline
 
 Tensors = dict[str, torch.Tensor]
 Modules = dict[str, tuple[str, dict[str, str]]]
@@ -39,11 +38,12 @@ _UP = {"UpBlock2D": False, "CrossAttnUpBlock2D": True}
 
 def single_file_state(pipe_dir: Path, unet: Tensors) -> Tensors:
     """The checkpoint of the SD / SDXL pipeline at `pipe_dir` with the UNet weights `unet`, in the LDM / SGM layout."""
-    index = json.loads((pipe_dir / "model_index.json").read_text())
-    if "unet" not in index or "vae" not in index:
+    pipe = open_pipeline(pipe_dir, "single-file")
+    index = pipe.index
+    if pipe.kind.denoiser != "unet":
         raise ValueError(f"{pipe_dir}: not a Stable Diffusion (1.x, 2.x, XL) pipeline")
     state = _prefixed("model.diffusion_model.", _renamed(unet, _unet_modules(_unet_config(pipe_dir))))
-    vae = _load(pipe_dir, "vae", index)
+    vae = _load(pipe, "vae")
     state |= _prefixed("first_stage_model.", _vae_state(vae.state_dict(), vae.config))
     if "text_encoder_2" in index:
         # SGM's conditioner numbers its embedders in order: XL base has CLIP-L (transformers layout) then OpenCLIP
@@ -51,23 +51,22 @@ def single_file_state(pipe_dir: Path, unet: Tensors) -> Tensors:
         present = [name for name in ("text_encoder", "text_encoder_2") if (index.get(name) or [None])[0]]
         for i, name in enumerate(present):
             layout = "model" if name == "text_encoder_2" else "transformer"
-            state |= _prefixed(f"conditioner.embedders.{i}.{layout}.", _text_state(_load(pipe_dir, name, index),
+            state |= _prefixed(f"conditioner.embedders.{i}.{layout}.", _text_state(_load(pipe, name),
                                                                                    layout == "model"))
     else:
-        model = _load(pipe_dir, "text_encoder", index)
+        model = _load(pipe, "text_encoder")
         layout = "model" if _is_open_clip(model) else "transformer"
         state |= _prefixed(f"cond_stage_model.{layout}.", _text_state(model, layout == "model"))
-    return state | _markers(pipe_dir)
+    return state | _markers(pipe)
 
 
 def _prefixed(prefix: str, state: Tensors) -> Tensors:
     return {prefix + k: v for k, v in state.items()}
 
 
-def _load(pipe_dir: Path, name: str, index: dict[str, Any]) -> Any:
+def _load(pipe: Pipeline, name: str) -> Any:
     """The pipeline's component `name`, with the class its model_index.json names."""
-    library, cls = index[name]
-    return getattr(importlib.import_module(library), cls).from_pretrained(pipe_dir / name)
+    return pipe.library_class(name).from_pretrained(pipe.component(name))
 
 
 def _unet_config(pipe_dir: Path) -> dict[str, Any]:
@@ -221,11 +220,10 @@ def _open_clip_state(state: Tensors, layers: int) -> Tensors:
     return out
 
 
-def _markers(pipe_dir: Path) -> Tensors:
+def _markers(pipe: Pipeline) -> Tensors:
     """The empty `v_pred` / `ztsnr` entries by which single files tell UIs (ComfyUI reads them for SDXL) that the
     model predicts v or was trained with zero terminal SNR: nothing else in the file says so."""
-    path = pipe_dir / "scheduler" / "scheduler_config.json"
-    config = json.loads(path.read_text()) if path.is_file() else {}
+    config = pipe.config("scheduler")
     markers: Tensors = {}
     if config.get("prediction_type") == "v_prediction":
         markers["v_pred"] = torch.tensor([])
@@ -245,7 +243,5 @@ class SingleFile(Format):
         return out
 
     def load(self, out: Path, base: Path) -> nn.Module:
-        import diffusers
-
-        cls = getattr(diffusers, json.loads((base / "model_index.json").read_text())["_class_name"])
+        cls = open_pipeline(base).library_class_of_pipeline()
         return cls.from_single_file(str(out), config=str(base)).unet

@@ -15,14 +15,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from gen_dist.data import open_catalog, split_images
 from gen_dist.family import Batch, Family, Nets, Phase, Task, register
-from gen_dist.images import to_model_range
 from gen_dist.pipelines import open_pipeline
 from gen_dist.schema import ConfigError, RunConfig
 from gen_dist.tasks import finetune
 from gen_dist.tasks.backbones import build_backbone, call
-from gen_dist.tasks.latents import PretrainedKL, check_latents, encode_latents, latent_shape, load_first_stage
+from gen_dist.tasks.latents import (
+    PretrainedKL,
+    check_latents,
+    encode_latents,
+    latent_shape,
+    load_first_stage,
+    measure_latent_scale,
+)
 from gen_dist.tasks.text import Conditioner, TextKeys, check_text, class_prompts, text_on
 
 
@@ -118,10 +123,6 @@ class DiffusionConfig(TextKeys, finetune.PretrainedKeys):
     """Latent diffusion: the factor latents are multiplied by, so that they have about unit variance as the
     noise schedule assumes; 0 = 1 / std of the latents of the first 512 training images, measured when
     training starts and kept in the checkpoint and exports."""
-
-
-SCALE_IMAGES = 512
-"""Training images whose latents give the latent scale."""
 
 
 SAMPLERS = {
@@ -324,21 +325,11 @@ class DiffusionTask(Task):
         if self.text is not None and state.get("text_encoders"):
             self.text.trained_with(state["text_encoders"])
 
-    def measure_scale(self, first: nn.Module) -> float:
-        """1 / std of the latents of the first SCALE_IMAGES training images, in index order: the same on
-        every rank without a collective."""
-        d = self.run_cfg.data
-        catalog = open_catalog(d.path, d.split, d.index)
-        device = next(first.parameters()).device
-        images = split_images(self.run_cfg, catalog, 0, min(SCALE_IMAGES, catalog.total))
-        z = torch.cat([encode_latents(first, to_model_range(c.to(device))) for c in images.split(128)])
-        return 1.0 / z.double().std().item()
-
     def latents(self, nets: Nets, batch: Batch) -> torch.Tensor:
         """The scaled latents of a training batch."""
         first = nets["first_stage"]
         if self.latent_scale is None and "micro" in batch:
-            self.latent_scale = self.measure_scale(first)
+            self.latent_scale = measure_latent_scale(self.run_cfg, first)
         if "latent" in batch:
             return batch["latent"] * self.latent_scale
         if self.latent_scale is None:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from gen_dist.artifact import config_for_sampling, resolve, weights_digest
-from gen_dist.data import open_catalog, write_latent_shards
+from gen_dist.data import open_catalog, split_images, write_latent_shards
 from gen_dist.family import family
 from gen_dist.images import to_model_range
 from gen_dist.schema import ConfigError, RunConfig
@@ -84,6 +84,21 @@ def load_first_stage(path: Path) -> nn.Module:
     net = task.modules[task.sampled]
     net.load_state_dict(weights)
     return net.eval().requires_grad_(False)
+
+
+SCALE_IMAGES = 512
+"""Training images whose latents give the latent scale."""
+
+
+def measure_latent_scale(cfg: RunConfig, first: nn.Module) -> float:
+    """1 / std of the latents `first` makes of the first SCALE_IMAGES training images of `cfg`, in index order: the
+    same on every rank without a collective."""
+    d = cfg.data
+    catalog = open_catalog(d.path, d.split, d.index)
+    device = next(first.parameters()).device
+    images = split_images(cfg, catalog, 0, min(SCALE_IMAGES, catalog.total))
+    z = torch.cat([encode_latents(first, to_model_range(c.to(device))) for c in images.split(128)])
+    return 1.0 / z.double().std().item()
 
 
 @torch.no_grad()
