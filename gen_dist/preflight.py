@@ -4,6 +4,7 @@ fails in seconds."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -11,7 +12,15 @@ import torch
 from gen_dist import checkpoint
 from gen_dist.artifact import resolve
 from gen_dist.config import check_same_model, load_config
-from gen_dist.data import Catalog, check_catalog, open_catalog, probe_remote, reference_catalog
+from gen_dist.data import (
+    Catalog,
+    check_catalog,
+    first_sample,
+    image_sizes,
+    open_catalog,
+    probe_remote,
+    reference_catalog,
+)
 from gen_dist.evaluation import check_eval
 from gen_dist.family import family
 from gen_dist.parallel import STRATEGIES, strategy_for
@@ -70,12 +79,33 @@ def checked_catalog(cfg: RunConfig, world_size: int) -> Catalog:
     return catalog
 
 
+def check_label(cfg: RunConfig, sample: dict) -> None:
+    """A class-conditional run on shards whose samples carry no label member (img2dataset's keep it, if at all,
+    in the json) is refused before launch, not at step 0."""
+    key = cfg.data.label_key
+    have = sorted(k for k in sample if not k.startswith("__"))
+    missing = (json.loads(sample["json"]).get(key[5:]) is None if "json" in sample else True) if \
+        key.startswith("json:") else key not in sample
+    if missing:
+        fields = sorted(json.loads(sample["json"])) if "json" in sample else []
+        raise ConfigError(f"{cfg.task}.num_classes={getattr(cfg, cfg.task).num_classes} needs a class label, but "
+                          f"the first sample of {cfg.data.path} ({sample.get('__url__')}) has no data.label_key "
+                          f"'{key}' (its members: {', '.join(have)}"
+                          + (f"; its json's fields: {', '.join(fields)}" if fields else "")
+                          + "): name the label with data.label_key (a member, or json:FIELD), or set "
+                          f"{cfg.task}.num_classes=0 to train unconditionally")
+
+
 def check_data(cfg: RunConfig, catalog: Catalog, world_size: int) -> None:
     """The source can feed the ranks, answers, and has the classes the model is built for."""
     check_catalog(catalog, world_size, max(1, cfg.data.num_workers), cfg.data.batch_size)
     probe_remote(catalog)
     have = len(catalog.classes)
     want = getattr(cfg, cfg.task).__dict__.get("num_classes", 0)
+    if want and cfg.data.label_key and not catalog.packed:
+        check_label(cfg, first_sample(catalog))
+    if cfg.data.buckets:
+        catalog.sizes = image_sizes(catalog, cfg.data.index)
     if catalog.packed and (want > have or 0 < want < have):
         raise ConfigError(f"{cfg.task}.num_classes={want} but {cfg.data.path} has {have} classes (labels 0 .. "
                           f"{have - 1}); set {cfg.task}.num_classes={have}"

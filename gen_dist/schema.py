@@ -50,7 +50,16 @@ class DataConfig:
     """Text-to-image: the captions' encodings, written beside the data by `gen-dist data text-embeddings` and
     read with it sample by sample; the text encoders then never run on training batches."""
     resolution: int = 28
-    """Square image size fed to the model: the shorter side is resized to it, then the image cropped."""
+    """Square image size fed to the model: the shorter side is resized to it, then the image cropped. With
+    data.buckets, the base resolution of the bucket table."""
+    buckets: str = ""
+    """Aspect-ratio buckets: sdxl (SDXL's table at 1024), pixart (PixArt's at 256, 512, 1024, 2048) or ladder (made
+    at data.resolution^2 pixels). Each step trains one bucket on every rank; each image's size comes from
+    data.index (`gen-dist data index` records them). Empty: square crops (docs/data.md)."""
+    bucket_multiple: int = 64
+    """data.buckets=ladder: the buckets' sides are multiples of this."""
+    bucket_max_ratio: float = 4.0
+    """data.buckets=ladder: the most elongated bucket's ratio of long to short side."""
     crop: str = "center"
     """center, or random (drawn per sample from the seed, epoch and key: a resumed run crops the same)."""
     min_size: int = 0
@@ -341,6 +350,11 @@ def validate_core(cfg: RunConfig, tasks: tuple[str, ...]) -> None:
         raise ConfigError(f"config key 'data.channels' must be 1 or 3, got {cfg.data.channels}")
     if cfg.data.num_workers < 0:
         raise ConfigError("config key 'data.num_workers' must be >= 0")
+    if cfg.data.buckets and cfg.task != "diffusion":
+        raise ConfigError(f"data.buckets trains diffusion models; a {cfg.task} trains on one image shape")
+    if cfg.data.buckets and cfg.data.latents:
+        raise ConfigError("data.buckets encodes each bucket's images on the fly: data.latents, encoded at one "
+                          "size, cannot be bucketed (leave data.latents empty)")
     if not 0 <= cfg.train.ema_decay < 1:
         raise ConfigError("config key 'train.ema_decay' must be in [0, 1)")
     _validate_posthoc(cfg)

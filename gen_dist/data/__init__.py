@@ -18,7 +18,8 @@ layout consumed are found by replaying its split and shuffle, and the rest of th
 new slots the same way.
 """
 
-from gen_dist.data.catalog import Catalog, Shard, open_catalog
+from gen_dist.data.bucketed import BucketStream, make_stream
+from gen_dist.data.catalog import Catalog, Shard, image_sizes, open_catalog
 from gen_dist.data.pack import (
     pack_arrays,
     pack_digits,
@@ -32,6 +33,7 @@ from gen_dist.data.reader import (
     Retry,
     check_catalog,
     fields_of,
+    first_sample,
     index_source,
     probe_remote,
     read_pieces,
@@ -51,8 +53,9 @@ from gen_dist.data.stream import (
     make_loader,
 )
 
-__all__ = ["INDEX", "BadSamples", "Cache", "Catalog", "DataError", "DataPosition", "Fields", "Piece", "ReadLayout",
-           "Retry", "Segment", "Shard", "ShardStream", "batch_sizes", "check_catalog", "decode_image", "decode_latent",
-           "fields_of", "index_source", "load_index", "make_loader", "open_catalog", "pack_arrays", "pack_digits",
-           "pack_idx_dir", "pack_image_folder", "probe_remote", "read_idx", "read_pieces", "reference_catalog",
-           "reference_images", "split_images", "write_latent_shards", "write_shards"]
+__all__ = ["BadSamples", "BucketStream", "Cache", "Catalog", "DataError", "DataPosition", "Fields", "INDEX", "Piece",
+           "ReadLayout", "Retry", "Segment", "Shard", "ShardStream", "batch_sizes", "check_catalog",
+           "decode_image", "decode_latent", "fields_of", "first_sample", "image_sizes", "index_source",
+           "load_index", "make_loader", "make_stream", "open_catalog", "pack_arrays", "pack_digits",
+           "pack_idx_dir", "pack_image_folder", "probe_remote", "read_idx", "read_pieces",
+           "reference_catalog", "reference_images", "split_images", "write_latent_shards", "write_shards"]

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from gen_dist.data.shards import INDEX, DataError, load_index
 from gen_dist.data.sources import (
     SourceError,
@@ -61,6 +63,8 @@ class Catalog:
     """A latent dataset's first stage (`gen-dist data latents`)."""
     packed: bool = False
     """Written by `gen-dist data` (an index.json with splits)."""
+    sizes: np.ndarray | None = None
+    """Each sample's image (width, height) in catalog order, where a bucketed stream needs them (`image_sizes`)."""
 
     @property
     def total(self) -> int:
@@ -153,11 +157,39 @@ def _counts_from_stats(source: str, urls: list[str]) -> list[Shard]:
         return list(pool.map(count, urls))
 
 
-def write_wids_index(source: str, out: Path, counts: list[tuple[str, int, Stat]], name: str) -> dict:
-    """A wids shard index (`__kind__: wids-shard-index-v1`) with each shard's count, size and ETag."""
+def write_wids_index(source: str, out: Path, counts: list[tuple[str, int, Stat, list[tuple[int, int]]]],
+                     name: str) -> dict:
+    """A wids shard index (`__kind__: wids-shard-index-v1`) with each shard's count, size and ETag, and gen_dist's
+    `image_sizes` (each sample's [width, height]; readers of wids ignore the key)."""
     spec = {"__kind__": WIDS_KIND, "wids_version": 1, "name": name, "source": source,
-            "shardlist": [{"url": url, "nsamples": n, "filesize": st.size, **({"etag": st.etag} if st.etag else {})}
-                          for url, n, st in counts]}
+            "shardlist": [{"url": url, "nsamples": n, "filesize": st.size, **({"etag": st.etag} if st.etag else {}),
+                           "image_sizes": [list(wh) for wh in sizes]}
+                          for url, n, st, sizes in counts]}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(spec, indent=1))
     return spec
+
+
+def image_sizes(catalog: Catalog, index: str) -> np.ndarray:
+    """Each sample's image (width, height), in catalog order, from the wids index `gen-dist data index` wrote."""
+    how = (f"index the source once with `gen-dist data index {catalog.source} --out FILE` (it records each "
+           f"image's size) and set data.index=FILE")
+    if not index:
+        raise DataError(f"data.buckets needs each image's size: {how}")
+    try:
+        spec = json.loads(read_bytes(index))
+    except (SourceError, ValueError) as e:
+        raise DataError(f"data.index {index}: {e}") from None
+    def key(url: str) -> str:
+        return url if is_remote(url) else str(Path(url).resolve())
+
+    base = index.rsplit("/", 1)[0] if "/" in index else "."
+    found = {key(s["url"] if is_remote(s["url"]) or Path(s["url"]).is_absolute() else join(base, s["url"])):
+             s.get("image_sizes") for s in spec.get("shardlist", [])}
+    parts = []
+    for shard in catalog.shards:
+        sizes = found.get(key(shard.url))
+        if sizes is None or len(sizes) != shard.count:
+            raise DataError(f"data.index {index} has no image sizes for {shard.url}: {how}")
+        parts.append(np.asarray(sizes, dtype=np.int32).reshape(-1, 2))
+    return np.concatenate(parts)

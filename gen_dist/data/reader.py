@@ -18,7 +18,7 @@ import torch
 from webdataset import tariterators
 
 from gen_dist.data.catalog import Catalog, Shard, open_catalog, shard_urls, write_wids_index
-from gen_dist.data.shards import INDEX, DataError, Fields, Piece, decode_image, load_index
+from gen_dist.data.shards import IMAGE_EXTS, INDEX, DataError, Fields, Piece, decode_image, image_size, load_index
 from gen_dist.data.sources import Cache, SourceError, Stat, is_remote, kind, open_stream, stat
 from gen_dist.schema import ConfigError, RunConfig
 
@@ -59,6 +59,7 @@ def read_pieces(pieces: list[Piece], problems: list[tuple[str, int]] | None = No
                                                reached):
                         reached, waited, wait = i + 1, 0.0, 1.0
                         if piece.keep is None or i in piece.keep:
+                            sample["__index__"] = i  # its place in the shard
                             yield sample
                 if reached < piece.end:
                     error = "the shard ends early"
@@ -105,6 +106,11 @@ def check_catalog(catalog: Catalog, world_size: int, workers: int, batch_size: i
     if total // world_size < batch_size:
         raise DataError(f"{total} samples in {where} cannot fill one batch of {batch_size} on each of "
                         f"{world_size} ranks: lower data.batch_size")
+
+
+def first_sample(catalog: Catalog) -> dict[str, Any]:
+    """The first sample of a source, raw (what its members are)."""
+    return next(read_pieces([Piece(catalog.shards[0].url, 0, 1)]))
 
 
 def split_pieces(shards: list[Shard], start: int, size: int) -> list[Piece]:
@@ -155,17 +161,21 @@ def reference_images(cfg: RunConfig, start: int, size: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- indexing
 
 
-def count_samples(url: str) -> tuple[str, int, Stat]:
-    """One streaming read of a shard: its samples, size and ETag."""
+def count_samples(url: str, fields: Fields) -> tuple[str, int, Stat, list[tuple[int, int]]]:
+    """One streaming read of a shard: its samples, size and ETag, and each image's (width, height) read from its
+    header (what aspect-ratio buckets need)."""
     found = stat(url)
     with open_stream(url) as f:
-        return url, sum(1 for _ in _samples(f, url)), found
+        sizes = [image_size(s, fields) for s in _samples(f, url)]
+    return url, len(sizes), found, sizes
 
 
-def index_source(source: str, out: Path, workers: int = 8) -> dict:
-    """`gen-dist data index`: every shard of `source` counted (in parallel) into a wids shard index at `out`."""
+def index_source(source: str, out: Path, workers: int = 8, image_keys: tuple[str, ...] = IMAGE_EXTS) -> dict:
+    """`gen-dist data index`: every shard of `source` counted (in parallel) into a wids shard index at `out`,
+    with each image's size."""
     # Local shards by absolute path: a wids index's relative URLs are relative to the index itself.
     urls = [u if is_remote(u) else str(Path(u).resolve()) for u in shard_urls(source)]
+    fields = Fields(3, 0, image_keys)
     with ThreadPoolExecutor(workers) as pool:
-        counts = list(pool.map(count_samples, urls))
+        counts = list(pool.map(lambda u: count_samples(u, fields), urls))
     return write_wids_index(source, out, counts, name=Path(out).stem)

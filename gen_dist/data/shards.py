@@ -79,28 +79,48 @@ class SmallImage(DataError):
 def decode_image(sample: dict[str, Any], fields: Fields, rng: np.random.Generator | None = None) -> np.ndarray:
     """uint8 C x H x W: the shorter side resized to the resolution, then a center crop (a random one with `rng`
     and crop=random)."""
+    return fit_image(sample, fields, (fields.resolution, fields.resolution), rng)[0]
+
+
+def fit_image(sample: dict[str, Any], fields: Fields, size: tuple[int, int],
+              rng: np.random.Generator | None = None) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """(uint8 C x H x W of `size` (height, width), (original height, original width, crop top, crop left)): the
+    image resized to cover `size`, then cropped to it at the center (at random with `rng` and crop=random); the
+    crop's offsets are in the resized image, as SDXL's micro-conditioning takes them."""
     ext = next((e for e in fields.image if e in sample), None)
     if ext is None:
         raise DataError(f"no image ({', '.join(fields.image)}) in the sample")
-    res = fields.resolution
+    th, tw = size
     img = Image.open(io.BytesIO(sample[ext]))
-    if fields.min_size and min(img.size) < fields.min_size:
-        raise SmallImage(f"{img.size[0]}x{img.size[1]} image is below data.min_size {fields.min_size}")
-    if img.format == "JPEG" and min(img.size) >= 2 * res:
-        img.draft(img.mode, (res, res))  # JPEG decodes at a power-of-two fraction of its size, no smaller than res
+    w, h = original = img.size
+    if fields.min_size and min(w, h) < fields.min_size:
+        raise SmallImage(f"{w}x{h} image is below data.min_size {fields.min_size}")
+    scale = max(th / h, tw / w)
+    if img.format == "JPEG" and scale <= 0.5:
+        img.draft(img.mode, (tw, th))  # JPEG decodes at a power-of-two fraction of its size, still covering
     img = img.convert("L" if fields.channels == 1 else "RGB")
-    if img.size != (res, res):
-        w, h = img.size
-        scale = res / min(w, h)
-        w, h = max(res, round(w * scale)), max(res, round(h * scale))
+    top = left = 0
+    if img.size != (tw, th):
+        scale = max(th / img.size[1], tw / img.size[0])
+        w, h = max(tw, round(img.size[0] * scale)), max(th, round(img.size[1] * scale))
         img = img.resize((w, h), Image.BICUBIC)
-        if (w, h) != (res, res):
+        if (w, h) != (tw, th):
             random = fields.crop == "random" and rng is not None
-            left = int(rng.integers(w - res + 1)) if random else (w - res) // 2
-            top = int(rng.integers(h - res + 1)) if random else (h - res) // 2
-            img = img.crop((left, top, left + res, top + res))
+            left = int(rng.integers(w - tw + 1)) if random else (w - tw) // 2
+            top = int(rng.integers(h - th + 1)) if random else (h - th) // 2
+            img = img.crop((left, top, left + tw, top + th))
     arr = np.asarray(img, dtype=np.uint8)
-    return arr[None] if fields.channels == 1 else arr.transpose(2, 0, 1)
+    return (arr[None] if fields.channels == 1 else arr.transpose(2, 0, 1)), (original[1], original[0], top, left)
+
+
+def image_size(sample: dict[str, Any], fields: Fields) -> tuple[int, int]:
+    """(width, height) of a sample's image from its header alone; (0, 0) where there is none or it does not
+    parse (the sample is reported as bad when it is trained on)."""
+    ext = next((e for e in fields.image if e in sample), None)
+    try:
+        return Image.open(io.BytesIO(sample[ext])).size if ext else (0, 0)
+    except Exception:  # noqa: BLE001 - any header that does not parse
+        return (0, 0)
 
 
 def _member(sample: dict[str, Any], key: str) -> Any:

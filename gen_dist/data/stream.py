@@ -23,6 +23,7 @@ from gen_dist.data.shards import (
     SmallImage,
     decode_image,
     decode_latent,
+    fit_image,
     label_of,
 )
 from gen_dist.data.sources import Cache
@@ -31,15 +32,17 @@ from gen_dist.data.text import TextLayout, caption, decode_text, pad_text, read_
 
 @dataclass(frozen=True)
 class ReadLayout:
-    """How an epoch is read: ranks x loader workers per rank, batch size and shuffle buffer per worker."""
+    """How an epoch is read: ranks x loader workers per rank, batch size and shuffle buffer per worker, and the
+    micro-batches per step (a bucketed stream's steps span them)."""
 
     world: int
     workers: int
     batch: int
     buffer: int
+    accum: int = 1
 
     def to_list(self) -> list[int]:
-        return [self.world, self.workers, self.batch, self.buffer]
+        return [self.world, self.workers, self.batch, self.buffer, self.accum]
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,7 @@ def delivered(worker: int, workers: int, batches: int) -> int:
     return len(range(worker, batches, workers))
 
 
-def _seed(seed: int, epoch: int, slot: int, segment: int, *more: int) -> list[int]:
+def slot_seed(seed: int, epoch: int, slot: int, segment: int, *more: int) -> list[int]:
     return [seed, epoch, slot, *more] + ([segment] if segment else [])
 
 
@@ -170,7 +173,7 @@ def remaining(total: int, done: list[Segment], seed: int, epoch: int) -> np.ndar
         for j, pos in enumerate(slots):
             r, w = divmod(j, seg.layout.workers)
             n = sum(sizes[r][w][: delivered(w, seg.layout.workers, seg.consumed)])
-            rng = np.random.default_rng(_seed(seed, epoch, j, s))
+            rng = np.random.default_rng(slot_seed(seed, epoch, j, s))
             used += itertools.islice(shuffled(pos.tolist(), seg.layout.buffer, rng), n)
         avail = np.setdiff1d(avail, np.asarray(used, dtype=np.int64))
     return avail
@@ -246,7 +249,7 @@ class ShardStream(IterableDataset):
         slot = self.rank * self.workers + worker
         problems: list[tuple[str, int]] = []
         pieces = to_pieces(self.slots[worker], self.ordered, self.starts)
-        rng = np.random.default_rng(_seed(self.seed, self.epoch, slot, self.segment))
+        rng = np.random.default_rng(slot_seed(self.seed, self.epoch, slot, self.segment))
         found = None if self.strict else problems
         raw = (read_with_text(pieces, self.text.root, found, self.retry, self.stats, self.cache) if self.text
                else read_pieces(pieces, found, self.retry, self.stats, cache=self.cache))
@@ -263,18 +266,27 @@ class ShardStream(IterableDataset):
             yield _fill(decoded, size, spare, pieces, self.text)
             spare = decoded if decoded["image"] else spare
 
-    def _decode(self, raw: list[dict[str, Any]], problems: list[tuple[str, int]]) -> dict[str, Any]:
+    def _decode(self, raw: list[dict[str, Any]], problems: list[tuple[str, int]],
+                size: tuple[int, int] | None = None) -> dict[str, Any]:
+        """The usable samples of `raw` decoded; with a `size` (height, width), images fitted to it, each with its
+        geometry (original height and width, crop top and left)."""
         f = self.fields
         captioned = bool(f.caption or f.templates)
         out: dict[str, list[Any]] = {"image": [], "label": [], "key": [], **({"caption": []} if captioned else {}),
-                                     **({"text": []} if self.text else {})}
+                                     **({"text": []} if self.text else {}), **({"geometry": []} if size else {})}
         for s in raw:
             # Crop, flip and template are drawn per sample from (seed, epoch, key): the same on any layout or
             # resume.
             rng = (np.random.default_rng([self.seed, self.epoch, zlib.crc32(str(s.get("__key__")).encode()), 0xC409])
                    if self.hflip or f.crop == "random" or f.templates else None)
             try:
-                image = decode_latent(s) if self.latents else decode_image(s, f, rng)
+                geometry = None
+                if self.latents:
+                    image = decode_latent(s)
+                elif size:
+                    image, geometry = fit_image(s, f, size, rng)
+                else:
+                    image = decode_image(s, f, rng)
                 label = label_of(s, self.num_classes, f.label)
                 text = decode_text(s, len(self.text.lengths)) if self.text else None
                 cap = caption(s, f, label, rng) if captioned else None
@@ -293,6 +305,8 @@ class ShardStream(IterableDataset):
                 out["caption"].append(cap)
             if text is not None:
                 out["text"].append(text)
+            if geometry is not None:
+                out["geometry"].append(geometry)
         return {**out, "bad": [m for m, _ in problems], "bad_count": sum(n for _, n in problems)}
 
 

@@ -18,8 +18,9 @@ import torch
 from gen_dist import checkpoint, dist, parallel, perf, posthoc
 from gen_dist.artifact import RUN_CONFIG, load_partial, resolve
 from gen_dist.config import validate
-from gen_dist.data import BadSamples, Cache, DataPosition, Retry, ShardStream, fields_of, make_loader
-from gen_dist.data.text import TEXT_KEYS, text_layout
+from gen_dist.data import BadSamples, DataPosition, make_loader, make_stream
+from gen_dist.data.bucketed import BUCKET_KEYS
+from gen_dist.data.text import TEXT_KEYS
 from gen_dist.engine.outputs import Outputs
 from gen_dist.engine.state import MetricWindow, Supervisor, TrainState, lr_factor
 from gen_dist.evaluation import Evaluator
@@ -62,11 +63,7 @@ class Trainer(Outputs):
             save_config(cfg, self.run_dir / RUN_CONFIG)
         acc.wait_for_everyone()
         d = cfg.data
-        self.stream = ShardStream(catalog, d.split, d.batch_size, acc.process_index, acc.num_processes,
-                                  d.num_workers, cfg.train.seed, d.shuffle_buffer, d.resolution, d.channels, d.hflip,
-                                  d.strict, fields_of(cfg), Retry(patience=d.retry_seconds),
-                                  Cache(d.cache_dir, int(d.cache_gb * 1e9)) if d.cache_dir else None,
-                                  text_layout(cfg))
+        self.stream = make_stream(cfg, catalog, acc.process_index, acc.num_processes)
         self.state, self.position = TrainState(), DataPosition()
         self.skipped_phases = 0
         self.bad = BadSamples(acc.process_index)
@@ -224,6 +221,10 @@ class Trainer(Outputs):
         pos = self.position
         while True:
             self.stream.set_position(pos.epoch, pos.batch, pos.done)
+            plan = getattr(self.stream, "plan", None)
+            if plan is not None:
+                self.tracker.event("data_plan", epoch=pos.epoch, steps=plan.steps, padding=round(plan.padding, 4),
+                                   from_step=self.stream.first_step, most_held=self.stream.held_at_most)
             if self.stream.dropped:
                 self.tracker.event("data_dropped", epoch=pos.epoch, samples=self.stream.dropped,
                                    reason="fewer samples left in the epoch than ranks x workers")
@@ -239,7 +240,8 @@ class Trainer(Outputs):
                     "label": batch["label"].to(self.acc.device, non_blocking=True),
                     "key": batch["key"],
                     **({"caption": batch["caption"]} if "caption" in batch else {}),
-                    **{k: batch[k].to(self.acc.device, non_blocking=True) for k in TEXT_KEYS if k in batch},
+                    **{k: batch[k].to(self.acc.device, non_blocking=True) for k in (*TEXT_KEYS, *BUCKET_KEYS)
+                       if k in batch},
                 }
             pos.next_epoch()
 
@@ -307,7 +309,10 @@ class Trainer(Outputs):
 
     def _log_keys(self, micro: list[dict[str, Any]]) -> None:
         """This rank's sample keys of the coming step, one JSON line per step (a resumed run appends)."""
-        line = json.dumps({"step": self.state.step, "keys": [k for b in micro for k in b["key"]]})
+        # A bucket's fill-in repeats (weight 0) are not the step's samples.
+        keys = [k for b in micro for k, w in zip(b["key"], b["weight"].tolist() if "weight" in b else b["key"],
+                                                 strict=True) if w]
+        line = json.dumps({"step": self.state.step, "keys": keys, "shape": list(micro[0].get("x", micro[0].get("latent")).shape[-2:])})
         with open(self.run_dir / f"keys_rank{self.acc.process_index}.jsonl", "a") as f:
             f.write(line + "\n")
 
@@ -410,6 +415,8 @@ class Trainer(Outputs):
             if t.log_keys:
                 self._log_keys(micro)
             stats = self.train_step(micro)
+            if "weight" in micro[0]:
+                stats["data/padding"] = torch.cat([b["weight"] == 0 for b in micro]).float().mean()
             step = self.state.step
             mark(step, "the stop-signal agreement")
             signum = stop.agreed(self.acc)

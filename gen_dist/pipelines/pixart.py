@@ -38,9 +38,9 @@ class PixArt(Kind):
         sizes = None
         config = pipe.config("transformer")
         if config.get("use_additional_conditions", config.get("sample_size") == 128):
-            side = x.shape[-1] * pipe.vae_factor
-            sizes = {"resolution": torch.tensor([[side, side]], dtype=x.dtype, device=x.device).expand(len(x), 2),
-                     "aspect_ratio": torch.ones(len(x), 1, dtype=x.dtype, device=x.device)}
+            h, w = x.shape[-2] * pipe.vae_factor, x.shape[-1] * pipe.vae_factor
+            sizes = {"resolution": torch.tensor([[h, w]], dtype=x.dtype, device=x.device).expand(len(x), 2),
+                     "aspect_ratio": torch.full((len(x), 1), h / w, dtype=x.dtype, device=x.device)}
         out = net(x, encoder_hidden_states=cond["text"].to(x.dtype), encoder_attention_mask=cond["text_mask"],
                   timestep=t, added_cond_kwargs=sizes or {"resolution": None, "aspect_ratio": None}).sample
         return out[:, : x.shape[1]]  # the predicted noise; the rest is the learned variance

@@ -27,10 +27,13 @@ class SDXLEncoders(PromptEncoders):
         return [h], [all_tokens(h)], second.text_embeds
 
 
-def time_ids(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """(original height, width, crop top, left, target height, width) of each image: the whole image at the
-    training resolution, uncropped, as the square center crops gen_dist trains on are."""
+def time_ids(x: torch.Tensor, factor: int, geometry: torch.Tensor | None = None) -> torch.Tensor:
+    """(original height, width, crop top, left, target height, width) of each image: from the stream's geometry
+    of each sample where it has one (bucketed data), else the whole image at the training size, uncropped."""
     h, w = x.shape[-2] * factor, x.shape[-1] * factor
+    if geometry is not None:
+        target = torch.tensor([h, w], device=x.device).expand(x.shape[0], 2)
+        return torch.cat([geometry.to(x.device), target], dim=1).to(x.dtype)
     return torch.tensor([h, w, 0, 0, h, w], dtype=x.dtype, device=x.device).expand(x.shape[0], 6)
 
 
@@ -55,7 +58,8 @@ class StableDiffusionXL(Kind):
         return SDXLEncoders(pipe, [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")], lengths)
 
     def call(self, pipe: Pipeline, net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        added = {"text_embeds": cond["text_pooled"].to(x.dtype), "time_ids": time_ids(x, pipe.vae_factor)}
+        added = {"text_embeds": cond["text_pooled"].to(x.dtype),
+                 "time_ids": time_ids(x, pipe.vae_factor, cond.get("geometry"))}
         return net(x, t, encoder_hidden_states=cond["text"].to(x.dtype), added_cond_kwargs=added).sample
 
 

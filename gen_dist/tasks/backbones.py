@@ -71,13 +71,15 @@ def build_mmdit(cfg: RunConfig, channels: int, size: int, text: tuple[int, int, 
     vector joins the timestep embedding; its output layer starts at zero."""
     from diffusers import SD3Transformer2DModel
 
+    from gen_dist.tasks.sizes import image_sizes
+
     d = cfg.diffusion
     inner = d.dit_heads * d.dit_head_dim
     net = SD3Transformer2DModel(
         sample_size=size, patch_size=d.patch_size, in_channels=channels, out_channels=channels,
         num_layers=d.dit_depth, attention_head_dim=d.dit_head_dim, num_attention_heads=d.dit_heads,
         joint_attention_dim=text[1], caption_projection_dim=inner, pooled_projection_dim=text[2],
-        pos_embed_max_size=size // d.patch_size)
+        pos_embed_max_size=size * max(max(hw) for hw in image_sizes(cfg)) // cfg.data.resolution // d.patch_size)
     nn.init.zeros_(net.proj_out.weight)
     nn.init.zeros_(net.proj_out.bias)
     net._no_split_modules = ["JointTransformerBlock"]

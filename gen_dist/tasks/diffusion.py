@@ -28,6 +28,7 @@ from gen_dist.tasks.latents import (
     load_first_stage,
     measure_latent_scale,
 )
+from gen_dist.tasks.sizes import check_sizes
 from gen_dist.tasks.text import Conditioner, TextKeys, check_text, class_prompts, text_on
 
 
@@ -154,19 +155,12 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError("config keys 'diffusion.channels' and 'diffusion.attention' must have the same length")
     if cfg.task != "diffusion":
         return
-    size = latent_shape(cfg)[1] if d.first_stage else cfg.data.resolution
-    where = "the first stage's latent resolution" if d.first_stage else "data.resolution"
     if d.backbone == "unet":
         _check_unet(d)
     if d.backbone == "dit" and (d.dit_heads * d.dit_head_dim) % 4:
         raise ConfigError(f"diffusion.dit_heads x diffusion.dit_head_dim = {d.dit_heads * d.dit_head_dim} must be a "
                           f"multiple of 4 (the DiT's 2-D sine-cosine position embedding splits the width in four)")
-    if d.backbone == "unet" and size % 2 ** (len(d.channels) - 1):
-        raise ConfigError(f"{where} {size} must be divisible by {2 ** (len(d.channels) - 1)} for "
-                          f"{len(d.channels)} UNet levels")
-    if d.backbone == "dit" and size % d.patch_size:
-        raise ConfigError(f"diffusion.patch_size={d.patch_size} does not divide {where} {size}: the DiT cuts the "
-                          f"image into whole patches")
+    check_sizes(cfg)
     _check_objective(d)
     check_text(cfg)
     finetune.check(cfg)
@@ -285,7 +279,8 @@ class DiffusionTask(Task):
         None."""
         if self.text is not None:
             device = next(nets["denoiser"].parameters()).device
-            return self.text.dropped(self.text.of_batch(batch, device))
+            cond = self.text.dropped(self.text.of_batch(batch, device))
+            return {**cond, "geometry": batch["geometry"]} if "geometry" in batch else cond
         if not self.num_classes:
             return None
         labels = batch["label"]
@@ -345,8 +340,9 @@ class DiffusionTask(Task):
         x = self.latents(nets, batch) if "first_stage" in self.frozen else batch["x"]
         error = getattr(self, f"_{self.cfg.objective}_error")
         err, weight = error(nets["denoiser"], x, self._train_condition(nets, batch))
-        loss = (err * weight).mean()
-        return loss, {"loss": loss.detach(), "mse": err.detach().mean()}
+        share = batch.get("weight", 1.0)  # a bucket's fill-in repeats weigh nothing
+        loss = (err * weight * share).mean()
+        return loss, {"loss": loss.detach(), "mse": (err.detach() * share).mean()}
 
     # Each objective's (per-image squared error of the network's output, its loss weight).
 
