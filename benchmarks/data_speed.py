@@ -1,9 +1,11 @@
 """Images/s of one loader worker decoding and cropping the same JPEG shards from local disk, over HTTP (Python's
 server) and from S3 (SeaweedFS), with gen_dist's reader and with a plain webdataset pipeline doing the same
-work; the cost of JPEG decoding with and without decode-time downscaling; and, with --train, the data wait of a
-2-rank training run of the demo config reading Fashion-MNIST's shards from the S3 server.
+work; the cost of JPEG decoding with and without decode-time downscaling; with --buckets, the same shards read
+in aspect-ratio buckets and as a 3:1 mixture of two sources in buckets, against the plain stream (images/s, the
+padding share, the most samples a reader holds); and, with --train, the data wait of a 2-rank training run of the
+demo config reading Fashion-MNIST's shards from the S3 server.
 
-    python benchmarks/data_speed.py [--shards 8 --per-shard 250 --size 256 --resolution 64] [--train]
+    python benchmarks/data_speed.py [--shards 8 --per-shard 250 --size 256 --resolution 64] [--buckets] [--train]
 """
 
 from __future__ import annotations
@@ -56,6 +58,55 @@ def gen_dist_rate(source: str, index: str, resolution: int, total: int) -> float
     n = sum(len(b["key"]) for b in stream)
     assert n == total, (n, total)
     return n / (time.perf_counter() - t0)
+
+
+def bucket_rates(work: Path, paths: list[Path], resolution: int, total: int) -> None:
+    """Plain, bucketed and bucketed-and-mixed reading of the same shards by one reader, in one process."""
+    from gen_dist.data import image_sizes
+    from gen_dist.data.bucketed import BucketStream
+    from gen_dist.data.buckets import assign, bucket_table
+    from gen_dist.data.mixture import source_at
+
+    table = bucket_table("ladder", resolution, 16, 2.0)
+    fields = Fields(3, resolution, label="cls")
+
+    def streams(parts: list[list[Path]], bucketed: bool) -> list:
+        out = []
+        for i, part in enumerate(parts):
+            source, index = "::".join(map(str, part)), work / f"part{len(parts)}_{i}.json"
+            index_source(source, index)
+            catalog = open_catalog(source, index=str(index))
+            common = dict(source=catalog, split="train", batch_size=50, rank=0, world_size=1, num_workers=0, seed=0,
+                          shuffle_buffer=1, resolution=resolution, channels=3, hflip=False, fields=fields)
+            out.append(BucketStream(assign(image_sizes(catalog, str(index)), table), table, 1, **common)
+                       if bucketed else ShardStream(**common))
+        return out
+
+    def rate(parts: list[list[Path]], bucketed: bool) -> tuple[float, float, int]:
+        made = streams(parts, bucketed)
+        feeds, n, real, places = [iter(s) for s in made], 0, 0, 0
+        weights = np.array([3.0, 1.0][: len(made)])
+        t0 = time.perf_counter()
+        for step in range(10**9):
+            i = source_at(0, step, weights) if len(made) > 1 else 0
+            batch = next(feeds[i], None)
+            if batch is None:  # the first source's epoch is over: as many images as one epoch of the set
+                break
+            n += len(batch["key"])
+            w = batch.get("weight")
+            real += int((w > 0).sum()) if w is not None else len(batch["key"])
+            places += len(batch["key"])
+        held = max(getattr(s, "held_at_most", 0) for s in made)
+        return real / (time.perf_counter() - t0), 1 - real / places, held
+
+    half = len(paths) // 2
+    rows = [("plain", *rate([paths], False)), ("buckets", *rate([paths], True)),
+            ("buckets + 3:1 mixture", *rate([paths[:half], paths[half:]], True))]
+    plain = rows[0][1]
+    print(f"{total} JPEGs read by one reader, {len(table)} ladder buckets at {resolution} px, batch 50")
+    print(f"{'stream':<24} {'img/s':>8} {'vs plain':>9} {'padding':>8} {'most held':>10}")
+    for name, r, pad, held in rows:
+        print(f"{name:<24} {r:>8.1f} {r / plain:>8.2f}x {pad:>8.1%} {held:>10}")
 
 
 def webdataset_rate(urls: list[str], resolution: int, total: int) -> float:
@@ -120,8 +171,15 @@ def main() -> None:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--train", action="store_true", help="also the 2-rank training run from S3")
+    p.add_argument("--buckets", action="store_true", help="also bucketed and mixed reading")
+    p.add_argument("--buckets-only", action="store_true")
     p.add_argument("--train-only", action="store_true")
     args = p.parse_args()
+    if args.buckets_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = write_shards(Path(tmp) / "shards", args.shards, args.per_shard, args.size)
+            bucket_rates(Path(tmp), paths, args.resolution, args.shards * args.per_shard)
+        return
     if args.train_only:
         with tempfile.TemporaryDirectory() as tmp:
             train_from_s3(Path(tmp))
@@ -158,6 +216,8 @@ def main() -> None:
         print(f"decode+resize per image: {with_draft:.2f} ms with JPEG draft (decode-time downscaling), "
               f"{without:.2f} ms without ({without / with_draft:.2f}x)")
         print(json.dumps({"rows": rows, "draft_ms": with_draft, "full_ms": without}))
+        if args.buckets:
+            bucket_rates(work, paths, args.resolution, total)
         if args.train:
             train_from_s3(work)
 

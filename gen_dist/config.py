@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from gen_dist.data.mixture import check_sources
 from gen_dist.family import families, family
 from gen_dist.parallel import STRATEGIES
 from gen_dist.parsing import apply_values, parse_override, read_yaml
@@ -38,6 +39,7 @@ def validate(cfg: RunConfig) -> None:
         if f.resolve is not None:
             f.resolve(cfg)
     validate_core(cfg, tuple(found))
+    check_sources(cfg)
     if cfg.parallel.strategy not in STRATEGIES:
         raise ConfigError(f"config key 'parallel.strategy' must be one of {', '.join(STRATEGIES)}, got "
                           f"{cfg.parallel.strategy!r}")

@@ -44,6 +44,14 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
         (item,) = typing.get_args(tp)
         return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        made = tp()
+        apply_values(made, value, key + ".")
+        return made
     if tp is Switch:
         value = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
         if value not in Switch.VALUES:

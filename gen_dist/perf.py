@@ -87,12 +87,16 @@ def optimizer_kwargs(cfg: RunConfig, device: torch.device) -> dict[str, bool]:
     return {"foreach": True}
 
 
-def before_compile() -> None:
+def before_compile(shapes: int = 1) -> None:
     """Random draws inside compiled code are the eager ones (inductor's own generator would draw others), so a
-    run trains the same with train.compile on and off, and a resume across the switch stays exact."""
+    run trains the same with train.compile on and off, and a resume across the switch stays exact. With
+    `shapes` image shapes (aspect-ratio buckets) each compiled block keeps one graph per shape, instead of
+    falling back to eager at dynamo's default limit of 8."""
+    import torch._dynamo.config
     import torch._inductor.config
 
     torch._inductor.config.fallback_random = True
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * shapes)
 
 
 def to_channels_last(module: nn.Module) -> nn.Module:

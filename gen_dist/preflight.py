@@ -21,18 +21,20 @@ from gen_dist.data import (
     probe_remote,
     reference_catalog,
 )
+from gen_dist.data.mixture import source_configs
 from gen_dist.evaluation import check_eval
 from gen_dist.family import family
 from gen_dist.parallel import STRATEGIES, strategy_for
 from gen_dist.schema import ConfigError, RunConfig
 
 
-def preflight(cfg: RunConfig, world_size: int, catalog: Catalog | None = None) -> None:
+def preflight(cfg: RunConfig, world_size: int, catalogs: list[Catalog] | None = None) -> None:
     """Checks that need the dataset or the machine; run before any process is launched. The dataset's are
-    skipped where `catalog` is None and made by `check_data` later (the trainer's main rank resolves the source
-    once, then hands the catalog to the other ranks)."""
-    if catalog is not None:
-        check_data(cfg, catalog, world_size)
+    skipped where `catalogs` is None and made by `check_data` later (the trainer's main rank resolves the sources
+    once, then hands the catalogs to the other ranks)."""
+    if catalogs is not None:
+        for (_, one), catalog in zip(source_configs(cfg), catalogs, strict=True):
+            check_data(one, catalog, world_size)
     saved = cfg.out_dir / "config.yaml"
     found = checkpoint.list_checkpoints(cfg.out_dir)
     if saved.exists() and found:
@@ -67,33 +69,41 @@ def _check_resumable(ckpt: Path, cfg: RunConfig, world_size: int) -> None:
                           f"ranks (ddp and fsdp checkpoints resume on any number)")
 
 
-def training_catalog(cfg: RunConfig) -> Catalog:
-    """The catalog of what the run trains on: data.latents where set, else data.path."""
-    return open_catalog(cfg.data.latents or cfg.data.path, cfg.data.split, "" if cfg.data.latents else cfg.data.index)
+def training_catalogs(cfg: RunConfig) -> list[Catalog]:
+    """The catalogs of what the run trains on: data.latents where set, else data.path, or each of data.sources."""
+    if cfg.data.latents:
+        return [open_catalog(cfg.data.latents, cfg.data.split)]
+    return [open_catalog(c.data.path, c.data.split, c.data.index) for _, c in source_configs(cfg)]
 
 
-def checked_catalog(cfg: RunConfig, world_size: int) -> Catalog:
-    """The training catalog, once `check_data` passed it."""
-    catalog = training_catalog(cfg)
-    check_data(cfg, catalog, world_size)
-    return catalog
+def checked_catalogs(cfg: RunConfig, world_size: int) -> list[Catalog]:
+    """The training catalogs, once `check_data` passed each."""
+    catalogs = training_catalogs(cfg)
+    for (_, one), catalog in zip(source_configs(cfg), catalogs, strict=True):
+        check_data(one, catalog, world_size)
+    return catalogs
 
 
-def check_label(cfg: RunConfig, sample: dict) -> None:
-    """A class-conditional run on shards whose samples carry no label member (img2dataset's keep it, if at all,
-    in the json) is refused before launch, not at step 0."""
-    key = cfg.data.label_key
+def check_members(cfg: RunConfig, sample: dict, classes: bool) -> None:
+    """Shards whose samples lack the label a class-conditional model needs (img2dataset's keep it, if at all,
+    in the json), or the caption member a text model reads, are refused before launch, not at step 0."""
     have = sorted(k for k in sample if not k.startswith("__"))
-    missing = (json.loads(sample["json"]).get(key[5:]) is None if "json" in sample else True) if \
-        key.startswith("json:") else key not in sample
-    if missing:
-        fields = sorted(json.loads(sample["json"])) if "json" in sample else []
+    fields = sorted(json.loads(sample["json"])) if "json" in sample else []
+    where = (f"the first sample of {cfg.data.path} ({sample.get('__url__')}) has no {{}} (its members: "
+             f"{', '.join(have)}" + (f"; its json's fields: {', '.join(fields)}" if fields else "") + ")")
+
+    def lacks(key: str) -> bool:
+        return key[5:] not in fields if key.startswith("json:") else key not in sample
+
+    key = cfg.data.label_key
+    if classes and key and lacks(key):
         raise ConfigError(f"{cfg.task}.num_classes={getattr(cfg, cfg.task).num_classes} needs a class label, but "
-                          f"the first sample of {cfg.data.path} ({sample.get('__url__')}) has no data.label_key "
-                          f"'{key}' (its members: {', '.join(have)}"
-                          + (f"; its json's fields: {', '.join(fields)}" if fields else "")
-                          + "): name the label with data.label_key (a member, or json:FIELD), or set "
-                          f"{cfg.task}.num_classes=0 to train unconditionally")
+                          + where.format(f"data.label_key '{key}'") + ": name the label with data.label_key (a "
+                          f"member, or json:FIELD), or set {cfg.task}.num_classes=0 to train unconditionally")
+    key = cfg.data.caption_key
+    if key and lacks(key):
+        raise ConfigError(where.format(f"caption (data.caption_key '{key}')") + ": name the caption member "
+                          "with data.caption_key (data.sources[].caption_key for one source)")
 
 
 def check_data(cfg: RunConfig, catalog: Catalog, world_size: int) -> None:
@@ -102,8 +112,8 @@ def check_data(cfg: RunConfig, catalog: Catalog, world_size: int) -> None:
     probe_remote(catalog)
     have = len(catalog.classes)
     want = getattr(cfg, cfg.task).__dict__.get("num_classes", 0)
-    if want and cfg.data.label_key and not catalog.packed:
-        check_label(cfg, first_sample(catalog))
+    if not catalog.packed:
+        check_members(cfg, first_sample(catalog), bool(want))
     if cfg.data.buckets:
         catalog.sizes = image_sizes(catalog, cfg.data.index)
     if catalog.packed and (want > have or 0 < want < have):

@@ -26,11 +26,35 @@ class Switch(str):
 
 
 @dataclass
+class SourceConfig:
+    """One source of a weighted mixture (data.sources): where it lives and what of its samples is read; the rest
+    (resolution, crop, buckets, batch) is the data section's."""
+
+    path: str = ""
+    """As data.path: a packed directory, shards written by others, URLs, an S3 prefix."""
+    weight: float = 1.0
+    """Its share of the steps: steps draw their source with probability weight / the sum of the weights."""
+    name: str = ""
+    """What its metrics are logged as; empty: the last part of its path."""
+    split: str = "train"
+    index: str = ""
+    """As data.index (sizes for data.buckets too)."""
+    label_key: str = ""
+    """As data.label_key; empty: data.label_key."""
+    caption_key: str = ""
+    """As data.caption_key; empty: data.caption_key."""
+
+
+@dataclass
 class DataConfig:
     path: str = "data/fashion_mnist"
     """The shards: a directory `gen-dist data` wrote; a directory or S3 prefix of shards written by others; or
     shard URLs (local, http(s), s3, pipe:) as a brace pattern or `::` list. S3 endpoint and credentials come from
     the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE) (docs/data.md)."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A weighted mixture to train on instead of data.path (which stays the evaluation reference): each step
+    takes one source, drawn by weight from a seeded plan; each source is read once per its own epoch
+    (docs/data.md)."""
     split: str = "train"
     """Which split of a packed dataset to train on."""
     index: str = ""

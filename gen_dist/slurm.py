@@ -17,7 +17,7 @@ from gen_dist.artifact import RUN_CONFIG, resolve
 from gen_dist.config import load_config
 from gen_dist.evaluation import check_eval_target
 from gen_dist.launch import ROOT
-from gen_dist.preflight import preflight, training_catalog
+from gen_dist.preflight import preflight, training_catalogs
 from gen_dist.schema import ConfigError
 from gen_dist.sweep import Sweep, load_sweep
 
@@ -80,7 +80,7 @@ def render(config: str, overrides: list[str], spec: JobSpec) -> tuple[str, Path]
     fixed = [f"run_dir={run_dir}"] + ([] if spec.gpus_per_node else ["train.cpu=true"])
     overrides = [o for o in overrides if not o.startswith(("run_dir=", "train.cpu="))] + fixed
     cfg = load_config(config, overrides)
-    preflight(cfg, spec.nodes * spec.nproc, training_catalog(cfg))
+    preflight(cfg, spec.nodes * spec.nproc, training_catalogs(cfg))
     args = [str(Path(config).resolve()), *overrides]
     return _script(TEMPLATE, spec, cfg.name, run_dir, run_dir / "slurm-%j.out", "TRAIN_ARGS", args), run_dir
 
@@ -111,7 +111,7 @@ def render_sweep(sweep_file: str, array: int, spec: JobSpec) -> tuple[str, Sweep
     s = load_sweep(Path(sweep_file))
     cpu = [] if spec.gpus_per_node else ["train.cpu=true"]
     base = load_config(s.config, [*s.overrides, *cpu])
-    preflight(base, spec.nodes * spec.nproc, training_catalog(base))
+    preflight(base, spec.nodes * spec.nproc, training_catalogs(base))
     sweep_dir = s.dir.resolve()
     spec = replace(spec, sbatch_args=[f"--array=0-{array - 1}", *spec.sbatch_args])
     args = [str(sweep_dir), "--nproc", str(spec.nproc), *(["--cpu"] if cpu else [])]

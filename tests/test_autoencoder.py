@@ -235,11 +235,11 @@ def test_pre_encoded_latents_give_the_batches_of_on_the_fly_encoding(
     fly = Trainer(load_config(CONFIGS / "smoke_diffusion.yaml", [f"run_dir={tmp_path / 'fly'}", *common]))
     pre = Trainer(load_config(CONFIGS / "smoke_diffusion.yaml", [f"run_dir={tmp_path / 'pre'}", *common,
                                                                  f"data.latents={latents}"]))
-    for a, b in zip(fly._batches(), pre._batches()):  # noqa: B905 - endless streams
+    for a, b in zip(fly.feed.batches(), pre.feed.batches()):  # noqa: B905 - endless streams
         assert a["key"] == b["key"] and torch.equal(a["label"], b["label"]) and "x" not in b
         encoded = fly.task.latents(fly.frozen, {**a, "micro": 0})
         torch.testing.assert_close(pre.task.latents(pre.frozen, {**b, "micro": 0}), encoded, rtol=1e-5, atol=1e-5)
-        if fly.position.batch == 3:
+        if fly.feed.positions[0].batch == 3:
             break
     assert fly.task.latent_scale == pre.task.latent_scale  # measured on data.path's images either way
     with pytest.raises(ConfigError, match="data.hflip cannot flip pre-encoded latents"):

@@ -1,5 +1,6 @@
-"""Aspect-ratio buckets: the tables, the epoch plan (the same on any ranks and workers, each sample once), resume
-on another layout, and the errors before launch."""
+"""Aspect-ratio buckets and weighted mixtures: the tables, the epoch plan (the same on any ranks and workers, each
+sample once, over local disk and S3), resume on another layout, a mixture's plan and proportions, the errors before
+launch, and bucketed, mixed text-to-image training in real processes."""
 
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from PIL import Image
-
 from conftest import events, records, run_cli, train_command
+from PIL import Image
 
 from gen_dist.config import load_config
 from gen_dist.data import DataError, Segment, image_sizes, index_source, open_catalog
@@ -25,7 +25,7 @@ SIZES = [(24, 40), (40, 24), (32, 32), (30, 33), (50, 28), (26, 44), (36, 36)]
 TABLE = ("ladder", 16, 4, 2.0)  # (height, width) (12, 20), (16, 16), (20, 12)
 
 
-def write_img2dataset(root: Path, shards: int, per_shard: int, seed: int = 0) -> set[str]:
+def write_img2dataset(root: Path, shards: int, per_shard: int, seed: int = 0, prefix: str = "") -> set[str]:
     """Shards as img2dataset writes them (NNNNN.tar of jpg + txt + json, NNNNN_stats.json), images of SIZES;
     returns the keys."""
     rng = np.random.default_rng(seed)
@@ -37,7 +37,7 @@ def write_img2dataset(root: Path, shards: int, per_shard: int, seed: int = 0) ->
                 w, h = SIZES[int(rng.integers(len(SIZES)))]
                 buf = io.BytesIO()
                 Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG")
-                key = f"{s:05d}{i:04d}"
+                key = f"{prefix}{s:05d}{i:04d}"
                 meta = {"caption": f"image {key}", "width": w, "height": h, "label": i % 3}
                 tar.write({"__key__": key, "jpg": buf.getvalue(), "txt": meta["caption"].encode(),
                            "json": json.dumps(meta).encode()})
@@ -185,7 +185,7 @@ def cfg_with(tmp_path: Path, *overrides: str):
 
 
 def test_bad_bucket_configs_fail_before_launch(tmp_path: Path, shards: tuple[Path, Path, set[str]]) -> None:
-    from gen_dist.preflight import preflight, training_catalog
+    from gen_dist.preflight import preflight, training_catalogs
 
     root, index, _ = shards
     for overrides, match in [
@@ -193,7 +193,7 @@ def test_bad_bucket_configs_fail_before_launch(tmp_path: Path, shards: tuple[Pat
         (["data.buckets=sdxl", "data.resolution=512"], "SDXL's table at 1024"),
         (["data.buckets=ladder", "data.resolution=32", "data.bucket_multiple=4",
           "diffusion.channels=[8,8,8,8]", "diffusion.attention=[false,false,false,false]"],
-         r"bucket \d+x\d+ of data.buckets=ladder must be divisible by 8"),
+         r"bucket \d+x\d+ of data.buckets=ladder must be divisible by 8 for 4 UNet levels"),
         (["task=gan", "data.buckets=ladder"], "trains diffusion models"),
         (["data.buckets=ladder", "data.latents=x"], "cannot be bucketed"),
     ]:
@@ -203,23 +203,23 @@ def test_bad_bucket_configs_fail_before_launch(tmp_path: Path, shards: tuple[Pat
                    "data.channels=3", "diffusion.channels=[8,8]", "diffusion.attention=[false,false]",
                    "diffusion.num_classes=0", "data.batch_size=4")
     with pytest.raises(DataError, match="needs each image's size: index the source once with `gen-dist data index"):
-        preflight(cfg, 2, training_catalog(cfg))
+        preflight(cfg, 2, training_catalogs(cfg))
     cfg.data.index = str(index)
-    preflight(cfg, 2, training_catalog(cfg))
+    preflight(cfg, 2, training_catalogs(cfg))
 
 
 def test_missing_label_member_is_refused_before_launch(tmp_path: Path, shards: tuple[Path, Path, set[str]]) -> None:
     """img2dataset's shards carry no cls member: a class-conditional config says which member it looked for."""
-    from gen_dist.preflight import preflight, training_catalog
+    from gen_dist.preflight import preflight, training_catalogs
 
     root, index, _ = shards
     cfg = cfg_with(tmp_path, f"data.path={root}", "data.channels=3", "data.resolution=16",
                    "diffusion.channels=[8,8]", "diffusion.attention=[false,false]", "diffusion.num_classes=3")
     with pytest.raises(ConfigError, match=r"no data.label_key 'cls' \(its members: jpg, json, txt; its json's "
                                           r"fields: caption, height, label, width\).*num_classes=0"):
-        preflight(cfg, 1, training_catalog(cfg))
+        preflight(cfg, 1, training_catalogs(cfg))
     cfg.data.label_key = "json:label"
-    preflight(cfg, 1, training_catalog(cfg))
+    preflight(cfg, 1, training_catalogs(cfg))
 
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -253,3 +253,111 @@ def test_bucketed_text_to_image_under_fsdp_resumes_on_another_world_size(
     assert max(r["data/padding"] for r in steps) > 0
     [first, second] = events(run, "data_plan")
     assert (first["from_step"], second["from_step"]) == (0, 7) and first["padding"] == round(plan.padding, 4)
+
+
+def test_a_mixture_draws_by_weight_from_a_plan_of_the_step_alone() -> None:
+    from gen_dist.data.mixture import source_at
+
+    weights = np.array([3.0, 1.0, 0.0])
+    drawn = np.bincount([source_at(5, k, weights) for k in range(20000)], minlength=3) / 20000
+    assert np.abs(drawn - [0.75, 0.25, 0.0]).max() < 0.02  # 4.6 standard deviations of 20000 draws
+    assert [source_at(5, k, weights) for k in range(100, 120)] == [source_at(5, k, weights) for k in range(100, 120)]
+    assert [source_at(6, k, weights) for k in range(50)] != [source_at(5, k, weights) for k in range(50)]
+
+
+def test_bad_mixtures_fail_before_launch(tmp_path: Path, shards: tuple[Path, Path, set[str]]) -> None:
+    from gen_dist.preflight import preflight, training_catalogs
+
+    for sources, match in [("[{path: a, weight: -1}, {path: b}]", "weights must be >= 0"),
+                           ("[{path: a, weight: 0}, {path: b, weight: 0}]", "not all 0"),
+                           ("[{path: x/a}, {path: y/a}]", "names .* repeat"),
+                           ("[{weight: 1}]", "needs a path")]:
+        with pytest.raises(ConfigError, match=match):
+            cfg_with(tmp_path, f"data.sources={sources}")
+    root, index, _ = shards
+    cfg = cfg_with(tmp_path, f"data.sources=[{{path: {root}, caption_key: txt}}, {{path: {root}, name: other, "
+                             f"caption_key: caption}}]", "data.channels=3", "data.resolution=16",
+                   "diffusion.channels=[8,8]", "diffusion.attention=[false,false]", "diffusion.num_classes=0")
+    with pytest.raises(ConfigError, match=r"no caption \(data.caption_key 'caption'\)"):
+        preflight(cfg, 1, training_catalogs(cfg))
+
+
+def test_s3_bucketed_epoch_is_the_local_plan_each_sample_once(tmp_path: Path, shards: tuple[Path, Path, set[str]],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from storage import S3Server
+
+    root, index, keys = shards
+    with S3Server(tmp_path / "s3") as s3:
+        s3.upload("data", "set", sorted(root.glob("*.tar")))
+        for k, v in s3.env.items():
+            monkeypatch.setenv(k, v)
+        remote_index = tmp_path / "s3.json"
+        index_source("s3://data/set/", remote_index)
+        parts = read("s3://data/set/", remote_index, 2, 2, 4)
+        got = real_keys(parts)
+        assert len(got) == len(keys) and set(got) == keys
+        assert steps_of(parts, 1) == steps_of(read(root, index, 2, 2, 4), 1)
+
+
+def test_bucketed_mixture_trains_by_plan_and_resumes_each_sources_position(
+        tmp_path: Path, shards: tuple[Path, Path, set[str]], text_encoder: Path) -> None:
+    """Two bucketed sources, weights 3 : 1, 10 steps on 2 ranks, then 1 rank to step 24: each step all of the
+    source the plan names, each source read once per its own epoch, its samples counted in the metrics."""
+    from gen_dist.data.mixture import source_at
+
+    big, big_index, big_keys = shards
+    small = tmp_path / "small"
+    small_keys = write_img2dataset(small, shards=4, per_shard=10, seed=1, prefix="s")
+    small_index = tmp_path / "small.json"
+    index_source(str(small), small_index)
+    run = tmp_path / "run"
+    common = [str(CONFIGS / "smoke_diffusion_text.yaml"), f"run_dir={run}",
+              f"data.sources=[{{path: {small}, index: {small_index}, weight: 3}}, "
+              f"{{path: {big}, index: {big_index}, weight: 1, name: big}}]",
+              "data.buckets=ladder", "data.resolution=16", "data.bucket_multiple=4", "data.bucket_max_ratio=2",
+              "data.channels=3", "data.caption_key=txt", "data.caption_templates=[]", "data.class_names=[]",
+              f"diffusion.text_encoder=[{text_encoder}]", "train.log_keys=true", "train.log_every=1",
+              "train.ema_decay=0", "train.sample_n=4", "diffusion.num_classes=0", "train.seed=3"]
+    run_cli(*train_command(2, *common, "data.batch_size=4", "train.steps=10", "train.ckpt_every=10"))
+    run_cli(*train_command(1, *common, "data.batch_size=8", "train.steps=24", "train.ckpt_every=100"))
+    by_step: dict[int, list[str]] = {}
+    for f in sorted(run.glob("keys_rank*.jsonl")):
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            by_step.setdefault(rec["step"], []).extend(rec["keys"])
+    assert sorted(by_step) == list(range(24))
+    trained = {"small": [], "big": []}
+    for step, got in sorted(by_step.items()):
+        source = ["small", "big"][source_at(3, step, np.array([3.0, 1.0]))]
+        assert {k.startswith("s") for k in got} == {source == "small"}, step
+        trained[source] += got
+    epoch = len(small_keys)
+    assert len(trained["small"]) > 2 * epoch  # the small source repeats: each of its epochs once
+    for e in range(len(trained["small"]) // epoch):
+        assert sorted(trained["small"][e * epoch:(e + 1) * epoch]) == sorted(small_keys)
+    assert len(set(trained["big"])) == len(trained["big"]) and set(trained["big"]) <= big_keys
+    last = [r for r in records(run) if "data/small/samples" in r][-1]
+    assert last["data/small/samples"] + last["data/big/samples"] == 24 * 8 and last["data/small/epoch"] >= 2
+
+
+@pytest.mark.parametrize("name", ["finetune_sdxl_buckets.yaml", "finetune_sd15_mixture.yaml"])
+def test_shipped_bucket_and_mixture_data_sections_are_valid(name: str, tmp_path: Path) -> None:
+    """Their pipelines are downloaded first; their data sections are checked on the smoke model."""
+    from gen_dist.parsing import read_yaml
+
+    data = read_yaml((CONFIGS / name).read_text())["data"]
+    cfg = cfg_with(tmp_path, *(f"data.{k}={json.dumps(v)}" for k, v in data.items()), "diffusion.channels=[8,8]",
+                   "diffusion.attention=[false,false]")
+    assert cfg.data.buckets and (cfg.data.sources or cfg.data.index)
+
+
+def test_sdxl_micro_conditioning_takes_each_samples_geometry() -> None:
+    """(original height, width, crop top, left) from the stream, the target the bucket's size in pixels."""
+    import torch
+
+    from gen_dist.pipelines.sdxl import time_ids
+
+    x = torch.zeros(2, 4, 12, 20)
+    geometry = torch.tensor([[400, 240, 2, 0], [330, 300, 0, 11]])
+    assert time_ids(x, 8, geometry).tolist() == [[400, 240, 2, 0, 96, 160], [330, 300, 0, 11, 96, 160]]
+    assert time_ids(x, 8).tolist()[0] == [96, 160, 0, 0, 96, 160]

@@ -99,7 +99,7 @@ def test_nonfinite_loss_skips_the_step_on_every_phase(tmp_path: Path, digits: Pa
     cfg = load_config(smoke_args("gan", tmp_path / "gan", digits)[0],
                       smoke_args("gan", tmp_path / "gan", digits)[1:] + ["track.backends=[jsonl]"])
     trainer = Trainer(cfg)
-    batch = next(trainer._batches())
+    batch = next(trainer.feed.batches())
     before = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in trainer.modules.items()}
     stats = trainer.train_step([{**batch, "x": torch.full_like(batch["x"], float("nan"))}])
     assert stats["nonfinite_skips"].item() == 2  # D and D_r1 (it runs at step 0)

@@ -26,7 +26,7 @@ def make_trainer(task: str, tmp_path: Path, digits: Path, *extra: str) -> Traine
 @pytest.mark.parametrize("task", ["diffusion", "vae"])
 def test_loss_goes_down_on_a_fixed_batch(task: str, tmp_path: Path, digits: Path) -> None:
     trainer = make_trainer(task, tmp_path, digits, "optim.lr=3e-3")
-    batch = next(trainer._batches())
+    batch = next(trainer.feed.batches())
     losses = []
     for _ in range(40):
         stats = trainer.train_step([batch])
@@ -191,7 +191,7 @@ def test_help(command: str) -> None:
 @pytest.mark.parametrize("task", TASKS)
 def test_bf16_steps_are_finite(task: str, tmp_path: Path, digits: Path) -> None:
     trainer = make_trainer(task, tmp_path, digits, "train.mixed_precision=bf16")
-    batches = trainer._batches()
+    batches = trainer.feed.batches()
     for _ in range(2):
         stats = trainer.train_step([next(batches)])
         assert all(math.isfinite(v.item()) for v in stats.values()), stats

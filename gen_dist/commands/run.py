@@ -27,10 +27,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_launch(args: argparse.Namespace) -> None:
     from gen_dist.config import load_config
     from gen_dist.launch import LaunchSpec, launch_command, run
-    from gen_dist.preflight import preflight, training_catalog
+    from gen_dist.preflight import preflight, training_catalogs
 
     cfg = load_config(args.config, args.overrides)
-    preflight(cfg, (args.nproc or 1) * args.num_machines, training_catalog(cfg))
+    preflight(cfg, (args.nproc or 1) * args.num_machines, training_catalogs(cfg))
     spec = LaunchSpec(nproc=args.nproc, num_machines=args.num_machines, machine_rank=args.machine_rank,
                       main_ip=args.main_ip, port=args.port, cpu=args.cpu or cfg.train.cpu,
                       accelerate_config=args.accelerate_config or "", mixed_precision=cfg.train.mixed_precision,

@@ -18,16 +18,13 @@ import torch
 from gen_dist import checkpoint, dist, parallel, perf, posthoc
 from gen_dist.artifact import RUN_CONFIG, load_partial, resolve
 from gen_dist.config import validate
-from gen_dist.data import BadSamples, DataPosition, make_loader, make_stream
-from gen_dist.data.bucketed import BUCKET_KEYS
-from gen_dist.data.text import TEXT_KEYS
+from gen_dist.engine.feed import Feed
 from gen_dist.engine.outputs import Outputs
 from gen_dist.engine.state import MetricWindow, Supervisor, TrainState, lr_factor
 from gen_dist.evaluation import Evaluator
 from gen_dist.family import Phase, Task, family
-from gen_dist.images import to_model_range
 from gen_dist.monitor import halt_marker
-from gen_dist.preflight import checked_catalog, preflight
+from gen_dist.preflight import checked_catalogs, preflight
 from gen_dist.schema import ConfigError, RunConfig, save_config, write_atomic
 from gen_dist.track import Progress, Tracker, wandb_mode
 
@@ -57,16 +54,15 @@ class Trainer(Outputs):
         self.strategy = parallel.strategy_for(cfg)
         self.acc = acc = self.strategy.make_accelerator(self.trained_names, "wandb" if wandb_mode(cfg) else None)
         # The source is resolved and checked once, by the main rank (a listing, stats files, a remote probe).
-        catalog = dist.from_main(acc, lambda: checked_catalog(cfg, acc.num_processes))
+        catalogs = dist.from_main(acc, lambda: checked_catalogs(cfg, acc.num_processes))
         if dist.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / RUN_CONFIG)
         acc.wait_for_everyone()
         d = cfg.data
-        self.stream = make_stream(cfg, catalog, acc.process_index, acc.num_processes)
-        self.state, self.position = TrainState(), DataPosition()
+        self.feed = Feed(cfg, catalogs, acc, lambda name, **kw: self.tracker.event(name, **kw))
+        self.state = TrainState()
         self.skipped_phases = 0
-        self.bad = BadSamples(acc.process_index)
         self.stopped = ""  # the signal that stopped the run early, if one did
         self.last_checkpoint: Path | None = None  # the newest checkpoint this run resumed from or wrote
         self.evaluator: Evaluator | None = None  # made at the first evaluation (reference features, extractors)
@@ -80,7 +76,7 @@ class Trainer(Outputs):
         self._fast_path()
         self._prepare()
         if self.compiled:
-            perf.before_compile()
+            perf.before_compile(len(self.feed.shapes))
             for t in self.trained.values():
                 self.strategy.compile(t)
         self.layout = self.strategy.weight_layout(acc)
@@ -177,10 +173,7 @@ class Trainer(Outputs):
         checkpoint.load(self.acc, desc)
         self.state.load_state_dict(desc.state["train"])
         self.task.load_state_dict(desc.state.get("task", {}))
-        self.position, saved = DataPosition.from_state_dict(desc.state["data"], self.stream.layout)
-        if saved is not None:
-            # Another world size (or workers, batch, buffer): the rest of the epoch is spread anew.
-            self.tracker.event("data_layout_changed", saved=saved.to_list(), now=self.stream.layout.to_list())
+        self.feed.load_state_dict(desc.state["data"])
         if self.ema is not None and desc.ema_file is not None:
             self.ema.load(desc.ema_file, desc.state["ema"])
         if self.posthoc is not None and "posthoc" in desc.state:
@@ -201,7 +194,7 @@ class Trainer(Outputs):
         for m in self.modules.values():  # what a strategy tells frozen from trained at saving: the LoRA base only
             parallel.set_trainable(m, True)
         best = self.state.best
-        state = {"train": self.state.state_dict(), "data": self.position.state_dict(self.stream.layout),
+        state = {"train": self.state.state_dict(), "data": self.feed.state_dict(),
                  "ema": self.ema.meta_state() if self.ema is not None else {"updates": 0},
                  "task": self.task.state_dict()}
         if self.posthoc is not None:
@@ -215,35 +208,6 @@ class Trainer(Outputs):
         return path
 
     # ------------------------------------------------------------------------------------------ data
-
-    def _batches(self):
-        """Endless stream of device batches; advances the epoch and keeps the position in self.position."""
-        pos = self.position
-        while True:
-            self.stream.set_position(pos.epoch, pos.batch, pos.done)
-            plan = getattr(self.stream, "plan", None)
-            if plan is not None:
-                self.tracker.event("data_plan", epoch=pos.epoch, steps=plan.steps, padding=round(plan.padding, 4),
-                                   from_step=self.stream.first_step, most_held=self.stream.held_at_most)
-            if self.stream.dropped:
-                self.tracker.event("data_dropped", epoch=pos.epoch, samples=self.stream.dropped,
-                                   reason="fewer samples left in the epoch than ranks x workers")
-            for batch in make_loader(self.stream, self.cfg.data.num_workers, self.cfg.data.prefetch,
-                                     pin_memory=self.acc.device.type == "cuda"):
-                pos.batch += 1
-                self.bad.note(batch)
-                x = batch["image"].to(self.acc.device, non_blocking=True)
-                name = "latent" if self.stream.latents else "x"  # pre-encoded latents go in as they are
-                x = x if self.stream.latents else to_model_range(x)
-                yield {
-                    name: x.contiguous(memory_format=torch.channels_last) if self.channels_last else x,
-                    "label": batch["label"].to(self.acc.device, non_blocking=True),
-                    "key": batch["key"],
-                    **({"caption": batch["caption"]} if "caption" in batch else {}),
-                    **{k: batch[k].to(self.acc.device, non_blocking=True) for k in (*TEXT_KEYS, *BUCKET_KEYS)
-                       if k in batch},
-                }
-            pos.next_epoch()
 
     # ------------------------------------------------------------------------------------------ step
 
@@ -312,7 +276,8 @@ class Trainer(Outputs):
         # A bucket's fill-in repeats (weight 0) are not the step's samples.
         keys = [k for b in micro for k, w in zip(b["key"], b["weight"].tolist() if "weight" in b else b["key"],
                                                  strict=True) if w]
-        line = json.dumps({"step": self.state.step, "keys": keys, "shape": list(micro[0].get("x", micro[0].get("latent")).shape[-2:])})
+        shape = list(micro[0].get("x", micro[0].get("latent")).shape[-2:])
+        line = json.dumps({"step": self.state.step, "keys": keys, "shape": shape})
         with open(self.run_dir / f"keys_rank{self.acc.process_index}.jsonl", "a") as f:
             f.write(line + "\n")
 
@@ -339,7 +304,7 @@ class Trainer(Outputs):
             backend=str(acc.state.backend), device=str(acc.device), mixed_precision=cfg.train.mixed_precision,
             precision_choice=self.precision_choice,
             step=self.state.step, resumed=resumed, params=params,
-            batches_per_epoch=self.stream.batches_per_epoch,
+            **self.feed.describe(),
             global_batch=self.global_batch, flops_per_image=self.flops_per_image,
             peak_tflops=self.peak_tflops or f"unknown ({self.device_name} is not in gen_dist.perf.PEAK_TFLOPS)",
             compile=self.compiled, channels_last=self.channels_last,
@@ -352,12 +317,12 @@ class Trainer(Outputs):
         metrics = window.summary(self.global_batch)
         metrics.update(self.clock.take(window.steps))
         metrics.update({f"lr/{n}": s.get_last_lr()[0] for n, s in self.scheds.items()})
-        bad_count, bad_reports = self.bad.take()
+        bad_count, bad_reports = self.feed.bad.take()
         metrics["data/bad_samples"] = float(bad_count) * self.acc.num_processes  # the mean becomes the sum
         metrics = dist.mean_across_ranks(self.acc, metrics)
         metrics.update(dist.max_across_ranks(self.acc, perf.peak_memory(self.acc.device)))
         metrics.update(self._utilisation(metrics["images_per_s"]))
-        metrics.update(epoch=self.position.epoch, images_seen=self.state.images)
+        metrics.update(self.feed.metrics(), images_seen=self.state.images)
         if metrics["data/bad_samples"]:
             for rank, reports in enumerate(dist.all_objects(self.acc, bad_reports)):
                 if reports:
@@ -402,14 +367,14 @@ class Trainer(Outputs):
         """Steps until train.steps or until all ranks agree to stop; returns (the stop signal or 0, the step of
         the last checkpoint written)."""
         t = self.cfg.train
-        batches = self._batches()
+        batches = self.feed.steps(self.state.step, t.grad_accum, self.channels_last)
         window = MetricWindow()
         mark = self.watchdog.mark
         while self.state.step < t.steps:
             t0 = time.perf_counter()
             self.clock.start()
             mark(self.state.step, "reading data")
-            micro = [next(batches) for _ in range(t.grad_accum)]
+            micro = next(batches)
             t1 = time.perf_counter()
             self.clock.mark("data")
             if t.log_keys:

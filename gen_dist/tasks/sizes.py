@@ -26,15 +26,17 @@ def check_sizes(cfg: RunConfig) -> None:
     """The model takes data.resolution, or every bucket: whole UNet levels or patches, in latents too."""
     d = cfg.diffusion
     factor = cfg.data.resolution // latent_shape(cfg)[1] if d.first_stage else 1
-    if d.backbone == "unet":
-        multiple, why = 2 ** (len(d.channels) - 1), f"for {len(d.channels)} UNet levels"
-    elif d.backbone == "dit":
-        multiple, why = d.patch_size, f"for diffusion.patch_size={d.patch_size} (the DiT cuts whole patches)"
-    else:
-        return
-    where = f"(a {factor}x-downsampling first stage's latents)" if factor > 1 else ""
+    where = "the first stage's latent resolution" if d.first_stage else "data.resolution"
     for h, w in image_sizes(cfg):
-        if h % (multiple * factor) or w % (multiple * factor):
-            what = f"the bucket {h}x{w} of data.buckets={cfg.data.buckets}" if cfg.data.buckets else \
-                f"data.resolution {h}"
-            raise ConfigError(f"{what} must be divisible by {multiple * factor} {where} {why}")
+        side = f"{where} {h // factor}" if not cfg.data.buckets else \
+            f"the bucket {h}x{w} of data.buckets={cfg.data.buckets}" + (
+                f" ({h // factor}x{w // factor} latents)" if factor > 1 else "")
+        lh, lw = h // factor, w // factor
+        if h % factor or w % factor:
+            raise ConfigError(f"{side} must be divisible by {factor}, the first stage's downsampling")
+        if d.backbone == "unet" and (lh % 2 ** (len(d.channels) - 1) or lw % 2 ** (len(d.channels) - 1)):
+            raise ConfigError(f"{side} must be divisible by {2 ** (len(d.channels) - 1)} for {len(d.channels)} "
+                              f"UNet levels")
+        if d.backbone == "dit" and (lh % d.patch_size or lw % d.patch_size):
+            raise ConfigError(f"diffusion.patch_size={d.patch_size} does not divide {side}: the DiT cuts the "
+                              f"image into whole patches")
