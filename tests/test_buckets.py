@@ -225,36 +225,6 @@ def test_missing_label_member_is_refused_before_launch(tmp_path: Path, shards: t
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def test_bucketed_text_to_image_under_fsdp_resumes_on_another_world_size(
-        tmp_path: Path, shards: tuple[Path, Path, set[str]], text_encoder: Path) -> None:
-    """2 ranks under FSDP2 train 7 steps of the plan; 1 rank resumes the checkpoint with the same global batch and
-    finishes the epoch: every step in the plan's bucket, every sample trained once with weight, padding logged."""
-    root, index, keys = shards
-    run = tmp_path / "run"
-    common = [str(CONFIGS / "smoke_diffusion_text.yaml"), f"run_dir={run}", f"data.path={root}", f"data.index={index}",
-              "data.buckets=ladder", "data.resolution=16", "data.bucket_multiple=4", "data.bucket_max_ratio=2",
-              "data.channels=3", "data.caption_key=txt", "data.caption_templates=[]", "data.class_names=[]",
-              f"diffusion.text_encoder=[{text_encoder}]", "train.log_keys=true", "train.log_every=1",
-              "parallel.strategy=fsdp", "train.ema_decay=0", "train.sample_n=4", "diffusion.num_classes=0",
-              "train.seed=3"]  # the seed stream() plans with
-    plan = stream(root, index, 0, 1, 0, 8).plan_of(0)
-    run_cli(*train_command(2, *common, "data.batch_size=4", "train.steps=7", "train.ckpt_every=7"))
-    run_cli(*train_command(1, *common, "data.batch_size=8", f"train.steps={plan.steps}", "train.ckpt_every=100"))
-    lines = [json.loads(x) for f in sorted(run.glob("keys_rank*.jsonl")) for x in f.read_text().splitlines()]
-    table = bucket_table(*TABLE)
-    assert sorted({line["step"] for line in lines}) == list(range(plan.steps))
-    for line in lines:
-        h, w = table[plan.bucket[line["step"]]]
-        assert line["shape"] == [h, w], line["step"]
-    trained = [k for line in lines for k in line["keys"]]
-    assert len(trained) == len(keys) and set(trained) == keys
-    steps = [r for r in records(run) if "denoise/loss" in r]
-    assert all(np.isfinite(r["denoise/loss"]) for r in steps)
-    assert max(r["data/padding"] for r in steps) > 0
-    [first, second] = events(run, "data_plan")
-    assert (first["from_step"], second["from_step"]) == (0, 7) and first["padding"] == round(plan.padding, 4)
-
-
 def test_a_mixture_draws_by_weight_from_a_plan_of_the_step_alone() -> None:
     from gen_dist.data.mixture import source_at
 
@@ -299,10 +269,11 @@ def test_s3_bucketed_epoch_is_the_local_plan_each_sample_once(tmp_path: Path, sh
         assert steps_of(parts, 1) == steps_of(read(root, index, 2, 2, 4), 1)
 
 
-def test_bucketed_mixture_trains_by_plan_and_resumes_each_sources_position(
+def test_bucketed_mixture_under_fsdp_trains_by_plan_and_resumes_on_another_world_size(
         tmp_path: Path, shards: tuple[Path, Path, set[str]], text_encoder: Path) -> None:
-    """Two bucketed sources, weights 3 : 1, 10 steps on 2 ranks, then 1 rank to step 24: each step all of the
-    source the plan names, each source read once per its own epoch, its samples counted in the metrics."""
+    """Two bucketed sources, weights 3 : 1, 10 steps on 2 ranks under FSDP2, then 1 rank with the same global
+    batch to step 24: each step all of the source the mixture's plan names and in the bucket that source's epoch
+    plan names; each source read once per its own epoch; padding, per-source samples and epochs logged."""
     from gen_dist.data.mixture import source_at
 
     big, big_index, big_keys = shards
@@ -317,27 +288,41 @@ def test_bucketed_mixture_trains_by_plan_and_resumes_each_sources_position(
               "data.buckets=ladder", "data.resolution=16", "data.bucket_multiple=4", "data.bucket_max_ratio=2",
               "data.channels=3", "data.caption_key=txt", "data.caption_templates=[]", "data.class_names=[]",
               f"diffusion.text_encoder=[{text_encoder}]", "train.log_keys=true", "train.log_every=1",
-              "train.ema_decay=0", "train.sample_n=4", "diffusion.num_classes=0", "train.seed=3"]
+              "parallel.strategy=fsdp", "train.ema_decay=0", "train.sample_n=4", "diffusion.num_classes=0",
+              "train.seed=3"]  # the seed stream() plans with
     run_cli(*train_command(2, *common, "data.batch_size=4", "train.steps=10", "train.ckpt_every=10"))
     run_cli(*train_command(1, *common, "data.batch_size=8", "train.steps=24", "train.ckpt_every=100"))
-    by_step: dict[int, list[str]] = {}
+    by_step: dict[int, dict] = {}
     for f in sorted(run.glob("keys_rank*.jsonl")):
         for line in f.read_text().splitlines():
             rec = json.loads(line)
-            by_step.setdefault(rec["step"], []).extend(rec["keys"])
+            by_step.setdefault(rec["step"], {"keys": [], "shape": rec["shape"]})["keys"] += rec["keys"]
     assert sorted(by_step) == list(range(24))
-    trained = {"small": [], "big": []}
-    for step, got in sorted(by_step.items()):
+    plans = {"small": [stream(small, small_index, 0, 1, 0, 8).plan_of(e) for e in range(4)],
+             "big": [stream(big, big_index, 0, 1, 0, 8).plan_of(0)]}
+    trained: dict[str, list[str]] = {"small": [], "big": []}
+    taken = {"small": 0, "big": 0}
+    table = bucket_table(*TABLE)
+    for step, rec in sorted(by_step.items()):
         source = ["small", "big"][source_at(3, step, np.array([3.0, 1.0]))]
-        assert {k.startswith("s") for k in got} == {source == "small"}, step
-        trained[source] += got
+        assert {k.startswith("s") for k in rec["keys"]} == {source == "small"}, step
+        k, epoch = taken[source], 0
+        while k >= plans[source][epoch].steps:
+            k, epoch = k - plans[source][epoch].steps, epoch + 1
+        assert rec["shape"] == list(table[plans[source][epoch].bucket[k]]), (step, source)
+        taken[source] += 1
+        trained[source] += rec["keys"]
     epoch = len(small_keys)
     assert len(trained["small"]) > 2 * epoch  # the small source repeats: each of its epochs once
     for e in range(len(trained["small"]) // epoch):
         assert sorted(trained["small"][e * epoch:(e + 1) * epoch]) == sorted(small_keys)
     assert len(set(trained["big"])) == len(trained["big"]) and set(trained["big"]) <= big_keys
-    last = [r for r in records(run) if "data/small/samples" in r][-1]
+    steps = [r for r in records(run) if "denoise/loss" in r]
+    assert all(np.isfinite(r["denoise/loss"]) for r in steps) and max(r["data/padding"] for r in steps) > 0
+    last = steps[-1]
     assert last["data/small/samples"] + last["data/big/samples"] == 24 * 8 and last["data/small/epoch"] >= 2
+    resumed = [e for e in events(run, "data_plan") if e["from_step"] > 0]
+    assert resumed and all(e["source"] in ("small", "big") for e in resumed)
 
 
 @pytest.mark.parametrize("name", ["finetune_sdxl_buckets.yaml", "finetune_sd15_mixture.yaml"])
