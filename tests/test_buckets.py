@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import webdataset as wds
-from conftest import events, records, run_cli, train_command
+from conftest import ROOT, events, kill_tree, records, run_cli, train_command
 from PIL import Image
 
+from gen_dist import checkpoint
 from gen_dist.config import load_config
 from gen_dist.data import DataError, Segment, image_sizes, index_source, open_catalog
 from gen_dist.data.bucketed import BucketStream
@@ -271,9 +275,10 @@ def test_s3_bucketed_epoch_is_the_local_plan_each_sample_once(tmp_path: Path, sh
 
 def test_bucketed_mixture_under_fsdp_trains_by_plan_and_resumes_on_another_world_size(
         tmp_path: Path, shards: tuple[Path, Path, set[str]], text_encoder: Path) -> None:
-    """Two bucketed sources, weights 3 : 1, 10 steps on 2 ranks under FSDP2, then 1 rank with the same global
-    batch to step 24: each step all of the source the mixture's plan names and in the bucket that source's epoch
-    plan names; each source read once per its own epoch; padding, per-source samples and epochs logged."""
+    """Two bucketed sources, weights 3 : 1, on 2 ranks under FSDP2, killed (-9) after its checkpoint at step 5;
+    1 rank resumes with the same global batch to step 24: each step all of the source the mixture's plan names
+    and in the bucket that source's epoch plan names; each source read once per its own epoch; padding,
+    per-source samples and epochs logged."""
     from gen_dist.data.mixture import source_at
 
     big, big_index, big_keys = shards
@@ -290,13 +295,33 @@ def test_bucketed_mixture_under_fsdp_trains_by_plan_and_resumes_on_another_world
               f"diffusion.text_encoder=[{text_encoder}]", "train.log_keys=true", "train.log_every=1",
               "parallel.strategy=fsdp", "train.ema_decay=0", "train.sample_n=4", "diffusion.num_classes=0",
               "train.seed=3"]  # the seed stream() plans with
-    run_cli(*train_command(2, *common, "data.batch_size=4", "train.steps=10", "train.ckpt_every=10"))
+    first = subprocess.Popen([sys.executable, "-m", "gen_dist", *train_command(
+        2, *common, "data.batch_size=4", "train.steps=24", "train.ckpt_every=5")], cwd=ROOT, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    log = run / "metrics.jsonl"
+    while first.poll() is None and time.monotonic() < deadline and (
+            log.read_text().count('"denoise/loss"') if log.exists() else 0) < 7:
+        time.sleep(0.05)
+    assert first.poll() is None, "the run ended before it could be killed"
+    kill_tree(first)
+    saved = checkpoint.latest(run)
+    assert saved is not None and 5 <= int(saved.name.split("_")[1]) < 24
+    resumed_at = int(saved.name.split("_")[1])
     run_cli(*train_command(1, *common, "data.batch_size=8", "train.steps=24", "train.ckpt_every=100"))
     by_step: dict[int, dict] = {}
     for f in sorted(run.glob("keys_rank*.jsonl")):
+        rank = int(f.stem.removeprefix("keys_rank"))
+        per_step: dict[int, dict] = {}
         for line in f.read_text().splitlines():
-            rec = json.loads(line)
-            by_step.setdefault(rec["step"], {"keys": [], "shape": rec["shape"]})["keys"] += rec["keys"]
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line cut by the kill
+                continue
+            if rank == 0 or rec["step"] < resumed_at:  # the killed run's later steps were trained again
+                per_step[rec["step"]] = rec  # the last record of a step wins
+        for step, rec in per_step.items():
+            by_step.setdefault(step, {"keys": [], "shape": rec["shape"]})["keys"] += rec["keys"]
     assert sorted(by_step) == list(range(24))
     plans = {"small": [stream(small, small_index, 0, 1, 0, 8).plan_of(e) for e in range(4)],
              "big": [stream(big, big_index, 0, 1, 0, 8).plan_of(0)]}
