@@ -109,6 +109,22 @@ def bucket_rates(work: Path, paths: list[Path], resolution: int, total: int) -> 
         print(f"{name:<24} {r:>8.1f} {r / plain:>8.2f}x {pad:>8.1%} {held:>10}")
 
 
+def train_in_buckets(work: Path, steps: int) -> None:
+    """The demo config's model on 2 ranks at 32 px, on the synthetic JPEGs as square crops and in a ladder of
+    buckets: images/s and the share of the step spent waiting for data."""
+    root = Path(__file__).resolve().parents[1]
+    paths = write_shards(work / "train_shards", 8, 500, 128)
+    index = work / "train.json"
+    index_source(str(work / "train_shards"), index)
+    common = ["configs/diffusion_fashion_mnist.yaml", f"data.path={work / 'train_shards'}", f"data.index={index}",
+              "data.channels=3", "data.resolution=32", "diffusion.num_classes=10", "eval.every=0"]
+    buckets = ["data.buckets=ladder", "data.bucket_multiple=8", "data.bucket_max_ratio=2"]
+    for name, extra in (("square crops", []), ("ladder buckets", buckets)):
+        out = subprocess.run([sys.executable, str(root / "benchmarks" / "throughput.py"), *common, *extra, "--nproc",
+                              "2", "--steps", str(steps)], check=True, cwd=root, capture_output=True, text=True).stdout
+        print(f"{len(paths) * 500} JPEGs, 2 ranks, demo model at 32 px, {name}:\n{out}")
+
+
 def webdataset_rate(urls: list[str], resolution: int, total: int) -> float:
     """The same work in webdataset's idiom: decode to PIL, shorter side to the resolution, center crop."""
 
@@ -173,8 +189,14 @@ def main() -> None:
     p.add_argument("--train", action="store_true", help="also the 2-rank training run from S3")
     p.add_argument("--buckets", action="store_true", help="also bucketed and mixed reading")
     p.add_argument("--buckets-only", action="store_true")
+    p.add_argument("--train-buckets", type=int, default=0, metavar="STEPS",
+                   help="only the 2-rank training run, square and in buckets, for STEPS steps")
     p.add_argument("--train-only", action="store_true")
     args = p.parse_args()
+    if args.train_buckets:
+        with tempfile.TemporaryDirectory() as tmp:
+            train_in_buckets(Path(tmp), args.train_buckets)
+        return
     if args.buckets_only:
         with tempfile.TemporaryDirectory() as tmp:
             paths = write_shards(Path(tmp) / "shards", args.shards, args.per_shard, args.size)

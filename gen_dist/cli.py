@@ -36,7 +36,7 @@ DATA_HELP = """Pack images into WebDataset .tar shards plus index.json:
                shards of the same layout, for latent diffusion's data.latents
   index SOURCE count the samples of every shard of SOURCE (a directory, S3 prefix, brace pattern or list of
                local, http(s), s3 or pipe: URLs) with one streaming read each, in parallel, into a wids shard
-               index (--out FILE) that data.index names
+               index (--out FILE) that data.index names; it records each image's size (data.buckets needs them)
   text-embeddings SOURCE   every caption of SOURCE (--caption-key) encoded by the --encoder(s) into shards of
                the same names and keys at --out, for data.text_embeddings; --nproc processes (GPUs where
                present) share the shards"""
