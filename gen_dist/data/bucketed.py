@@ -16,8 +16,17 @@ from gen_dist.data.plan import EpochPlan, Micro, consumed, epoch_plan, lookahead
 from gen_dist.data.reader import Retry, fields_of, read_pieces
 from gen_dist.data.shards import DataError
 from gen_dist.data.sources import Cache
-from gen_dist.data.stream import ReadLayout, Segment, ShardStream, delivered, epoch_shards, slot_seed, to_pieces
-from gen_dist.data.text import pad_text, read_with_text, text_layout
+from gen_dist.data.stream import (
+    ReadLayout,
+    Segment,
+    ShardStream,
+    collate,
+    delivered,
+    epoch_shards,
+    slot_seed,
+    to_pieces,
+)
+from gen_dist.data.text import read_with_text, text_layout
 from gen_dist.schema import RunConfig
 
 BUCKET_KEYS = ("weight", "geometry")
@@ -48,9 +57,10 @@ class BucketStream(ShardStream):
     def batches_per_epoch(self) -> int:
         return sum(len(w) for w in self.micros)
 
-    def plan_of(self, epoch: int) -> EpochPlan:
-        """The epoch's plan: each sample's bucket in the epoch's shard order, cut into steps."""
-        ordered, _ = epoch_shards(self.shards, self.seed, epoch)
+    def plan_of(self, epoch: int, ordered: list[tuple[str, int]] | None = None) -> EpochPlan:
+        """The epoch's plan: each sample's bucket in the epoch's shard order (`ordered` where known), cut into
+        steps."""
+        ordered = ordered if ordered is not None else epoch_shards(self.shards, self.seed, epoch)[0]
         seq = np.concatenate([self.buckets[self.offsets[u]:self.offsets[u] + n] for u, n in ordered])
         return epoch_plan(seq, len(self.table), self.global_batch)
 
@@ -60,7 +70,7 @@ class BucketStream(ShardStream):
         self.epoch, self.start_batch, self.segment = epoch, batch, len(done)
         self.ordered, self.starts = epoch_shards(self.shards, self.seed, epoch)
         self.epoch_offsets = {u: int(s) for (u, _), s in zip(self.ordered, self.starts, strict=True)}
-        self.plan = plan = self.plan_of(epoch)
+        self.plan = plan = self.plan_of(epoch, self.ordered)
         avail, start = list(plan.members), 0
         for seg in done:
             lay = seg.layout
@@ -125,19 +135,13 @@ class BucketStream(ShardStream):
         weight = [micro.weight if i < real else 0.0 for i in range(self.layout.batch)]
         if real < self.layout.batch and good > 1:
             take[real:] = rng.integers(good, size=self.layout.batch - real).tolist()
-        text = self.text
         return {
-            "image": torch.from_numpy(np.stack([batch["image"][i] for i in take])),
-            "label": torch.tensor([batch["label"][i] for i in take], dtype=torch.long),
-            "key": [batch["key"][i] for i in take],
-            **({"caption": [batch["caption"][i] for i in take]} if "caption" in batch else {}),
-            **(pad_text([batch["text"][i] for i in take], list(text.lengths), text.width) if text else {}),
+            **collate(batch, take, self.text),
             "weight": torch.tensor(weight, dtype=torch.float32),
             "geometry": torch.tensor([batch["geometry"][i] for i in take], dtype=torch.long),
             "bad": batch["bad"],
             "bad_count": batch["bad_count"],
         }
-
 
 
 def make_stream(cfg: RunConfig, catalog: Catalog, rank: int, world: int) -> ShardStream:

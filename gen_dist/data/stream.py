@@ -318,15 +318,18 @@ def _fill(batch: dict[str, Any], size: int, spare: dict[str, Any] | None, pieces
     if good is None:
         files = sorted({p.file for p in pieces})
         raise DataError(f"no readable sample to fill a batch from {', '.join(files)}: " + "; ".join(batch["bad"][:3]))
-    take = [i % len(good["image"]) for i in range(size)]
+    return {**collate(good, [i % len(good["image"]) for i in range(size)], text), "bad": batch["bad"],
+            "bad_count": batch["bad_count"]}
+
+
+def collate(decoded: dict[str, Any], take: list[int], text: TextLayout | None) -> dict[str, Any]:
+    """The decoded samples at the indices `take` (repeats allowed) as one batch."""
     return {
-        "image": torch.from_numpy(np.stack([good["image"][i] for i in take])),
-        "label": torch.tensor([good["label"][i] for i in take], dtype=torch.long),
-        "key": [good["key"][i] for i in take],
-        **({"caption": [good["caption"][i] for i in take]} if "caption" in good else {}),
-        **(pad_text([good["text"][i] for i in take], list(text.lengths), text.width) if text else {}),
-        "bad": batch["bad"],
-        "bad_count": batch["bad_count"],
+        "image": torch.from_numpy(np.stack([decoded["image"][i] for i in take])),
+        "label": torch.tensor([decoded["label"][i] for i in take], dtype=torch.long),
+        "key": [decoded["key"][i] for i in take],
+        **({"caption": [decoded["caption"][i] for i in take]} if "caption" in decoded else {}),
+        **(pad_text([decoded["text"][i] for i in take], list(text.lengths), text.width) if text else {}),
     }
 
 

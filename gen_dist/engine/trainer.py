@@ -274,8 +274,7 @@ class Trainer(Outputs):
     def _log_keys(self, micro: list[dict[str, Any]]) -> None:
         """This rank's sample keys of the coming step, one JSON line per step (a resumed run appends)."""
         # A bucket's fill-in repeats (weight 0) are not the step's samples.
-        keys = [k for b in micro for k, w in zip(b["key"], b["weight"].tolist() if "weight" in b else b["key"],
-                                                 strict=True) if w]
+        keys = [k for b in micro for i, k in enumerate(b["key"]) if "weight" not in b or b["weight"][i] > 0]
         shape = list(micro[0].get("x", micro[0].get("latent")).shape[-2:])
         line = json.dumps({"step": self.state.step, "keys": keys, "shape": shape})
         with open(self.run_dir / f"keys_rank{self.acc.process_index}.jsonl", "a") as f:
