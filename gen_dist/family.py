@@ -119,6 +119,14 @@ class Task:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned."""
 
+    def scheduled(self, images: int, global_batch: int) -> dict[str, Any]:
+        """Called on every rank before each step with the images trained so far (all ranks) and the step's global
+        batch: the task sets its own scheduled values (a penalty's weight, an augmentation probability) and
+        returns those the engine applies, a pure function of `images` so that a resume continues them exactly:
+        `lr/NAME` and `betas/NAME` (a pair) for trained module NAME's optimizer, `ema_decay` for this step's
+        update of the sampled module's EMA."""
+        return {}
+
     def after_step(self, nets: Nets, reduce: Reduce, step: int) -> dict[str, torch.Tensor] | None:
         """Called on every rank after each step's optimizer steps, e.g. for an update kept outside autograd
         (an EMA codebook); `reduce` sums over ranks so that every rank holds the same result. Returns stats to

@@ -248,6 +248,8 @@ class Trainer(Outputs):
         step = self.state.step
         stats: dict[str, torch.Tensor] = {}
         self.skipped_phases = 0
+        scheduled = self.task.scheduled(self.state.images, self.global_batch)
+        self._set_scheduled(scheduled)
         due = [(i, p) for i, p in enumerate(self.task.phases) if p.due(step)]
         for index, _ in due:
             stats.update(self.run_phase(index, micro, step))
@@ -258,18 +260,23 @@ class Trainer(Outputs):
         # A module's schedule counts the steps it trained: one whose phases start later warms up from there.
         for name in dict.fromkeys(p.trains for _, p in due):
             self.scheds[name].step()
+        self._set_scheduled(scheduled)  # again: an LR schedule's step (DeepSpeed's inside its own) resets them
         with torch.no_grad():
             stats.update(self.task.after_step({**self.frozen, **self.modules},
                                               lambda t: dist.sum_across_ranks(self.acc, t), step) or {})
         self.clock.mark("collectives")
         if self.ema is not None:
-            self.ema.update()
+            self.ema.update(scheduled.get("ema_decay"))
         if self.posthoc is not None:
             self.posthoc.update()
         self.clock.mark("ema")
         self.state.step += 1
         self.state.images += self.global_batch
         return stats
+
+    def _set_scheduled(self, scheduled: dict[str, Any]) -> None:
+        for name, t in self.trained.items():
+            t.set_hyperparameters(scheduled.get(f"lr/{name}"), scheduled.get(f"betas/{name}"))
 
     def _log_keys(self, micro: list[dict[str, Any]]) -> None:
         """This rank's sample keys of the coming step, one JSON line per step (a resumed run appends)."""
@@ -315,7 +322,7 @@ class Trainer(Outputs):
     def _log(self, window: MetricWindow, progress: Progress) -> None:
         metrics = window.summary(self.global_batch)
         metrics.update(self.clock.take(window.steps))
-        metrics.update({f"lr/{n}": s.get_last_lr()[0] for n, s in self.scheds.items()})
+        metrics.update({f"{k}/{n}": v for n, t in self.trained.items() for k, v in t.hyperparameters().items()})
         bad_count, bad_reports = self.feed.bad.take()
         metrics["data/bad_samples"] = float(bad_count) * self.acc.num_processes  # the mean becomes the sum
         metrics = dist.mean_across_ranks(self.acc, metrics)

@@ -32,8 +32,9 @@ class EMA:
         self.updates = 0
 
     @torch.no_grad()
-    def update(self) -> None:
-        d = self.beta(self.updates)
+    def update(self, decay: float | None = None) -> None:
+        """One update, with `beta`'s decay or the one given (a half-life the task schedules)."""
+        d = self.beta(self.updates) if decay is None else decay
         torch._foreach_lerp_(self.shadow, [self.layout.local(p).float() for p in self.params], 1 - d)
         for n, b in saved_buffers(self.module).items():
             self.buffers[n].copy_(b)

@@ -42,6 +42,20 @@ class TrainedModule:
         # per phase instead, so that an fp32 regulariser can opt out.
         self.module: nn.Module = acc.unwrap_model(wrapper, keep_fp32_wrapper=False)
 
+    def set_hyperparameters(self, lr: float | None, betas: tuple[float, float] | None) -> None:
+        """Values a task schedules, set in every parameter group of the optimizer before the step (under
+        DeepSpeed, the groups of the optimizer its engine steps)."""
+        for group in self.opt.param_groups:
+            if lr is not None:
+                group["lr"] = lr
+            if betas is not None:
+                group["betas"] = tuple(betas)
+
+    def hyperparameters(self) -> dict[str, float]:
+        """The learning rate and Adam's beta2 the next step uses."""
+        group = self.opt.param_groups[0]
+        return {"lr": group["lr"], "beta2": group["betas"][1]}
+
     def sync(self, last: bool) -> AbstractContextManager:
         """Gradient all-reduce only on the last micro-batch of an accumulation."""
         return nullcontext() if last else self.acc.no_sync(self.wrapper)

@@ -1,5 +1,7 @@
-"""DCGAN-style GAN, class-conditional or not: D and G phases, non-saturating or hinge loss, lazy R1,
-differentiable augmentation with an adaptive probability, and per-network optimizer settings (TTUR)."""
+"""The GAN family, class-conditional or not: D and G phases with the non-saturating, hinge or relativistic
+pairing (R3GAN) loss, zero-centred R1 and R2 (every D step or lazy), differentiable augmentation with a fixed,
+scheduled or adaptive probability, schedules over the images seen, per-network optimizer settings (TTUR), and
+two architectures: the DCGAN-style nets for small budgets and R3GAN's residual nets."""
 
 from __future__ import annotations
 
@@ -7,48 +9,71 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from gen_dist import augment
-from gen_dist.family import Batch, Checkpointable, Family, Nets, Phase, Reduce, StepSums, Task, register
-from gen_dist.schema import ConfigError, RunConfig, check_halving_levels
+from gen_dist.family import Batch, Family, Nets, Phase, Reduce, StepSums, Task, register
+from gen_dist.schema import ConfigError, RunConfig, check_divisible, check_halving_levels
+from gen_dist.tasks import gan_recipe
+from gen_dist.tasks.dcgan import Discriminator, Generator
+from gen_dist.tasks.gan_recipe import GANSchedule
+from gen_dist.tasks.r3gan import R3Discriminator, R3Generator
 
 
 @dataclass
 class GANConfig:
+    arch: str = "dcgan"
+    """dcgan (small, GroupNorm G and strided-convolution D, for CPU budgets) or r3gan (R3GAN's residual nets:
+    no normalisation, inverted bottlenecks with grouped 3x3 convolutions, [1, 2, 1] resampling)."""
     z_dim: int = 64
     """Latent size."""
     channels: list[int] = field(default_factory=lambda: [128, 64])
-    """Generator channels per level, coarse to fine (each level doubles the resolution)."""
+    """Generator widths per level, coarse to fine. dcgan: each level doubles the resolution after a dense start
+    at resolution / 2^levels. r3gan: one stage per width, the first a learned basis at resolution / 2^(stages-1)
+    (4x4 at R3GAN's sizes), each next one doubling it."""
     d_channels: list[int] = field(default_factory=lambda: [64, 128])
-    """Discriminator channels per level, fine to coarse (each level halves the resolution)."""
+    """Discriminator widths per level, fine to coarse (each level halves the resolution; r3gan: as many stages as
+    G's, mirrored, ending in a basis at G's first size)."""
+    blocks: int = 2
+    """r3gan: residual blocks per stage."""
+    group_width: int = 16
+    """r3gan: channels per group of the blocks' grouped 3x3 convolution (R3GAN's widths / cardinalities)."""
+    expansion: int = 2
+    """r3gan: width of a block's inner layers, as a multiple of the stage width (inverted bottleneck)."""
     num_classes: int = 10
-    """Class-conditional with this many classes, 0 = unconditional. G: the class embedding joins z and sets a
-    per-class scale and shift of every GroupNorm (identity at init); D: projection of the pooled features on a
-    class embedding, and a minibatch-std channel taken within each class (across classes it would always show
-    variety, so it would not see G ignoring z within a class). Fake images get the real batch's labels."""
+    """Class-conditional with this many classes, 0 = unconditional. dcgan G: the class embedding joins z and
+    sets a per-class scale and shift of every GroupNorm (identity at init); r3gan G: the embedding joins z. D:
+    projection of its features on a class embedding. Fake images get the real batch's labels."""
+    mbstd_group: int = 4
+    """dcgan D: samples per minibatch-std group (a group of consecutive samples of the global batch, so the
+    statistic does not change with the number of ranks); it must divide data.batch_size. 0 = no minibatch std."""
     loss: str = "nonsaturating"
-    """nonsaturating or hinge."""
+    """nonsaturating, hinge, or rpgan (relativistic pairing: each fake is compared with the real of the same
+    place and class, in D's and in G's phase)."""
     r1_gamma: float = 0.0
-    """R1 penalty weight on real images; 0 disables it. It scales with resolution: StyleGAN2-ADA's starting
-    point is 0.0002 * res^2 / global batch (0.2 at 256 px with batch 64, 6.6 at 1024 px with 32); at 28-32 px
-    with batch 64-128 that is ~0.001-0.003, while the Fashion-MNIST config (28 px, global batch 128) trains well
-    at 0.1. Raise it when D's real logits run away, lower it when samples stay blurry."""
-    r1_every: int = 16
-    """Run the R1 phase every this many steps (lazy regularisation)."""
+    """R1 penalty weight (zero-centred, on real images); 0 disables it. For the non-saturating loss it scales
+    with resolution: StyleGAN2-ADA's starting point is 0.0002 * res^2 / global batch (0.2 at 256 px with batch
+    64); the DCGAN Fashion-MNIST config (28 px, global batch 128) trains well at 0.1. R3GAN's presets use 0.05
+    (CIFAR-10) to 2 (FFHQ-64) for R1 and R2 together, scheduled down by 10x (gan.schedule.gamma)."""
+    r2_gamma: float = 0.0
+    """R2 penalty weight (zero-centred, on un-augmented fakes); with rpgan only. R1 + R2 is what makes the
+    relativistic loss locally convergent."""
+    r1_every: int = 1
+    """R1 and R2 every D step (1: inside D's phase, one backward) or, lazily, in a phase of their own every this
+    many steps, scaled by the interval to keep the same expected strength (StyleGAN2 runs R1 every 16)."""
     augment: str = ""
-    """Differentiable augmentations of every image D sees (real and fake; D, R1 and G phases): a comma list of
-    translation (shift by up to 1/8 of the side, zero fill), cutout (zero a square of half the side), color
-    (brightness, saturation, contrast); '' = none."""
+    """Differentiable augmentations of every image D sees (real and fake; in every phase), a comma list applied
+    in order: translation (shift by up to 1/8 of the side, zero fill), cutout (zero a square of half the side),
+    color (brightness, saturation, contrast), and ADA's geometric ops: xflip, rotate90, xint (shift by up to
+    1/8, reflected), scale, aniso, rotate (one bilinear resampling for consecutive scale/aniso/rotate); '' =
+    none."""
     augment_p: float = 1.0
-    """Probability that each augmentation applies to a sample when gan.ada_target=0 (1 = always, as in
-    DiffAugment). Under ADA the probability starts at 0 and adapts."""
+    """Probability that each augmentation applies to a sample when neither ADA (gan.ada_target) nor a schedule
+    (gan.schedule.augment_p) sets it (1 = always, as in DiffAugment)."""
     ada_target: float = 0.0
     """Adaptive augmentation (ADA): target of r_t = E[sign(D(real))], D's overfitting measure; every
     gan.ada_interval steps the probability rises when r_t is above the target and falls when below (0.6 is
-    the usual value). 0 = the fixed probability gan.augment_p."""
+    the usual value). 0 = the fixed or scheduled probability."""
     ada_interval: int = 4
     """Steps between adjustments of the adaptive probability."""
     ada_kimg: float = 100.0
@@ -58,34 +83,65 @@ class GANConfig:
     d_lr: float = 0.0
     """D's learning rate; 0 = optim.lr."""
     g_betas: list[float] = field(default_factory=list)
-    """G's Adam betas; [] = optim.betas."""
+    """G's Adam betas; [] = optim.betas. R3GAN uses beta1 = 0."""
     d_betas: list[float] = field(default_factory=list)
     """D's Adam betas; [] = optim.betas."""
+    schedule: GANSchedule = field(default_factory=GANSchedule)
+    """Learning rate, Adam's beta2, the penalties' gamma, the EMA half-life and the augmentation probability on a
+    half cosine over the images seen (R3GAN's recipe)."""
 
 
 def check(cfg: RunConfig) -> None:
     if cfg.task != "gan":
         return
     g = cfg.gan
-    check_halving_levels(cfg, "gan.channels")
-    check_halving_levels(cfg, "gan.d_channels")
-    for key in ("channels", "d_channels"):
-        if any(c > 8 and c % 8 for c in getattr(g, key)):
-            raise ConfigError(f"config key 'gan.{key}' must hold multiples of 8 or values up to 8 (GroupNorm "
-                              f"groups), got {getattr(g, key)}")
-    if g.r1_gamma < 0:
-        raise ConfigError(f"config key 'gan.r1_gamma' must be >= 0 (0 = no R1), got {g.r1_gamma}")
+    _check_arch(cfg)
+    for key in ("r1_gamma", "r2_gamma"):
+        if getattr(g, key) < 0:
+            raise ConfigError(f"config key 'gan.{key}' must be >= 0 (0 = none), got {getattr(g, key)}")
+    if g.r2_gamma > 0 and g.loss != "rpgan":
+        raise ConfigError(f"gan.r2_gamma > 0 (R2, the penalty on fakes) applies to gan.loss=rpgan, whose "
+                          f"convergence needs R1 and R2; with gan.loss={g.loss} use R1 alone (gan.r2_gamma=0)")
     if cfg.train.mixed_precision == "fp16" and not cfg.train.loss_scaling:
         raise ConfigError("train.mixed_precision=fp16 with train.loss_scaling=false cannot train a GAN: the "
                           "adversarial gradients underflow in fp16; set train.loss_scaling=true or use bf16")
     _check_augment(g)
     _check_optim(g)
+    _check_schedule(cfg)
     from gen_dist.parallel import STRATEGIES
 
-    if g.r1_gamma > 0 and not STRATEGIES[cfg.parallel.strategy].double_backward_ok(cfg):
-        raise ConfigError("gan.r1_gamma > 0 needs a double backward through D, which ZeRO-3 cannot run (it frees "
-                          "D's gathered weights after the first backward); use parallel.zero_stage 1 or 2, "
-                          "parallel.strategy=fsdp, or gan.r1_gamma=0")
+    if _penalised(g) and not STRATEGIES[cfg.parallel.strategy].double_backward_ok(cfg):
+        raise ConfigError("gan.r1_gamma or gan.r2_gamma > 0 needs a double backward through D, which ZeRO-3 "
+                          "cannot run (it frees D's gathered weights after the first backward); use "
+                          "parallel.zero_stage 1 or 2, parallel.strategy=fsdp, or no penalty")
+
+
+def _penalised(g: GANConfig) -> bool:
+    return g.r1_gamma > 0 or g.r2_gamma > 0
+
+
+def _check_arch(cfg: RunConfig) -> None:
+    g = cfg.gan
+    if g.arch == "dcgan":
+        check_halving_levels(cfg, "gan.channels")
+        check_halving_levels(cfg, "gan.d_channels")
+        for key in ("channels", "d_channels"):
+            if any(c > 8 and c % 8 for c in getattr(g, key)):
+                raise ConfigError(f"config key 'gan.{key}' must hold multiples of 8 or values up to 8 (GroupNorm "
+                                  f"groups), got {getattr(g, key)}")
+        if g.mbstd_group < 0 or (g.mbstd_group and cfg.data.batch_size % g.mbstd_group):
+            raise ConfigError(f"gan.mbstd_group={g.mbstd_group} must divide data.batch_size={cfg.data.batch_size} "
+                              f"(each micro-batch holds whole groups), or be 0 (no minibatch std)")
+        return
+    if not g.channels or len(g.d_channels) != len(g.channels):
+        raise ConfigError(f"gan.arch=r3gan mirrors G in D: gan.d_channels {g.d_channels} must have as many stages "
+                          f"as gan.channels {g.channels} (e.g. gan.d_channels={list(reversed(g.channels))})")
+    check_divisible(cfg, 2 ** (len(g.channels) - 1), "(2^(stages - 1) of gan.channels)")
+    for key in ("channels", "d_channels"):
+        bad = [c for c in getattr(g, key) if (c * g.expansion) % g.group_width]
+        if bad:
+            raise ConfigError(f"gan.{key}: width {bad[0]} x gan.expansion {g.expansion} is not divisible by "
+                              f"gan.group_width {g.group_width} (the grouped convolution's channels per group)")
 
 
 def _check_augment(g: GANConfig) -> None:
@@ -97,9 +153,13 @@ def _check_augment(g: GANConfig) -> None:
         raise ConfigError(f"gan.augment_p={g.augment_p} must be in [0, 1]")
     if not 0 <= g.ada_target < 1:
         raise ConfigError(f"gan.ada_target={g.ada_target} must be in [0, 1) (0 = fixed gan.augment_p)")
-    if g.ada_target > 0 and not ops:
-        raise ConfigError("gan.ada_target > 0 adapts the probability of gan.augment, which is empty; name the "
-                          "augmentations (e.g. gan.augment=translation,cutout,color) or set gan.ada_target=0")
+    if (g.ada_target > 0 or g.schedule.augment_p) and not ops:
+        what = "gan.ada_target > 0 adapts" if g.ada_target > 0 else "gan.schedule.augment_p schedules"
+        raise ConfigError(f"{what} the probability of gan.augment, which is empty; name the augmentations "
+                          f"(e.g. gan.augment=translation,cutout,color) or unset it")
+    if g.ada_target > 0 and g.schedule.augment_p:
+        raise ConfigError("gan.ada_target > 0 and gan.schedule.augment_p both set the augmentation probability; "
+                          "adapt it (ADA) or schedule it (R3GAN), not both")
 
 
 def _check_optim(g: GANConfig) -> None:
@@ -112,119 +172,20 @@ def _check_optim(g: GANConfig) -> None:
             raise ConfigError(f"gan.{key}={betas} must be [] (optim.betas) or two values in [0, 1)")
 
 
-def _act() -> nn.Module:
-    return nn.LeakyReLU(0.2)
-
-
-class ClassNorm(nn.Module):
-    """GroupNorm whose scale and shift are learned per class (conditional normalisation); they start as the
-    identity, so a conditional G starts as the unconditional one. Without classes: a plain affine GroupNorm."""
-
-    def __init__(self, channels: int, num_classes: int) -> None:
-        super().__init__()
-        self.norm = nn.GroupNorm(min(8, channels), channels, affine=not num_classes)
-        self.embed = nn.Embedding(num_classes, 2 * channels) if num_classes else None
-        if self.embed is not None:
-            nn.init.zeros_(self.embed.weight)
-
-    def forward(self, h: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        h = self.norm(h)
-        if self.embed is None:
-            return h
-        scale, shift = self.embed(labels)[:, :, None, None].to(h.dtype).chunk(2, dim=1)
-        return h * (1 + scale) + shift
-
-
-class GBlock(nn.Module):
-    """Upsample x2, 3x3 convolution, class-conditional norm, activation."""
-
-    def __init__(self, cin: int, cout: int, num_classes: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm = ClassNorm(cout, num_classes)
-        self.act = _act()
-
-    def forward(self, h: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        h = self.conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        return self.act(self.norm(h, labels))
-
-
-class Generator(Checkpointable):
-    def __init__(self, z_dim: int, channels: list[int], out_channels: int, resolution: int,
-                 num_classes: int) -> None:
-        super().__init__()
-        self.z_dim, self.start = z_dim, resolution // 2 ** len(channels)
-        self.embed = nn.Embedding(num_classes, z_dim) if num_classes else None
-        in_dim = z_dim * (2 if num_classes else 1)
-        self.fc = nn.Linear(in_dim, channels[0] * self.start**2)
-        self.fc_norm = ClassNorm(channels[0], num_classes)
-        self.blocks = nn.ModuleList(GBlock(cin, cout, num_classes)
-                                    for cin, cout in zip(channels[:1] + channels[:-1], channels, strict=True))
-        self.out = nn.Sequential(nn.Conv2d(channels[-1], out_channels, 3, padding=1), nn.Tanh())
-
-    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        if self.embed is not None:
-            z = torch.cat([z, self.embed(labels)], dim=1)
-        h = self.fc(z).view(z.shape[0], -1, self.start, self.start)
-        h = F.leaky_relu(self.fc_norm(h, labels), 0.2)
-        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
-        for block in self.blocks:
-            # Each level keeps only its input for backward when checkpointing.
-            h = checkpoint(block, h, labels, use_reentrant=False) if recompute else block(h, labels)
-        return self.out(h)
-
-
-def minibatch_std(h: torch.Tensor, group: int = 4) -> torch.Tensor:
-    """Append the feature std over groups of samples as a channel, so D can see a lack of variety (collapse)."""
-    n, c, hh, ww = h.shape
-    g = group if n % group == 0 else 1
-    std = h.float().view(g, -1, c, hh, ww).var(dim=0, unbiased=False).add(1e-8).sqrt().mean(dim=(1, 2, 3))
-    return torch.cat([h, std.to(h.dtype).view(1, -1, 1, 1, 1).expand(g, -1, 1, hh, ww).reshape(n, 1, hh, ww)], 1)
-
-
-def classwise_std(h: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Append, for each sample, the feature std over the samples of its class in the batch as a channel: D sees
-    a lack of variety within a class, which a std across classes hides. Sums by index_add, which autocast
-    leaves in fp32 (a matmul with one-hot rows would run in bf16)."""
-    n, _, hh, ww = h.shape
-    flat = h.float().flatten(1)
-    count = torch.zeros(num_classes, 1, device=h.device).index_add(0, labels, torch.ones(n, 1, device=h.device))
-    mean = torch.zeros(num_classes, flat.shape[1], device=h.device).index_add(0, labels, flat) / count.clamp(min=1)
-    sq = (flat - mean[labels]).square()
-    var = torch.zeros_like(mean).index_add(0, labels, sq) / count.clamp(min=1)
-    std = var.add(1e-8).sqrt().mean(dim=1)[labels]
-    return torch.cat([h, std.to(h.dtype).view(n, 1, 1, 1).expand(n, 1, hh, ww)], 1)
-
-
-class Discriminator(Checkpointable):
-    """Strided convolutions, a minibatch-std channel (within each class when conditional), and a projection
-    term for the class condition: logit = out(h) + <embed(y), mean-pooled h>."""
-
-    def __init__(self, channels: list[int], in_channels: int, resolution: int, num_classes: int) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        prev = in_channels
-        for c in channels:
-            layers += [nn.Conv2d(prev, c, 4, stride=2, padding=1), _act()]
-            prev = c
-        self.net = nn.Sequential(*layers)
-        self.levels, self.num_classes = len(channels), num_classes
-        end = resolution // 2 ** len(channels)
-        # A full-size convolution is the dense head; unlike Linear(…, 1) its weight gradient has the strides
-        # DDP's gradient buckets expect.
-        self.out = nn.Conv2d(prev + 1, 1, kernel_size=end)
-        self.embed = nn.Embedding(num_classes, prev) if num_classes else None
-        if self.embed is not None:
-            # Zero: D starts unconditional. N(0, 1) rows against features summed over positions started the
-            # projection tens of times larger than the dense head.
-            nn.init.zeros_(self.embed.weight)
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.stack(self.net, x, self.levels)
-        if self.embed is None:
-            return self.out(minibatch_std(h)).flatten()
-        logit = self.out(classwise_std(h, labels, self.num_classes)).flatten()
-        return logit + (self.embed(labels) * h.mean(dim=(2, 3))).sum(dim=1)
+def _check_schedule(cfg: RunConfig) -> None:
+    g, s = cfg.gan, cfg.gan.schedule
+    s.check()
+    if s.lr and (g.g_lr or g.d_lr):
+        raise ConfigError("gan.schedule.lr sets the learning rate of G and D; unset gan.g_lr and gan.d_lr")
+    if s.lr and (cfg.optim.schedule != "constant" or cfg.optim.warmup_steps):
+        raise ConfigError("gan.schedule.lr replaces optim.schedule and optim.warmup_steps; set "
+                          "optim.schedule=constant and optim.warmup_steps=0")
+    if s.gamma and not _penalised(g):
+        raise ConfigError("gan.schedule.gamma schedules the weight of R1 and R2, but both are off; switch them on "
+                          "with gan.r1_gamma > 0 (and gan.r2_gamma > 0 for rpgan)")
+    if s.ema_kimg and cfg.train.ema_decay <= 0:
+        raise ConfigError("gan.schedule.ema_kimg sets the half-life of G's EMA, which train.ema_decay=0 turns off; "
+                          "set train.ema_decay > 0 (the schedule then replaces it)")
 
 
 class Augment:
@@ -282,18 +243,22 @@ class GANTask(Task):
     def __init__(self, cfg: RunConfig) -> None:
         g = cfg.gan
         self.num_classes, self.z_dim, self.loss_type = g.num_classes, g.z_dim, g.loss
-        self.r1_gamma, self.r1_every = g.r1_gamma, g.r1_every
-        res, ch = cfg.data.resolution, cfg.data.channels
-        self.modules = {
-            "D": Discriminator(g.d_channels, ch, res, g.num_classes),
-            "G": Generator(g.z_dim, g.channels, ch, res, g.num_classes),
-        }
+        self.gammas = {"r1": g.r1_gamma, "r2": g.r2_gamma}
+        self.penalties = tuple(k for k, v in self.gammas.items() if v > 0)
+        self.r1_every, self.schedule = g.r1_every, g.schedule
+        self.modules = _nets(cfg)
         self.optim = {n: o for n, o in (("G", _own_optim(g.g_lr, g.g_betas)), ("D", _own_optim(g.d_lr, g.d_betas)))
                       if o}
+        self.betas1 = {"G": (g.g_betas or cfg.optim.betas)[0], "D": (g.d_betas or cfg.optim.betas)[0]}
         self.aug = Augment(g)
-        self.phases = [Phase("D", "D", self.d_loss), Phase("G", "G", self.g_loss)]
-        if g.r1_gamma > 0:
-            self.phases.insert(1, Phase("D_r1", "D", self.r1_loss, every=g.r1_every, autocast=False,
+        penalised = _penalised(g)
+        # The penalties need fp32 only where fp16's range cannot hold a gradient of a gradient.
+        in_d = penalised and g.r1_every == 1
+        self.phases = [Phase("D", "D", self.d_loss, double_backward=in_d,
+                             autocast=not in_d or cfg.train.mixed_precision != "fp16"),
+                       Phase("G", "G", self.g_loss)]
+        if penalised and g.r1_every > 1:
+            self.phases.insert(1, Phase("D_reg", "D", self.reg_loss, every=g.r1_every, autocast=False,
                                         double_backward=True))
 
     def state_dict(self) -> dict[str, Any]:
@@ -303,12 +268,28 @@ class GANTask(Task):
         if "augment" in state and self.aug.ops:
             self.aug.load_state_dict(state["augment"])
 
+    def scheduled(self, images: int, global_batch: int) -> dict[str, Any]:
+        s, out = self.schedule, {}  # type: GANSchedule, dict[str, Any]
+        gamma, p = s.at("gamma", images), s.at("augment_p", images)
+        if gamma is not None:
+            self.gammas = {k: (gamma if k in self.penalties else 0.0) for k in self.gammas}
+        if p is not None:
+            self.aug.p = torch.tensor(p)
+        lr, beta2, half_life = s.at("lr", images), s.at("beta2", images), s.at("ema_kimg", images)
+        for name in ("G", "D"):
+            if lr is not None:
+                out[f"lr/{name}"] = lr
+            if beta2 is not None:
+                out[f"betas/{name}"] = (self.betas1[name], beta2)
+        if half_life is not None:
+            out["ema_decay"] = gan_recipe.ema_decay(half_life * 1000, global_batch)
+        return out
+
     def after_step(self, nets: Nets, reduce: Reduce, step: int) -> None:
         self.aug.update(reduce, step)
 
     def _fake_inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """z, and the real batch's labels: real and fake batches hold the same classes, which the within-class
-        minibatch std of D compares."""
+        """z, and the real batch's labels: fake i is of the class of real i, which rpgan pairs it with."""
         x = batch["x"]
         return torch.randn(x.shape[0], self.z_dim, device=x.device), self._labels(batch)
 
@@ -316,39 +297,57 @@ class GANTask(Task):
         return batch["label"] if self.num_classes else None
 
     def d_loss(self, nets: Nets, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x, labels = batch["x"], self._labels(batch)
-        z, _ = self._fake_inputs(batch)
+        z, labels = self._fake_inputs(batch)
         with torch.no_grad():
             fake = nets["G"](z, labels)
-        real_logit = nets["D"](self.aug(x), labels).float()
+        in_phase = self.phases[0].double_backward
+        real, fake = (t.detach().requires_grad_(in_phase) for t in (batch["x"], fake))
+        real_logit = nets["D"](self.aug(real), labels).float()
         fake_logit = nets["D"](self.aug(fake), labels).float()
         self.aug.observe(batch, real_logit)
-        if self.loss_type == "hinge":
-            loss = F.relu(1 - real_logit).mean() + F.relu(1 + fake_logit).mean()
-        else:
-            loss = F.softplus(-real_logit).mean() + F.softplus(fake_logit).mean()
+        loss = gan_recipe.d_loss(self.loss_type, real_logit, fake_logit)
         stats = {"loss": loss.detach(), "real_logit": real_logit.detach().mean(),
                  "fake_logit": fake_logit.detach().mean()}
+        if in_phase:
+            reg, reg_stats = self._penalties(real, real_logit, fake, fake_logit, 1)
+            loss, stats = loss + reg, stats | reg_stats
         if self.aug.ops:
-            stats |= {"augment_p": self.aug.p.to(x.device), "real_sign": real_logit.detach().sign().mean()}
+            stats |= {"augment_p": self.aug.p.to(real.device), "real_sign": real_logit.detach().sign().mean()}
         return loss, stats
+
+    def _penalties(self, real: torch.Tensor, real_logit: torch.Tensor, fake: torch.Tensor, fake_logit: torch.Tensor,
+                   scale: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """gamma / 2 x (R1 + R2), x `scale` (the lazy interval). The gradients are taken with respect to the
+        images before augmentation."""
+        total, stats = real_logit.new_zeros(()), {}
+        for name, x, logit in (("r1", real, real_logit), ("r2", fake, fake_logit)):
+            if name in self.penalties:
+                value = gan_recipe.penalty(logit, x).mean()
+                total = total + value * (self.gammas[name] / 2) * scale
+                stats |= {f"{name}_penalty": value.detach(), f"{name}_gamma": torch.tensor(self.gammas[name])}
+        return total, stats
 
     def g_loss(self, nets: Nets, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         z, labels = self._fake_inputs(batch)
         logit = nets["D"](self.aug(nets["G"](z, labels)), labels).float()
-        loss = -logit.mean() if self.loss_type == "hinge" else F.softplus(-logit).mean()
+        real = nets["D"](self.aug(batch["x"]), labels).float() if self.loss_type == "rpgan" else None
+        loss = gan_recipe.g_loss(self.loss_type, logit, real)
         return loss, {"loss": loss.detach()}
 
-    def r1_loss(self, nets: Nets, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x = batch["x"].detach().requires_grad_(True)
-        logit = nets["D"](self.aug(x), self._labels(batch))
-        # The gradient is taken with respect to the images before augmentation.
-        (grad,) = torch.autograd.grad(logit.sum(), x, create_graph=True)
-        penalty = grad.square().sum(dim=(1, 2, 3)).mean()
-        # Scaled by the interval so the lazy penalty has the same expected strength as an every-step one.
+    def reg_loss(self, nets: Nets, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The lazy penalties' phase, every gan.r1_every steps."""
+        z, labels = self._fake_inputs(batch)
+        with torch.no_grad():
+            fake = nets["G"](z, labels) if "r2" in self.penalties else None
+        real = batch["x"].detach().requires_grad_(True)
+        real_logit = nets["D"](self.aug(real), labels)
+        fake_logit = None
+        if fake is not None:
+            fake = fake.detach().requires_grad_(True)
+            fake_logit = nets["D"](self.aug(fake), labels)
+        loss, stats = self._penalties(real, real_logit, fake, fake_logit, self.r1_every)
         # `logit * 0` gives every D parameter a gradient, which DDP's reducer requires of each backward.
-        loss = penalty * (self.r1_gamma / 2) * self.r1_every + logit.sum() * 0
-        return loss, {"penalty": penalty.detach()}
+        return loss + real_logit.sum() * 0, stats
 
     @torch.no_grad()
     def sample(self, net: nn.Module, labels: torch.Tensor | None, n: int,
@@ -358,7 +357,18 @@ class GANTask(Task):
         return net(z, labels).float().clamp(-1, 1)
 
 
+def _nets(cfg: RunConfig) -> dict[str, nn.Module]:
+    g, res, ch = cfg.gan, cfg.data.resolution, cfg.data.channels
+    if g.arch == "r3gan":
+        return {"D": R3Discriminator(g.d_channels, g.blocks, g.group_width, g.expansion, ch, res, g.num_classes),
+                "G": R3Generator(g.z_dim, g.channels, g.blocks, g.group_width, g.expansion, ch, res, g.num_classes)}
+    return {"D": Discriminator(g.d_channels, ch, res, g.num_classes, g.mbstd_group),
+            "G": Generator(g.z_dim, g.channels, ch, res, g.num_classes)}
+
+
 register(Family("gan", GANConfig, GANTask,
-                "GAN: DCGAN-style G and D, class-conditional norm, augmentation/ADA, lazy R1, TTUR",
-                choices={"loss": ("nonsaturating", "hinge")},
-                positive=("r1_every", "z_dim", "ada_interval", "ada_kimg"), check=check))
+                "GAN: DCGAN-style or R3GAN nets, non-saturating/hinge/relativistic loss, R1 + R2, augmentation "
+                "(ADA or scheduled), schedules over images seen, TTUR",
+                choices={"loss": gan_recipe.LOSSES, "arch": ("dcgan", "r3gan")},
+                positive=("r1_every", "z_dim", "ada_interval", "ada_kimg", "blocks", "group_width", "expansion"),
+                check=check))
