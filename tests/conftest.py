@@ -74,6 +74,15 @@ def train_command(nproc: int, *args: str) -> list[str]:
     return ["launch", *args, "--nproc", str(nproc), "--port", free_port()]
 
 
+R3GAN = ("gan.arch=r3gan", "gan.channels=[32,16]", "gan.d_channels=[16,32]", "gan.loss=rpgan", "gan.r1_gamma=1",
+         "gan.r2_gamma=1", "gan.r1_every=1", "gan.ada_target=0", "optim.betas=[0.0,0.9]",
+         "gan.augment=xflip,rotate90,xint,scale,rotate,aniso,color", "gan.schedule.kimg=[0.05,0.8]",
+         "gan.schedule.lr=[1e-3,2e-4]", "gan.schedule.beta2=[0.9,0.99]", "gan.schedule.gamma=[1,0.1]",
+         "gan.schedule.ema_kimg=[0,0.1]", "gan.schedule.augment_p=[0,0.5]")
+"""The smoke GAN with R3GAN's recipe (on the 8x8 digits): its nets, rpgan with R1 and R2 in D's phase, ADA's
+geometric ops, every schedule moving over the first 800 images (mid-way through a short test run)."""
+
+
 def smoke_args(task: str, run_dir: Path, data: Path, *extra: str) -> list[str]:
     return [str(CONFIGS / f"smoke_{task}.yaml"), f"run_dir={run_dir}", f"data.path={data}", *extra]
 

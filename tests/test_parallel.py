@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, events, free_port, run_cli, smoke_args, step_records, train_command
+from conftest import R3GAN, ROOT, events, free_port, run_cli, smoke_args, step_records, train_command
 from safetensors.torch import load_file
 
 from gen_dist import posthoc
@@ -32,7 +32,11 @@ DISTRIBUTED_TYPE = {"zero1": "DEEPSPEED", "zero2": "DEEPSPEED", "zero3": "DEEPSP
 
 
 def _task_extra(task: str, strategy: str) -> list[str]:
-    return ["gan.r1_gamma=0"] if task == "gan" and strategy == "zero3" else []
+    """ZeRO-3 trains the DCGAN without penalties; ZeRO-2 and FSDP train R3GAN's recipe (rpgan, R1 and R2, every
+    schedule moving): FSDP with the penalties in D's phase, ZeRO-2 in their own phase every other step."""
+    if task != "gan":
+        return []
+    return {"zero3": ["gan.r1_gamma=0"], "zero2": [*R3GAN, "gan.r1_every=2"]}.get(strategy, list(R3GAN))
 
 
 def _launch(task: str, run_dir: Path, data: Path, *extra: str) -> None:

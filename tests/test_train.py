@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, ROOT, events, free_port, run_cli, smoke_args, step_records
+from conftest import CONFIGS, R3GAN, ROOT, events, free_port, run_cli, smoke_args, step_records
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -85,10 +85,17 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
                                                               load_file(str(ckpt / "ema.safetensors")).items()}}
 
 
-@pytest.mark.parametrize("task", ["diffusion", "gan"])
-def test_ddp_matches_one_process_on_the_same_global_batch(task: str, tmp_path: Path, digits: Path) -> None:
+# The GAN: the DCGAN nets with minibatch std over fixed groups, rpgan with lazy R1 and R2, and ADA summed over
+# ranks; R3GAN's recipe with every schedule moving.
+EQUAL_BATCH = {"diffusion": ("diffusion", ()),
+               "gan": ("gan", ("gan.loss=rpgan", "gan.r2_gamma=1", "gan.mbstd_group=4")), "gan-r3gan": ("gan", R3GAN)}
+
+
+@pytest.mark.parametrize("case", list(EQUAL_BATCH))
+def test_ddp_matches_one_process_on_the_same_global_batch(case: str, tmp_path: Path, digits: Path) -> None:
     """2 ranks x 1 micro-batch of 8 == 1 rank x 2 accumulated micro-batches of 8 (same samples, same noise)."""
-    common = ["data.batch_size=8", "train.steps=5", "train.ckpt_every=5", "optim.grad_clip=0"]
+    task, extra = EQUAL_BATCH[case]
+    common = ["data.batch_size=8", "train.steps=5", "train.ckpt_every=5", "optim.grad_clip=0", *extra]
     one, two = tmp_path / "one", tmp_path / "two"
     run_cli("train", *smoke_args(task, one, digits), *common, "train.grad_accum=2", "data.num_workers=2")
     run_cli("launch", *smoke_args(task, two, digits), *common, "data.num_workers=0", "--nproc", "2",
@@ -101,7 +108,7 @@ def test_ddp_matches_one_process_on_the_same_global_batch(task: str, tmp_path: P
     atol = 2e-4
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=atol, msg=k)
-    init = make_trainer(task, tmp_path, digits).modules[task == "gan" and "D" or "denoiser"].state_dict()
+    init = make_trainer(task, tmp_path, digits, *extra).modules[task == "gan" and "D" or "denoiser"].state_dict()
     moved = max((a[k] - v).abs().max().item() for k, v in init.items())
     assert moved > 10 * atol, "training barely changed the weights; the comparison would prove nothing"
 

@@ -68,12 +68,16 @@ class TrainedModule:
         double backward of many compiled graphs."""
         return self.uncompiled()
 
+    def clip_grads(self, max_norm: float) -> torch.Tensor:
+        """The gradients' total norm, after which they are clipped to `max_norm`."""
+        return self.acc.clip_grad_norm_(self.wrapper.parameters(), max_norm)
+
     def step(self, clip: float) -> tuple[torch.Tensor, bool]:
         """Clip, step, zero; returns the gradient norm before clipping and whether the optimizer stepped.
 
         The norm is of the reduced gradients, so a non-finite loss or gradient on any rank makes it non-finite
         on every rank: all ranks skip the same step without another collective."""
-        norm = self.acc.clip_grad_norm_(self.wrapper.parameters(), clip or float("inf")).detach().float()
+        norm = self.clip_grads(clip or float("inf")).detach().float()
         finite = bool(torch.isfinite(norm))
         if finite or (self.acc.scaler is not None and self.acc.scaler.is_enabled()):
             self.opt.step()  # under fp16 loss scaling the scaler skips a non-finite step and lowers its scale
@@ -116,6 +120,20 @@ class DeepSpeedTrainedModule(TrainedModule):
 
 
 class FSDPTrainedModule(TrainedModule):
+    def clip_grads(self, max_norm: float) -> torch.Tensor:
+        # accelerate finds the FSDP module of the parameters by comparing parameter lists with `==`, which
+        # compares tensors (and fails) when two trained modules have as many parameters; the norm is taken here.
+        from torch.distributed.tensor import DTensor
+        from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+        self.acc.unscale_gradients()
+        params = [p for p in self.wrapper.parameters() if p.grad is not None]
+        norm = get_total_norm([p.grad for p in params])
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        if max_norm != float("inf"):
+            clip_grads_with_norm_(params, max_norm, norm)
+        return norm
+
     @contextmanager
     def double_backward(self) -> Iterator[None]:
         # FSDP2 frees the unsharded weights after the first backward; the second needs them again.

@@ -114,6 +114,11 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError("gan.r1_gamma or gan.r2_gamma > 0 needs a double backward through D, which ZeRO-3 "
                           "cannot run (it frees D's gathered weights after the first backward); use "
                           "parallel.zero_stage 1 or 2, parallel.strategy=fsdp, or no penalty")
+    if _penalised(g) and g.r1_every == 1 and cfg.parallel.strategy == "deepspeed":
+        raise ConfigError("gan.r1_every=1 puts R1/R2 inside D's adversarial backward, which DeepSpeed's gradient "
+                          "hooks cannot take (they reduce the gradients of that backward before its double backward "
+                          "is done); under DeepSpeed run the penalties in their own phase with gan.r1_every >= 2 "
+                          "(e.g. 2; they are scaled by the interval), or use parallel.strategy=ddp or fsdp")
 
 
 def _penalised(g: GANConfig) -> bool:
