@@ -193,6 +193,30 @@ def test_lora_under_ddp_zero3_fsdp_agrees_keeps_only_the_adapter_and_exports_loa
                                                                                              "data_layout_changed")
 
 
+def test_a_transformer_lora_under_zero2_and_fsdp_agrees_with_ddp(tmp_path: Path, pipeline, captioned: Path) -> None:
+    """PixArt's transformer with a LoRA on 2 ranks of DDP, ZeRO-2 and FSDP2 (its blocks the FSDP units, its T5
+    encoder outside sharding): the same adapter after 2 steps, and checkpoints that hold the adapter alone."""
+    pipe, extra = pipeline("pixart"), [f"diffusion.text_max_length={LENGTHS['pixart']}", "train.steps=2"]
+    strategies = {"ddp": [], "zero2": ["parallel.strategy=deepspeed", "parallel.zero_stage=2"],
+                  "fsdp": ["parallel.strategy=fsdp"]}
+    ema = {}
+    for name, more in strategies.items():
+        run = tmp_path / name
+        run_cli(*train_command(2, *_args(run, captioned, pipe, *extra, *more)))
+        ema[name] = load_file(str(run / "checkpoints" / "step_00000002" / "ema.safetensors"))
+        assert ema[name] and all(".lora_" in k for k in ema[name]), name
+    for name in ("zero2", "fsdp"):
+        assert ema[name].keys() == ema["ddp"].keys()
+        for k in ema["ddp"]:
+            torch.testing.assert_close(ema[name][k], ema["ddp"][k], rtol=1e-5, atol=1e-6, msg=f"{name} {k}")
+    # the adapter, its EMA and optimizer states (and DeepSpeed's fp32 copy), never the frozen base
+    base = sum(v.numel() for f in (pipe / "transformer").glob("*.safetensors") for v in load_file(str(f)).values())
+    adapter = sum(v.numel() for v in ema["ddp"].values())
+    for name in strategies:
+        held = _stored_elements(tmp_path / name / "checkpoints" / "step_00000002")
+        assert adapter <= held <= 8 * adapter < base, f"{name}: {held} numbers, adapter {adapter}, base {base}"
+
+
 def _stored_elements(ckpt: Path) -> int:
     """Numbers in a checkpoint's tensors, whatever wrote them (safetensors, torch distributed checkpoints,
     DeepSpeed's model and optimizer states)."""

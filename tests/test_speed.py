@@ -98,7 +98,7 @@ def test_switches_are_checked_before_launch(tmp_path: Path, digits: Path) -> Non
 
 
 def _losses(run_dir: Path) -> list[float]:
-    return [v for r in step_records(run_dir) for k, v in sorted(r.items()) if k.endswith(("/loss", "/penalty"))]
+    return [v for r in step_records(run_dir) for k, v in sorted(r.items()) if k.endswith(("/loss", "_penalty"))]
 
 
 def test_compile_and_checkpointing_under_ddp_and_fsdp(tmp_path: Path, digits: Path) -> None:

@@ -320,8 +320,8 @@ class GANTask(Task):
             stats |= {"augment_p": self.aug.p.to(real.device), "real_sign": real_logit.detach().sign().mean()}
         return loss, stats
 
-    def _penalties(self, real: torch.Tensor, real_logit: torch.Tensor, fake: torch.Tensor, fake_logit: torch.Tensor,
-                   scale: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _penalties(self, real: torch.Tensor, real_logit: torch.Tensor, fake: torch.Tensor | None,
+                   fake_logit: torch.Tensor | None, scale: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """gamma / 2 x (R1 + R2), x `scale` (the lazy interval). The gradients are taken with respect to the
         images before augmentation."""
         total, stats = real_logit.new_zeros(()), {}
