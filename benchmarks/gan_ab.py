@@ -42,6 +42,7 @@ R3 = ["gan.loss=rpgan", "gan.r1_gamma=0.1", "gan.r2_gamma=0.1", "gan.r1_every=1"
 RECIPES = {"dcgan": ("gan_fashion_mnist", []), "dcgan+r3": ("gan_fashion_mnist", R3),
            "r3gan": ("gan_r3gan_fashion_mnist", [])}
 GD = [sys.executable, "-m", "gen_dist"]
+ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 
 
 def stacked(raw: Path, out: Path, n: int = 60000) -> Path:
@@ -57,15 +58,19 @@ def stacked(raw: Path, out: Path, n: int = 60000) -> Path:
     return out
 
 
+def launch_command(config: str, run: Path, data: Path, steps: int, *extra: str) -> list[str]:
+    """2 CPU processes of one config, without sampling, progress bar or checkpoints before the last step."""
+    return [*GD, "launch", str(ROOT / "configs" / f"{config}.yaml"), "--nproc", "2", "--cpu", f"run_dir={run}",
+            f"data.path={data}", f"train.steps={steps}", "train.sample_every=0", f"train.ckpt_every={steps}",
+            "train.progress=false", *extra]
+
+
 def train(name: str, run: Path, data: Path, seconds: float, extra: list[str]) -> dict:
     config, overrides = RECIPES[name]
     if (run / "done.json").exists():
         return json.loads((run / "done.json").read_text())
-    cmd = [*GD, "launch", str(ROOT / "configs" / f"{config}.yaml"), "--nproc", "2", "--cpu", f"run_dir={run}",
-           f"data.path={data}", "train.steps=100000", "train.sample_every=0", "train.ckpt_every=100000",
-           "train.progress=false", *overrides, *extra]
-    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
-                            env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(launch_command(config, run, data, 100000, *overrides, *extra), cwd=ROOT, env=ENV,
+                            start_new_session=True, stdout=subprocess.DEVNULL)
     time.sleep(seconds)
     # The ranks (the launcher ignores the signal and accelerate starts them in sessions of their own): each
     # checkpoints after the step it is in, and stops.
@@ -115,12 +120,9 @@ def step_times(out: Path, data: Path, steps: int = 40) -> None:
     """ms per step of each option, 2 processes, batch 64 per rank (the last half of the steps)."""
     rows = {**{k: ("gan_fashion_mnist", v) for k, v in OPTIONS.items()}, "r3gan nets": ("gan_r3gan_fashion_mnist", [])}
     for name, (config, extra) in rows.items():
-        run = out / "step_times" / name.replace(" ", "_").replace("/", "").replace("(", "").replace(")", "")
-        subprocess.run([*GD, "launch", str(ROOT / "configs" / f"{config}.yaml"), "--nproc", "2", "--cpu",
-                        f"run_dir={run}", f"data.path={data}", f"train.steps={steps}", "train.log_every=5",
-                        "train.sample_every=0", f"train.ckpt_every={steps}", "train.progress=false", *extra],
-                       cwd=ROOT, check=True, capture_output=True,
-                       env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"})
+        run = out / "step_times" / re.sub(r"\W+", "_", name).strip("_")
+        subprocess.run(launch_command(config, run, data, steps, "train.log_every=5", *extra), cwd=ROOT, env=ENV,
+                       check=True, capture_output=True)
         recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         rates = [r["images_per_s"] for r in recs if "images_per_s" in r and r["step"] > steps // 2]
         print(f"{name:<32} {1000 * 128 / float(np.mean(rates)):8.1f} ms/step  {np.mean(rates):7.1f} images/s",
